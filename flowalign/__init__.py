@@ -1,0 +1,11 @@
+"""flowalign: align text-to-image flow-matching models with reward models.
+
+Public entry points live in small modules:
+
+- ``flowalign.tiny``: the offline tiny SD3 world (components, embedded base model, evaluation).
+- ``flowalign.shapes``: the procedural shapes data set and its exact verifier.
+- ``flowalign.pipelines``: diffusers pipelines (RLG).
+- ``flowalign.rewards``: reward-model plug-ins.
+"""
+
+__version__ = "0.1.0"

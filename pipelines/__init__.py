@@ -1,0 +1,1 @@
+"""diffusers pipelines and model wrappers (installed as ``flowalign.pipelines``)."""

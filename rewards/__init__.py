@@ -1,0 +1,1 @@
+"""Reward-model plug-ins (installed as ``flowalign.rewards``)."""
