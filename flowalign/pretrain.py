@@ -1,0 +1,248 @@
+"""Pretrain the tiny SD3 base model on the shapes world (``flowalign pretrain``).
+
+Plain rectified-flow / flow-matching training of the ``SD3Transformer2DModel`` of
+``flowalign.tiny``, the text encoders frozen at their random initialisation (their prompt
+embeddings are computed once and cached), the lossless VAE fixed:
+
+    x0 = vae.encode(image)                 # exact, normalised by the VAE's shift / scale
+    s  ~ sigmoid(N(0, 1))                  # SD3's logit-normal noise levels
+    x_s = (1 - s) x0 + s eps               # eps ~ N(0, I)
+    L  = || v_theta(x_s, 1000 s, c) - (eps - x0) ||^2
+    c  = "" with probability cfg_dropout   # so classifier-free guidance works
+
+Weights are averaged (EMA) and the EMA copy is what gets saved. The run is budgeted in
+wall-clock minutes, checkpoints every few minutes (atomically) and resumes with ``--resume``.
+The output is a stock diffusers ``StableDiffusion3Pipeline`` folder plus ``training_log.json``;
+unless ``--no-eval``, it is then evaluated with ``flowalign.tiny.evaluate`` and a model card
+(``README.md``) with the command, seed and per-family accuracies is written next to it.
+
+Example (the command that made the embedded model is in its model card)::
+
+    flowalign pretrain --out flowalign/assets/tiny-sd3-shapes --minutes 40 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the pretraining run, with the defaults used for the embedded model."""
+
+    out: str = "flowalign/assets/tiny-sd3-shapes"  # output pipeline folder
+    seed: int = 0  # seeds the weights, the data set and the noise
+    minutes: float = 40.0  # wall-clock budget of the optimisation loop
+    max_steps: int = 1_000_000  # stop earlier if reached
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay to 10% over the budget)
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # the saved weights are the EMA
+    cfg_dropout: float = 0.1  # probability of training on the empty prompt
+    dataset_size: int = 50_000  # images pre-rendered once (re-used across epochs)
+    logit_normal_std: float = 1.0
+    checkpoint_minutes: float = 5.0
+    threads: int = 0  # torch threads; 0 = leave torch's default
+    eval_prompts: int = 300  # held-out prompts for the model card (0 = skip)
+    eval_steps: int = 20
+    eval_cfg: float = 5.0
+    resume: bool = False
+
+
+def _atomic_save_dir(write, target: Path) -> None:
+    """Write a folder via ``write(tmp_dir)`` then swap it in, so a crash never leaves half a folder."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _lr_factor(step: int, warmup: int, progress: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings exactly as the stock pipeline computes them (no T5, tiny sequence)."""
+    from flowalign.tiny import MAX_SEQUENCE_LENGTH
+
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        pe, _, pp, _ = pipe.encode_prompt(
+            prompt=prompts[i : i + batch_size],
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        embeds.append(pe)
+        pooled.append(pp)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    from flowalign import shapes
+    from flowalign.tiny import build_tiny_sd3_pipeline
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckpt_path = out.with_name(out.name + ".checkpoint.pt")
+    torch.manual_seed(cfg.seed)
+
+    # 1. Data: pre-render the training images once, measure the latent normalisation.
+    print(f"[pretrain] rendering {cfg.dataset_size} training images (seed {cfg.seed}) ...", flush=True)
+    ds = shapes.ShapesDataset(cfg.dataset_size, seed=cfg.seed, split="train")
+    images, prompt_ids, prompt_list, prompt_index = [], [], [], {}
+    for i in tqdm(range(len(ds)), desc="render", mininterval=2.0):
+        item = ds[i]
+        images.append(item["image"])
+        j = prompt_index.setdefault(item["prompt"], len(prompt_list))
+        if j == len(prompt_list):
+            prompt_list.append(item["prompt"])
+        prompt_ids.append(j)
+    pixels = torch.stack(images) * 2 - 1  # [-1, 1], as the VAE expects
+    prompt_ids = torch.tensor(prompt_ids)
+    shift, scale = pixels.mean().item(), 1.0 / pixels.std().item()
+
+    # 2. Model: the tiny SD3 pipeline, its lossless VAE normalised for this data.
+    pipe = build_tiny_sd3_pipeline(seed=cfg.seed, vae_shift=shift, vae_scale=scale)
+    transformer, vae = pipe.transformer, pipe.vae
+    with torch.no_grad():
+        latents = torch.cat([
+            (vae.encode(pixels[i : i + 1024]).latent_dist.mode() - shift) * scale
+            for i in range(0, len(pixels), 1024)
+        ])
+    del pixels, images
+    embeds, pooled = encode_prompts(pipe, prompt_list + [""])
+    empty = len(prompt_list)  # index of the empty prompt
+    print(
+        f"[pretrain] {len(latents)} images, {len(prompt_list)} distinct prompts, latent shift {shift:.4f} "
+        f"scale {scale:.4f}; transformer {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params",
+        flush=True,
+    )
+
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step, elapsed_before, losses = 0, 0.0, []
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        transformer.load_state_dict(state["transformer"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["generator"])
+        step, elapsed_before, losses = state["step"], state["elapsed"], state["losses"]
+        print(f"[pretrain] resumed from {ckpt_path} at step {step}", flush=True)
+
+    def save_checkpoint(elapsed: float) -> None:
+        state = {
+            "transformer": transformer.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "generator": gen.get_state(), "step": step, "elapsed": elapsed, "losses": losses,
+            "config": asdict(cfg),
+        }
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)
+
+    # 3. Flow-matching training loop, budgeted in wall-clock minutes.
+    budget = cfg.minutes * 60.0
+    start, last_ckpt = time.time() - elapsed_before, time.time()
+    bar = tqdm(total=int(budget), desc="pretrain (s)", unit="s", mininterval=5.0, initial=int(elapsed_before))
+    transformer.train()
+    running = None
+    while step < cfg.max_steps and (elapsed := time.time() - start) < budget:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, elapsed / budget)
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
+        pid = prompt_ids[idx].clone()
+        pid[torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout] = empty  # CFG dropout
+        s = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen) * cfg.logit_normal_std)
+        eps = torch.randn(x0.shape, generator=gen)
+        x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps  # x_s = (1 - s) x0 + s eps
+        v = transformer(
+            hidden_states=x_s, timestep=s * 1000, encoder_hidden_states=embeds[pid],
+            pooled_projections=pooled[pid], return_dict=False,
+        )[0]
+        loss = torch.nn.functional.mse_loss(v, eps - x0)  # target velocity eps - x0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():  # EMA of the weights, warmed up: decay min(d, (1+n)/(10+n))
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe_, p in zip(ema.parameters(), transformer.parameters()):
+                pe_.lerp_(p, 1 - d)
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            losses.append((step, round(time.time() - start, 1), running))
+            bar.set_postfix(step=step, loss=f"{running:.4f}")
+        bar.update(int(time.time() - start) - bar.n)
+        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+            save_checkpoint(time.time() - start)
+            last_ckpt = time.time()
+    bar.close()
+    elapsed = time.time() - start
+    save_checkpoint(elapsed)
+
+    # 4. Save the EMA weights as a stock pipeline folder.
+    pipe.transformer = ema.eval()
+    log = {"config": asdict(cfg), "steps": step, "train_seconds": round(elapsed, 1), "latent_shift": shift,
+           "latent_scale": scale, "num_train_prompts": len(prompt_list), "loss_curve": losses}
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp)
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
+
+    _atomic_save_dir(write, out)
+    print(f"[pretrain] {step} steps in {elapsed / 60:.1f} min; saved {out}", flush=True)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(PretrainConfig):
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"(default {f.default})")
+    parser.add_argument("--no-eval", action="store_true", help="Skip the evaluation and the model card.")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    out = pretrain(cfg)
+    if not args.no_eval and cfg.eval_prompts:
+        from flowalign.tiny import evaluate, load_base_pipeline, write_model_card
+
+        pipe = load_base_pipeline(out)
+        result = evaluate(pipe, n_prompts=cfg.eval_prompts, seed=0, steps=cfg.eval_steps, cfg=cfg.eval_cfg)
+        command = "flowalign pretrain " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["pretrain"] else None
+        write_model_card(out, result, command=command)
+        print(json.dumps(result, indent=1))
+    return 0
