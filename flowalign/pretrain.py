@@ -60,7 +60,8 @@ class PretrainConfig:
     eval_prompts: int = 300  # held-out prompts for the model card (0 = skip)
     eval_steps: int = 20
     eval_cfg: float = 5.0
-    resume: bool = False
+    resume: bool = False  # continue from `checkpoint` if it exists
+    checkpoint: str = "runs/pretrain/checkpoint.pt"  # optimiser + EMA state, written every few minutes
 
 
 def _atomic_save_dir(write, target: Path) -> None:
@@ -110,7 +111,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    ckpt_path = out.with_name(out.name + ".checkpoint.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_path = Path(cfg.checkpoint)
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     # 1. Data: pre-render the training images once, measure the latent normalisation.
