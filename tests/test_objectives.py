@@ -186,7 +186,7 @@ def test_acflow_actor_loss_hand_value_and_metrics():
     adv = torch.tensor([0.0, math.log(3.0)])
     loss, metrics = acflow_actor_loss(v, u, adv, beta=1.0, weighting="exp", v_ref=v_ref, w2_weight=0.5)
     # weights [0.5, 1.5]; fm = (0.5 * 0.5 + 1.5 * 2.0) / 2 = 1.625; w2 = (1 + 2) / 2 = 1.5
-    assert float(loss) == pytest.approx(1.625 + 0.5 * 1.5)
+    assert float(loss.detach()) == pytest.approx(1.625 + 0.5 * 1.5)
     assert float(metrics["fm_loss"]) == pytest.approx(1.625) and float(metrics["w2"]) == pytest.approx(1.5)
     assert float(metrics["ess"]) == pytest.approx(4.0 / 2.5)
     assert float(metrics["weight_max"]) == pytest.approx(1.5) and float(metrics["weight_min"]) == pytest.approx(0.5)
@@ -217,7 +217,7 @@ def test_orw_special_case_equals_acflow_with_zero_critic():
     # a non-zero critic changes the loss (the special case is not trivial)
     adv_v, _ = advantages(rewards, torch.linspace(-1, 1, 6), clip=None)
     other, _ = acflow_actor_loss(v_pred, target, adv_v, beta=beta, v_ref=v_ref, w2_weight=alpha)
-    assert abs(float(other) - float(orw)) > 1e-4
+    assert abs(float(other.detach()) - float(orw.detach())) > 1e-4
 
 
 def test_critic_loss_and_explained_variance():
@@ -257,7 +257,7 @@ def test_grpo_policy_loss_hand_example():
     #  A=-1, r=1.5:  max( 1.5,  1.2) =  1.5
     #  A= 2, r=0.9:  max(-1.8, -1.8) = -1.8
     #  A=-2, r=1.05: max( 2.1,  2.1) =  2.1
-    assert float(loss) == pytest.approx((-1.2 + 1.5 - 1.8 + 2.1) / 4)
+    assert float(loss.detach()) == pytest.approx((-1.2 + 1.5 - 1.8 + 2.1) / 4)
     assert float(clip_fraction) == pytest.approx(0.5)
     logs = np.log([1.5, 1.5, 0.9, 1.05])
     assert float(approx_kl) == pytest.approx(0.5 * np.mean(logs**2), rel=1e-5)
