@@ -36,8 +36,8 @@ Verifier (``verify``, ``verify_batch``):
    ``"other"``: it still forms objects (so junk blobs fail "no other objects") but never matches a
    named colour.
 2. Objects: connected components (``scipy.ndimage.label``, 4-connectivity) of each colour's
-   (and "other"'s) foreground, keeping components of at least ``MIN_AREA`` pixels (at 32 x 32; scaled with the
-   image area) so that specks are ignored.
+   (and "other"'s) foreground, keeping components of at least ``MIN_AREA`` pixels (at 32 x 32;
+   scaled with the image area) so that specks are ignored.
 3. Shape, per component (``classify_shape``): an upright triangle is bottom-heavy, its centroid
    sits 2/3 of the way down its bounding box instead of 1/2 for circles and squares. This
    survives blur, where the fill ratio of a triangle drifts towards a circle's. We measure it as
@@ -65,13 +65,22 @@ Verifier (``verify``, ``verify_batch``):
    coordinate is shrunk towards 0 by ``POSITION_THRESHOLD * (size_A + size_B)`` (bounding-box
    extent along that axis), divided by ``|d|``, and the relation holds when the component along
    its axis is beyond 0.5 ("left of": ``dx < -0.5``; "above": ``dy < -0.5``, y grows downwards),
-   i.e. B lies within 60 degrees of the named direction. It holds when some (A, B) pair satisfies it.
+   i.e. A lies within 60 degrees of the named direction as seen from B. It holds when some (A, B)
+   pair satisfies it.
+
+   Measured (tests/test_shapes.py, 1,000 seeded prompts of all families): ground-truth renders
+   100% all-satisfied; after a 3x3 box blur + noise (std 0.03) 100%, after a Gaussian blur
+   (sigma 1) + noise (std 0.05) 99.9%. Against a different random prompt, 2.7% all-satisfied
+   (mean fraction 0.34): every one of those is a true description of the image (an image of "a
+   red circle and a blue square" *is* one of "a square and a circle"); when the other prompt
+   names a different set of objects, 0%.
 
 Held-out split: in each family with at least 8 distinct prompts (counting, colors, position,
 color_attr) the ``round(n / 4)`` prompts with the smallest SHA-256 of their text are reserved for
-evaluation; ``split="train"`` never yields them and ``split="heldout"`` yields only them. The
-families single_object (3 prompts) and two_objects (6) are too small to split and are shared by
-both splits. ``split=None`` (or ``"all"``) means every prompt.
+evaluation (2 + 3 + 6 + 18 = 29 prompts); ``split="train"`` never yields them and
+``split="heldout"`` yields no other prompt of those families. The families single_object (3
+prompts) and two_objects (6) are too small to split and are shared by both splits, so "train" has
+97 prompts and "heldout" 38. ``split=None`` (or ``"all"``) means every prompt.
 
 Example::
 
@@ -202,7 +211,8 @@ def parse_prompt(text: str) -> PromptSpec:
     Example::
 
         >>> parse_prompt("a photo of a red circle and a blue square")
-        PromptSpec(family='color_attr', objects=(ObjectSpec(shape='circle', count=1, color='red'), ObjectSpec(shape='square', count=1, color='blue')), relation=None)
+        PromptSpec(family='color_attr', objects=(ObjectSpec(shape='circle', count=1, color='red'), \
+ObjectSpec(shape='square', count=1, color='blue')), relation=None)
     """
     if not isinstance(text, str):
         raise ValueError(f"prompt must be a str, got {type(text).__name__}: {text!r}")
@@ -531,7 +541,9 @@ def classify_shape(mask: np.ndarray) -> str:
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2 or not mask.any():
-        raise ValueError(f"expected a non-empty 2-D boolean mask, got shape {mask.shape} with {int(mask.sum())} pixels")
+        raise ValueError(
+            f"expected a non-empty 2-D boolean mask, got shape {mask.shape} with {int(mask.sum())} pixels"
+        )
     rows, cols = np.nonzero(mask)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     y = rows.astype(np.float64)
@@ -721,7 +733,8 @@ def verify_batch(images, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor
 
         >>> prompts = heldout_prompts(4)
         >>> rng = np.random.default_rng(0)
-        >>> images = torch.stack([torch.from_numpy(render_prompt(p, rng)).permute(2, 0, 1) / 255 for p in prompts])
+        >>> images = [torch.from_numpy(render_prompt(p, rng)).permute(2, 0, 1) / 255 for p in prompts]
+        >>> images = torch.stack(images)
         >>> fraction, ok = verify_batch(images, prompts)
         >>> ok.tolist()
         [1.0, 1.0, 1.0, 1.0]

@@ -212,7 +212,8 @@ def test_mismatched_pairs_score_near_zero(ground_truth):
             ok_different_objects.append(result.all_satisfied)
     rate = float(np.mean(ok))
     print(f"mismatched all-satisfied: {rate:.4f}, mean fraction {np.mean(fractions):.3f}; "
-          f"with a different object multiset: {np.mean(ok_different_objects):.4f} of {len(ok_different_objects)}")
+          f"with a different object multiset: {np.mean(ok_different_objects):.4f} "
+          f"of {len(ok_different_objects)}")
     # A random other prompt B is a *true* description of A's image about 4% of the time, all of it
     # entailment: "a circle and a square" vs "a square and a circle", "a red circle and a blue square"
     # or "a circle left of a square" vs "a circle and a square", "a blue square" vs "a square", a random
@@ -250,7 +251,9 @@ def _gaussian_blur_and_noise(image: np.ndarray, rng: np.random.Generator) -> np.
     return np.clip(blurred + rng.normal(0.0, 0.05, blurred.shape), 0.0, 1.0).astype(np.float32)
 
 
-@pytest.mark.parametrize("corrupt", [_blur_and_noise, _gaussian_blur_and_noise], ids=["box3_noise03", "gauss1_noise05"])
+@pytest.mark.parametrize(
+    "corrupt", [_blur_and_noise, _gaussian_blur_and_noise], ids=["box3_noise03", "gauss1_noise05"]
+)
 def test_blurred_and_noised_ground_truth_still_verifies(ground_truth, corrupt):
     prompts, images = ground_truth
     rng = np.random.default_rng(0)
@@ -263,11 +266,16 @@ def test_checks_per_family():
     rng = np.random.default_rng(0)
     expected = {
         "a photo of a circle": ["count(circle)==1", "no other objects (total==1)"],
-        "a photo of a circle and a square": ["count(circle)==1", "count(square)==1", "no other objects (total==2)"],
+        "a photo of a circle and a square": [
+            "count(circle)==1", "count(square)==1", "no other objects (total==2)",
+        ],
         "a photo of three triangles": ["count(triangle)==3", "no other objects (total==3)"],
-        "a photo of a blue square": ["count(square)==1", "color(square)==blue", "no other objects (total==1)"],
+        "a photo of a blue square": [
+            "count(square)==1", "color(square)==blue", "no other objects (total==1)",
+        ],
         "a photo of a circle to the left of a square": [
-            "count(circle)==1", "count(square)==1", "circle to the left of square", "no other objects (total==2)",
+            "count(circle)==1", "count(square)==1", "circle to the left of square",
+            "no other objects (total==2)",
         ],
         "a photo of a red circle and a blue square": [
             "count(circle)==1", "count(square)==1", "color(circle)==red", "color(square)==blue",
@@ -340,7 +348,7 @@ def test_classify_shape_rejects_empty_masks():
 
 def test_shape_features():
     assert shapes._shape_from_features(0.5, -0.57) == "triangle"
-    assert shapes._shape_from_features(0.78, -0.3) == "triangle"  # blurred triangle: rounder, still bottom-heavy
+    assert shapes._shape_from_features(0.78, -0.3) == "triangle"  # blurred: rounder, still bottom-heavy
     assert shapes._shape_from_features(1.0, 0.0) == "square"
     assert shapes._shape_from_features(0.95, -0.05) == "square"
     assert shapes._shape_from_features(np.pi / 4, 0.0) == "circle"
