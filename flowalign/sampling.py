@@ -18,6 +18,7 @@ wrapped in ``torch.compile``.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -170,7 +171,7 @@ def flow_sigmas(
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    scheduler = copy.deepcopy(scheduler)  # keeps the shift (also one set with set_shift) and every option
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting", False):
         if mu is None:

@@ -118,6 +118,10 @@ def test_flow_sigmas_match_scheduler(shift):
     torch.testing.assert_close(sigmas, reference.sigmas, rtol=0, atol=0)
     torch.testing.assert_close(sigmas[:-1] * 1000, reference.timesteps, rtol=0, atol=0)
     assert scheduler.timesteps.shape[0] == 1000  # the caller's scheduler is untouched
+    # a shift set after construction (set_shift) is respected too
+    late = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    late.set_shift(shift)
+    torch.testing.assert_close(flow_sigmas(late, 6), reference.sigmas, rtol=0, atol=0)
 
 
 def test_flow_sigmas_shift_warps_grid_towards_noise():
@@ -195,3 +199,35 @@ def test_steps_trace_as_one_graph():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     compiled_euler = torch.compile(euler_step, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled_euler(x, v, sig, nxt), euler_step(x, v, sig, nxt), rtol=0, atol=0)
+
+
+def test_sample_latents_reproduces_the_stock_sd3_pipeline_bit_for_bit():
+    """velocity_fn = CFG over the transformer at timestep sigma * 1000 gives exactly the pipeline's latents."""
+    from flowalign.tiny import MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline(num_layers=1)
+    prompts, guidance = ["a red circle", "two blue squares"], 3.0
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = pipe(
+        prompts, num_inference_steps=4, guidance_scale=guidance, latents=x.clone(), output_type="latent",
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    ).images
+    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+
+    @torch.no_grad()
+    def velocity_fn(latents, sigma):
+        v = pipe.transformer(
+            hidden_states=torch.cat([latents, latents]),
+            timestep=torch.cat([sigma, sigma]) * 1000,  # diffusers timestep = sigma * 1000
+            encoder_hidden_states=torch.cat([negative_embeds, embeds]),
+            pooled_projections=torch.cat([negative_pooled, pooled]),
+            return_dict=False,
+        )[0]
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    out = sample_latents(velocity_fn, x, flow_sigmas(pipe.scheduler, 4))
+    torch.testing.assert_close(out.latents, reference, rtol=0, atol=0)
