@@ -1,0 +1,280 @@
+"""The reward protocol: checks, chunking, PIL input, user callables, registry, specs, mixtures, JPEG, shapes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowalign import rewards
+from flowalign.rewards import FunctionReward, Mixture, Reward, as_reward, combine, zscore
+from flowalign.rewards.registry import parse_reward_spec
+
+
+class Brightness(Reward):
+    """Mean pixel value plus a prompt-length term (so prompts matter)."""
+
+    name = "brightness"
+    differentiable = True
+
+    def __init__(self, batch_size=32):
+        super().__init__(batch_size=batch_size)
+        self.calls = []
+
+    def score_chunk(self, images, prompts):
+        self.calls.append(images.shape[0])
+        return images.mean(dim=(1, 2, 3)) + torch.tensor([len(p) for p in prompts], device=images.device) / 100
+
+
+def test_reward_scores_shape_dtype_and_values():
+    images = torch.rand(5, 3, 8, 8, dtype=torch.float64)
+    prompts = ["a", "bb", "ccc", "", "e"]
+    scores = Brightness()(images, prompts)
+    assert scores.shape == (5,) and scores.dtype == torch.float64
+    expected = images.mean(dim=(1, 2, 3)) + torch.tensor([1, 2, 3, 0, 1]) / 100
+    torch.testing.assert_close(scores, expected)
+
+
+def test_chunking_gives_the_same_scores_and_respects_batch_size():
+    images, prompts = torch.rand(10, 3, 8, 8), [f"p{i}" for i in range(10)]
+    reward = Brightness(batch_size=3)
+    chunked = reward(images, prompts)
+    assert reward.calls == [3, 3, 3, 1]
+    reward.batch_size = None
+    torch.testing.assert_close(chunked, reward(images, prompts))
+    assert reward.calls[-1] == 10
+
+
+def test_single_string_prompt_is_used_for_every_image():
+    images = torch.rand(3, 3, 4, 4)
+    torch.testing.assert_close(Brightness()(images, "abc"), Brightness()(images, ["abc"] * 3))
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.rand(2, 3, 8, 8) * 2 - 1, r"\[0, 1\].*\(images \+ 1\) / 2"),
+        (torch.rand(2, 3, 8, 8) * 255, r"values in \[.*255"),
+        (torch.rand(2, 8, 8, 3), r"shape \[B, 3, H, W\]; got \(2, 8, 8, 3\).*channels last"),
+        (torch.rand(3, 8, 8), r"got \(3, 8, 8\).*images\[None\]"),
+        (torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8), r"float tensor.*uint8.*/ 255"),
+        (torch.tensor([float("nan")]).expand(1, 3, 2, 2).clone(), r"NaN"),
+    ],
+)
+def test_bad_images_raise_clear_errors(images, match):
+    with pytest.raises(ValueError, match=match):
+        Brightness()(images, ["x"] * images.shape[0])
+
+
+def test_prompt_count_mismatch_and_missing_prompts():
+    with pytest.raises(ValueError, match="got 2 prompts for 3 images"):
+        Brightness()(torch.rand(3, 3, 4, 4), ["a", "b"])
+    with pytest.raises(ValueError, match="prompts=None for 3 images"):
+        Brightness()(torch.rand(3, 3, 4, 4), None)
+    with pytest.raises(TypeError, match="prompt 1 is a int"):
+        Brightness()(torch.rand(2, 3, 4, 4), ["a", 3])
+
+
+def test_nan_output_is_an_error_naming_the_images():
+    def half_nan(images, prompts):
+        scores = images.mean(dim=(1, 2, 3))
+        scores[1::2] = float("nan")
+        return scores
+
+    with pytest.raises(ValueError, match=r"half_nan returned NaN for 2 of 4 images \(indices \[1, 3\]\)"):
+        as_reward(half_nan)(torch.rand(4, 3, 4, 4), ["p"] * 4)
+
+
+def test_wrong_output_shape_is_an_error():
+    reward = as_reward(lambda images, prompts: images.mean(dim=(2, 3)), name="per_channel")
+    with pytest.raises(ValueError, match=r"per_channel: score_chunk must return a tensor of shape \(2,\); got \(2, 3\)"):
+        reward(torch.rand(2, 3, 4, 4), ["a", "b"])
+
+
+def test_differentiable_rewards_pass_gradients_and_others_do_not_track_them():
+    images = torch.rand(4, 3, 8, 8, requires_grad=True)
+    scores = Brightness()(images, ["a"] * 4)
+    scores.sum().backward()
+    torch.testing.assert_close(images.grad, torch.full_like(images, 1 / (3 * 8 * 8)))
+
+    plain = as_reward(lambda x, p: x.mean(dim=(1, 2, 3)))
+    assert not plain.differentiable
+    assert not plain(torch.rand(2, 3, 4, 4, requires_grad=True), ["a", "b"]).requires_grad
+    opted_in = as_reward(lambda x, p: x.mean(dim=(1, 2, 3)), differentiable=True)
+    assert opted_in(torch.rand(2, 3, 4, 4, requires_grad=True), ["a", "b"]).requires_grad
+
+
+def test_pil_images_and_mixed_sizes_match_tensor_scores():
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(8, 8), (6, 10), (8, 8)]]
+    pil = [Image.fromarray(a) for a in arrays]
+    prompts = ["a", "bb", "ccc"]
+    scores = Brightness()(pil, prompts)
+    expected = torch.stack([Brightness()(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255, [p])[0]
+                            for a, p in zip(arrays, prompts)])
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(TypeError, match="stack them"):
+        Brightness()([torch.rand(3, 4, 4)], ["a"])
+
+
+def test_empty_batch():
+    assert Brightness()(torch.rand(0, 3, 4, 4), []).shape == (0,)
+
+
+def test_weights_follow_the_images_device_and_scores_their_dtype():
+    class Scaled(Reward):
+        name = "scaled"
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def score_chunk(self, images, prompts):
+            assert images.device == self.scale.device
+            return self.scale * images.mean(dim=(1, 2, 3))
+
+    reward = Scaled()
+    scores = reward(torch.rand(2, 3, 4, 4, dtype=torch.float16), ["a", "b"])
+    assert scores.dtype == torch.float16
+    if torch.cuda.is_available():  # exercised on GPU machines
+        images = torch.rand(2, 3, 4, 4, device="cuda")
+        assert reward(images, ["a", "b"]).device.type == "cuda" and reward.device.type == "cuda"
+
+
+def test_user_callables_accept_numpy_lists_and_column_outputs():
+    as_list = as_reward(lambda x, p: [float(v) for v in x.mean(dim=(1, 2, 3))], name="as_list")
+    column = as_reward(lambda x, p: x.mean(dim=(1, 2, 3))[:, None])
+    images = torch.rand(3, 3, 4, 4)
+    torch.testing.assert_close(as_list(images, ["a"] * 3), images.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(column(images, ["a"] * 3), images.mean(dim=(1, 2, 3)))
+    assert isinstance(as_list, FunctionReward) and as_list.name == "as_list"
+    with pytest.raises(TypeError, match="Expected a Reward"):
+        as_reward(3)
+
+
+# -- registry and specs --------------------------------------------------------------------------
+def test_registry_lists_builtins_and_registers_user_factories():
+    names = rewards.available()
+    for name in ["pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic", "clipscore",
+                 "jpeg_compressibility", "jpeg_incompressibility", "shapes", "shapes_binary"]:
+        assert name in names
+    rewards.register("test_redness", lambda scale=1.0: (lambda x, p: scale * x[:, 0].mean(dim=(1, 2))), overwrite=True)
+    red = rewards.load("test-redness", scale=2.0)  # '-' and '_' are the same, case-insensitive
+    images = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(red(images, ["a", "b"]), 2 * images[:, 0].mean(dim=(1, 2)))
+    assert red.name == "test_redness"
+
+    instance = Brightness()
+    rewards.register("test_brightness", instance, overwrite=True)
+    assert rewards.load("test_brightness") is instance
+    with pytest.raises(ValueError, match="already registered"):
+        rewards.register("test_brightness", Brightness())
+    with pytest.raises(ValueError, match="already registered"):
+        rewards.register("pickscore", Brightness())
+    with pytest.raises(KeyError, match="Did you mean pickscore"):
+        rewards.load("pickscor")
+
+
+def test_parse_reward_spec():
+    assert parse_reward_spec("pickscore") == rewards.RewardSpec("pickscore", 1.0, {})
+    assert parse_reward_spec("pickscore=0.5").weight == 0.5
+    spec = parse_reward_spec("hpsv2.1(checkpoint=/ckpt/hps, batch_size=8, binary=true)=-0.25")
+    assert spec == rewards.RewardSpec("hpsv2.1", -0.25, {"checkpoint": "/ckpt/hps", "batch_size": 8, "binary": True})
+    assert parse_reward_spec("clipscore(model=local-dir:/a/b)").kwargs == {"model": "local-dir:/a/b"}
+    with pytest.raises(ValueError, match="weight 'abc' is not a number"):
+        parse_reward_spec("pickscore=abc")
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        parse_reward_spec("pickscore(model)")
+    with pytest.raises(ValueError, match="Cannot parse reward spec"):
+        parse_reward_spec("pick score")
+
+
+# -- mixtures ------------------------------------------------------------------------------------
+def test_zscore_and_combine_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    b = torch.tensor([10.0, 10.0, 20.0, 40.0])
+    mean, std = a.mean(), ((a - a.mean()) ** 2).mean().sqrt()
+    torch.testing.assert_close(zscore(a, eps=0.0), (a - mean) / std)
+    assert zscore(torch.tensor([5.0])).item() == 0.0  # one image: 0, not NaN
+    torch.testing.assert_close(combine([a, b], [0.5, 2.0]), 0.5 * a + 2.0 * b)
+    torch.testing.assert_close(combine({"a": a, "b": b}, [1.0, 1.0], "zscore"), zscore(a) + zscore(b))
+
+
+def test_mixture_weights_normalisation_and_components():
+    images = torch.rand(6, 3, 8, 8)
+    prompts = [f"p{'x' * i}" for i in range(6)]
+    bright = Brightness()
+    red = as_reward(lambda x, p: 100 * x[:, 0].mean(dim=(1, 2)), name="red", requires_prompts=False)
+    raw = Mixture([(bright, 0.3), (red, 0.7)])
+    torch.testing.assert_close(raw(images, prompts), 0.3 * bright(images, prompts) + 0.7 * red(images, prompts))
+
+    normalised = Mixture([(bright, 0.3), (red, 0.7)], normalize="zscore")
+    total = normalised(images, prompts)
+    torch.testing.assert_close(total, 0.3 * zscore(bright(images, prompts)) + 0.7 * zscore(red(images, prompts)))
+    assert abs(total.mean().item()) < 1e-5  # z-scores are centred: the red reward's scale (x100) no longer dominates
+    parts = normalised.components(images, prompts)
+    assert list(parts) == ["brightness", "red"]
+    assert normalised.name == "0.3*brightness+0.7*red"
+    assert not normalised.differentiable  # the lambda is not declared differentiable
+
+
+def test_mixture_gradients_unique_names_and_errors():
+    images = torch.rand(4, 3, 8, 8, requires_grad=True)
+    mixture = Mixture({Brightness(): 1.0, Brightness(): 2.0}, normalize="zscore")
+    assert mixture.names == ["brightness", "brightness_2"] and mixture.differentiable
+    # z-scores sum to zero over the batch, so weight them before backpropagating
+    (mixture(images, ["a", "bb", "c", "dd"]) * torch.arange(4.0)).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        Mixture([(Brightness(), 1.0)], normalize="minmax")
+    with pytest.raises(ValueError, match="at least one"):
+        Mixture([])
+
+
+def test_load_mixture_from_specs():
+    rewards.register("test_constant", lambda value=1.0: as_reward(lambda x, p: torch.full((x.shape[0],), value)), overwrite=True)
+    mixture = rewards.load_mixture(["test_constant(value=2)=0.5", "jpeg_incompressibility(quality=50)=0.1"])
+    images = torch.rand(3, 3, 16, 16)
+    expected = 0.5 * 2.0 + 0.1 * rewards.JpegIncompressibility(quality=50)(images)
+    torch.testing.assert_close(mixture(images, ["a"] * 3), expected)
+
+
+# -- JPEG and shapes -----------------------------------------------------------------------------
+def test_jpeg_sizes_match_pil_and_order_images_by_detail():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    flat = np.full((32, 32, 3), 128, dtype=np.uint8)
+    images = torch.from_numpy(np.stack([noise, flat])).permute(0, 3, 1, 2).float() / 255
+    sizes = []
+    for array in (noise, flat):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    incompressibility = rewards.load("jpeg_incompressibility")(images)
+    compressibility = rewards.load("jpeg_compressibility")(images, ["ignored"] * 2)
+    torch.testing.assert_close(incompressibility, torch.tensor(sizes))
+    torch.testing.assert_close(compressibility, -torch.tensor(sizes))
+    assert incompressibility[0] > incompressibility[1]  # noise is bigger than a flat image
+    assert rewards.load("jpeg_incompressibility", quality=10)(images)[0] < incompressibility[0]
+    chunked = rewards.JpegIncompressibility(batch_size=1)(images)
+    torch.testing.assert_close(chunked, incompressibility)
+    with pytest.raises(ValueError, match="quality must be in"):
+        rewards.JpegIncompressibility(quality=0)
+
+
+def test_shapes_verifier_dense_and_binary_wrap_verify_batch():
+    shapes = pytest.importorskip("flowalign.shapes")
+    prompts = shapes.heldout_prompts(6)
+    rng = np.random.default_rng(0)
+    images = torch.stack([torch.from_numpy(shapes.render_prompt(p, rng)).permute(2, 0, 1) / 255 for p in prompts])
+    wrong = prompts[1:] + prompts[:1]  # each image against another family's prompt
+    fraction, all_ok = shapes.verify_batch(images, wrong)
+    dense, binary = rewards.load("shapes"), rewards.load("shapes_binary")
+    torch.testing.assert_close(dense(images, wrong), fraction)
+    torch.testing.assert_close(binary(images, wrong), all_ok)
+    torch.testing.assert_close(binary(images, prompts), torch.ones(6))  # rendered images satisfy their prompts
+    assert dense(images, wrong).mean() < 1.0
+    torch.testing.assert_close(rewards.ShapesVerifier(batch_size=4)(images, wrong), fraction)
