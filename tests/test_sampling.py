@@ -118,10 +118,12 @@ def test_flow_sigmas_match_scheduler(shift):
     torch.testing.assert_close(sigmas, reference.sigmas, rtol=0, atol=0)
     torch.testing.assert_close(sigmas[:-1] * 1000, reference.timesteps, rtol=0, atol=0)
     assert scheduler.timesteps.shape[0] == 1000  # the caller's scheduler is untouched
-    # a shift set after construction (set_shift) is respected too
-    late = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    # a shift set after construction (set_shift) is respected too, exactly as the stock scheduler does
+    late, late_reference = FlowMatchEulerDiscreteScheduler(shift=1.0), FlowMatchEulerDiscreteScheduler(shift=1.0)
     late.set_shift(shift)
-    torch.testing.assert_close(flow_sigmas(late, 6), reference.sigmas, rtol=0, atol=0)
+    late_reference.set_shift(shift)
+    late_reference.set_timesteps(6)
+    torch.testing.assert_close(flow_sigmas(late, 6), late_reference.sigmas, rtol=0, atol=0)
 
 
 def test_flow_sigmas_shift_warps_grid_towards_noise():
