@@ -1,1 +1,37 @@
 """diffusers pipelines and model wrappers (installed as ``flowalign.pipelines``)."""
+
+from flowalign.pipelines.rlg import (
+    RLG_MODES,
+    ConstantSchedule,
+    FinetunedFirstSchedule,
+    LinearSchedule,
+    RLGSchedule,
+    RLGStableDiffusion3Pipeline,
+    RLGTransformer,
+    check_lora_fits,
+    check_same_architecture,
+    constant_schedule,
+    finetuned_first_schedule,
+    linear_schedule,
+    load_peft_adapter,
+    resolve_rlg_scales,
+)
+from flowalign.pipelines.scheduling_flow_match_sde import FlowMatchSDEScheduler
+
+__all__ = [
+    "RLG_MODES",
+    "ConstantSchedule",
+    "FinetunedFirstSchedule",
+    "FlowMatchSDEScheduler",
+    "LinearSchedule",
+    "RLGSchedule",
+    "RLGStableDiffusion3Pipeline",
+    "RLGTransformer",
+    "check_lora_fits",
+    "check_same_architecture",
+    "constant_schedule",
+    "finetuned_first_schedule",
+    "linear_schedule",
+    "load_peft_adapter",
+    "resolve_rlg_scales",
+]
