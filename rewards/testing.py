@@ -47,14 +47,15 @@ SHAPES_WORDS = (
 
 
 def _tiny_clip_processor_files(directory: Path, image_size: int = TINY_IMAGE_SIZE) -> None:
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor, CLIPProcessor
 
     from flowalign.tiny import clip_tokenizer
 
-    clip_tokenizer(model_max_length=77).save_pretrained(directory)
-    CLIPImageProcessor(
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    ).save_pretrained(directory)
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer(model_max_length=77)).save_pretrained(directory)
+    image_processor.save_pretrained(directory)  # preprocessor_config.json, as in the hub repos
 
 
 def _tiny_hf_clip(projection_dim: int, seed: int):
@@ -79,6 +80,14 @@ def save_tiny_pickscore(root: str | os.PathLike, seed: int = 0) -> dict[str, str
     return {"model": str(root / "model"), "processor": str(root / "processor")}
 
 
+def _spread_out(head: nn.Module) -> nn.Module:
+    """Variance-preserving init of the MLP head (weights ~ N(0, 1/fan_in)), so tiny scores spread out."""
+    for layer in head.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+    return head
+
+
 def save_tiny_aesthetic(root: str | os.PathLike, head: str | None = None, seed: int = 0) -> dict[str, str]:
     """Tiny CLIP (768-d projection, as ViT-L/14) plus a random head in the LAION layout, or the real
     head file ``head`` if given; returns ``AestheticScore.from_pretrained`` kwargs."""
@@ -90,7 +99,7 @@ def save_tiny_aesthetic(root: str | os.PathLike, head: str | None = None, seed: 
     if head is None:
         torch.manual_seed(seed + 1)
         head = str(root / "sac+logos+ava1-l14-linearMSE.pth")
-        torch.save(AestheticHead(768).state_dict(), head)
+        torch.save(_spread_out(AestheticHead(768)).state_dict(), head)
     return {"clip": str(root / "clip"), "head": str(head)}
 
 
@@ -180,10 +189,7 @@ def save_tiny_image_reward(root: str | os.PathLike, seed: int = 0) -> dict[str, 
     (root / "med_config.json").write_text(json.dumps(med, indent=2))
     torch.manual_seed(seed + 1)
     text = BlipTextModel(text_config_from_med_config(med, vit.embed_dim), add_pooling_layer=False)
-    head = AestheticHead(med["hidden_size"])
-    for layer in head.layers:  # variance-preserving init, so that the tiny scores spread out
-        if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+    head = _spread_out(AestheticHead(med["hidden_size"]))
     state: dict[str, Any] = {}
     state.update({f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()})
     state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
