@@ -44,9 +44,10 @@ def combine(
         raise ValueError(f"combine: {len(values)} score tensors but {len(weights)} weights.")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}.")
-    total = torch.zeros_like(values[0], dtype=torch.float32)
+    dtype = torch.promote_types(values[0].dtype, torch.float32)  # at least float32; float64 stays float64
+    total = torch.zeros_like(values[0], dtype=dtype)
     for value, weight in zip(values, weights):
-        value = value.float()
+        value = value.to(dtype)
         total = total + weight * (zscore(value, eps) if normalize == "zscore" else value)
     return total
 
