@@ -203,13 +203,26 @@ def save_tiny_image_reward(root: str | os.PathLike, seed: int = 0) -> dict[str, 
     return {"checkpoint": str(root), "tokenizer": str(root / "tokenizer")}
 
 
-def save_tiny_checkpoints(root: str | os.PathLike, aesthetic_head: str | None = None) -> dict[str, dict[str, str]]:
-    """All tiny checkpoints under ``root``; returns ``{registry name: load() kwargs}``."""
+TINY_BUILDERS = {
+    "pickscore": save_tiny_pickscore,
+    "hpsv2": partial(save_tiny_hps, version="v2.0"),
+    "hpsv2.1": partial(save_tiny_hps, version="v2.1"),
+    "imagereward": save_tiny_image_reward,
+    "aesthetic": save_tiny_aesthetic,
+    "clipscore": save_tiny_clipscore,
+}
+"""Registry name -> builder ``f(root) -> load() kwargs`` for every model-based reward."""
+
+
+def save_tiny_checkpoints(
+    root: str | os.PathLike, names: list[str] | None = None, aesthetic_head: str | None = None
+) -> dict[str, dict[str, str]]:
+    """Tiny checkpoints under ``root/<name>`` for ``names`` (default: one of each model-based reward;
+    names without weights are skipped); returns ``{registry name: load() kwargs}``."""
     root = Path(root)
-    return {
-        "pickscore": save_tiny_pickscore(root / "pickscore"),
-        "hpsv2.1": save_tiny_hps(root / "hps"),
-        "imagereward": save_tiny_image_reward(root / "imagereward"),
-        "aesthetic": save_tiny_aesthetic(root / "aesthetic", head=aesthetic_head),
-        "clipscore": save_tiny_clipscore(root / "clipscore"),
-    }
+    names = [n for n in TINY_BUILDERS if n != "hpsv2"] if names is None else [n for n in names if n in TINY_BUILDERS]
+    out = {}
+    for name in names:
+        kwargs = {"head": aesthetic_head} if name == "aesthetic" else {}
+        out[name] = TINY_BUILDERS[name](root / name, **kwargs)
+    return out
