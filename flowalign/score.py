@@ -32,16 +32,31 @@ METADATA_FILE = "metadata.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flowalign.rewards import available  # light: the reward modules load only when used
+
     parser.add_argument(
-        "--reward", action="append", required=True, metavar="NAME[(K=V,...)][=WEIGHT]",
+        "--reward",
+        action="append",
+        required=True,
+        metavar="NAME[(K=V,...)][=WEIGHT]",
         help="A reward to compute; repeat for several. Weights (default 1) combine them into 'total'. "
-        "Options go to the loader, e.g. 'hpsv2.1(checkpoint=/ckpt/hps)=0.5'.",
+        f"Options go to the loader, e.g. 'hpsv2.1(checkpoint=/ckpt/hps)=0.5'. Names: {', '.join(available())}.",
     )
-    parser.add_argument("--images", required=True, help=f"Folder of images (with or without {METADATA_FILE}) or a metadata .jsonl file.")
-    parser.add_argument("--prompts", default=None, help="Text file, one prompt per line (sorted image order); replaces metadata prompts.")
+    parser.add_argument(
+        "--images", required=True, help=f"Folder of images (with or without {METADATA_FILE}) or a metadata .jsonl file."
+    )
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="Text file, one prompt per line (sorted image order); replaces metadata prompts.",
+    )
     parser.add_argument("--out", default=None, help="Output .csv or .jsonl (default: <folder>/scores.csv).")
-    parser.add_argument("--normalize", choices=["none", "zscore"], default="none",
-                        help="Combine rewards into 'total' raw (none) or z-scored over all images (zscore).")
+    parser.add_argument(
+        "--normalize",
+        choices=["none", "zscore"],
+        default="none",
+        help="Combine rewards into 'total' raw (none) or z-scored over all images (zscore).",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="Images read and scored at once (default 32).")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
     parser.add_argument("--max-groups", type=int, default=40, help="At most this many prompt rows in the table.")
@@ -66,7 +81,9 @@ def read_entries(images: str | Path, prompts_file: str | Path | None = None) -> 
     else:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"--images {folder}: no {METADATA_FILE} and no images ({', '.join(IMAGE_SUFFIXES)}).")
+            raise FileNotFoundError(
+                f"--images {folder}: no {METADATA_FILE} and no images ({', '.join(IMAGE_SUFFIXES)})."
+            )
         entries = [{"file": p.name, "prompt": None} for p in files]
 
     if prompts_file is not None:
@@ -78,7 +95,9 @@ def read_entries(images: str | Path, prompts_file: str | Path | None = None) -> 
 
     missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images listed in the metadata are missing from {folder}: {missing[:5]}.")
+        raise FileNotFoundError(
+            f"{len(missing)} images listed in the metadata are missing from {folder}: {missing[:5]}."
+        )
     return folder, entries
 
 
@@ -106,8 +125,9 @@ def _batches(entries: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-def score_entries(folder: Path, entries: list[dict[str, Any]], rewards: Sequence, batch_size: int = 32,
-                  progress: bool = True) -> dict[str, list[float]]:
+def score_entries(
+    folder: Path, entries: list[dict[str, Any]], rewards: Sequence, batch_size: int = 32, progress: bool = True
+) -> dict[str, list[float]]:
     """Raw scores ``{reward name: [score per entry]}`` (images read ``batch_size`` at a time)."""
     from PIL import Image
     from tqdm.auto import tqdm
@@ -137,8 +157,7 @@ def write_scores(path: Path, entries: list[dict[str, Any]], columns: dict[str, l
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".jsonl":
         with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     elif path.suffix.lower() == ".csv":
         fields = list(dict.fromkeys(key for row in rows for key in row))
         with open(path, "w", newline="") as f:
@@ -149,7 +168,9 @@ def write_scores(path: Path, entries: list[dict[str, Any]], columns: dict[str, l
         raise ValueError(f"--out {path}: use a .csv or .jsonl file name.")
 
 
-def summarize(entries: list[dict[str, Any]], columns: dict[str, list[float]], max_groups: int = 40) -> list[dict[str, Any]]:
+def summarize(
+    entries: list[dict[str, Any]], columns: dict[str, list[float]], max_groups: int = 40
+) -> list[dict[str, Any]]:
     """Summary rows ``{"group", "n", <column>: (mean, std)}``: overall, per prompt, per scale.
 
     ``std`` is the sample standard deviation (``nan`` for a single image).

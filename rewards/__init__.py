@@ -62,9 +62,28 @@ _LAZY = {
 }
 
 __all__ = [
-    "Reward", "FunctionReward", "as_reward", "Mixture", "combine", "zscore", "ImagePreprocess",
-    "load", "register", "available", "load_mixture", "parse_reward_spec", "RewardSpec",
-    "CheckpointNotFoundError", *_LAZY,
+    "Reward",
+    "FunctionReward",
+    "as_reward",
+    "Mixture",
+    "combine",
+    "zscore",
+    "ImagePreprocess",
+    "load",
+    "register",
+    "available",
+    "load_mixture",
+    "parse_reward_spec",
+    "RewardSpec",
+    "CheckpointNotFoundError",
+    "PickScore",
+    "HPSv2",
+    "ImageReward",
+    "AestheticScore",
+    "CLIPScore",
+    "JpegCompressibility",
+    "JpegIncompressibility",
+    "ShapesVerifier",
 ]
 
 

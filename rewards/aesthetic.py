@@ -13,7 +13,8 @@ transformers ``openai/clip-vit-large-patch14``. Differentiable (torch preprocess
 Example::
 
     from flowalign.rewards import AestheticScore
-    reward = AestheticScore.from_pretrained()      # or head="/path/sac+logos+ava1-l14-linearMSE.pth", clip="/ckpt/clip-l14"
+    reward = AestheticScore.from_pretrained()    # hub, or local files:
+    reward = AestheticScore.from_pretrained(head="/ckpt/sac+logos+ava1-l14-linearMSE.pth", clip="/ckpt/clip-l14")
     scores = reward(images)                        # prompts are not needed
 """
 
@@ -21,11 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from flowalign.rewards.base import Reward
-from flowalign.rewards.hub import resolve_file, hub_errors
+from flowalign.rewards.hub import hub_errors, resolve_file
 from flowalign.rewards.preprocess import ImagePreprocess
+from torch import Tensor, nn
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_HEAD = "trl-lib/ddpo-aesthetic-predictor"
@@ -75,7 +75,7 @@ def load_head_state_dict(path: str) -> dict[str, Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"Aesthetic head {path}: expected a state dict, got {type(state).__name__}.")
+        raise TypeError(f"Aesthetic head {path}: expected a state dict, got {type(state).__name__}.")
     expected = {f"{k}.{p}" for k in HEAD_LINEAR_KEYS for p in ("weight", "bias")}
     if set(state) != expected:
         raise ValueError(
@@ -86,7 +86,9 @@ def load_head_state_dict(path: str) -> dict[str, Tensor]:
     reference = AestheticHead(input_size).state_dict()
     for key, value in state.items():
         if value.shape != reference[key].shape:
-            raise ValueError(f"Aesthetic head {path}: {key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}.")
+            raise ValueError(
+                f"Aesthetic head {path}: {key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}."
+            )
     return state
 
 
@@ -162,14 +164,19 @@ class AestheticScore(Reward):
         ``processor`` overrides where the image-processor settings come from)."""
         from transformers import CLIPImageProcessor
 
-        how = "AestheticScore.from_pretrained(head=PATH_TO_PTH, clip=CLIP_DIR), or --reward 'aesthetic(head=PATH,clip=DIR)'"
+        how = (
+            "AestheticScore.from_pretrained(head=PATH_TO_PTH, clip=CLIP_DIR), "
+            "or --reward 'aesthetic(head=PATH,clip=DIR)'"
+        )
         head_path = resolve_file(head, head_filename, "Aesthetic head", how)
         mlp = AestheticHead.from_file(head_path)
         with hub_errors(clip, "Aesthetic CLIP model", how):
             vision = load_clip_vision(clip, dtype)
         with hub_errors(processor or clip, "Aesthetic CLIP processor", how):
             image_processor = CLIPImageProcessor.from_pretrained(processor or clip)
-        reward = cls(vision, mlp.to(dtype), ImagePreprocess.from_hf_image_processor(image_processor), batch_size=batch_size)
+        reward = cls(
+            vision, mlp.to(dtype), ImagePreprocess.from_hf_image_processor(image_processor), batch_size=batch_size
+        )
         return reward.to(device) if device is not None else reward
 
     def image_embeddings(self, images: Tensor) -> Tensor:

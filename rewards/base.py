@@ -41,8 +41,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,8 @@ from torch import Tensor, nn
 RANGE_TOLERANCE = 1e-3
 """How far outside [0, 1] pixel values may stray (rounding of ``(x + 1) / 2`` in half precision)."""
 
-ImagesLike = Union[Tensor, Sequence[Any]]  # a float tensor [B, 3, H, W] or a list of PIL images / arrays
-PromptsLike = Union[Sequence[str], str, None]
+ImagesLike = Tensor | Sequence[Any]  # a float tensor [B, 3, H, W] or a list of PIL images / arrays
+PromptsLike = Sequence[str] | str | None
 
 
 def pil_to_tensor(image: Any) -> Tensor:
@@ -62,9 +63,7 @@ def pil_to_tensor(image: Any) -> Tensor:
     elif isinstance(image, np.ndarray):
         array = image
         if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-            raise ValueError(
-                f"numpy images must be uint8 [H, W, 3]; got dtype {array.dtype} and shape {array.shape}."
-            )
+            raise ValueError(f"numpy images must be uint8 [H, W, 3]; got dtype {array.dtype} and shape {array.shape}.")
     elif isinstance(image, Tensor):
         raise TypeError(
             "Got a list of tensors: stack them into one float tensor [B, 3, H, W] in [0, 1] "
@@ -94,7 +93,7 @@ def check_images(images: Tensor, name: str) -> None:
         return
     low, high = torch.aminmax(images.detach())
     low, high = float(low), float(high)  # one device sync for both
-    if low != low or high != high:
+    if math.isnan(low) or math.isnan(high):
         raise ValueError(f"{name}: images contain NaN values.")
     if low < -RANGE_TOLERANCE or high > 1.0 + RANGE_TOLERANCE:
         raise ValueError(
@@ -187,7 +186,9 @@ class Reward(nn.Module):
         grad = contextlib.nullcontext() if self.differentiable else torch.no_grad()
         with grad:
             chunks = [
-                self._checked(self.score_chunk(images[i : i + step], prompts[i : i + step]), min(step, len(prompts) - i))
+                self._checked(
+                    self.score_chunk(images[i : i + step], prompts[i : i + step]), min(step, len(prompts) - i)
+                )
                 for i in range(0, images.shape[0], step)
             ]
         scores = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -263,7 +264,7 @@ class FunctionReward(Reward):
         return scores.float() if not scores.is_floating_point() else scores
 
 
-RewardLike = Union[Reward, Callable[[Tensor, list[str]], Any], str]
+RewardLike = Reward | Callable[[Tensor, list[str]], Any] | str
 
 
 def as_reward(obj: RewardLike, **kwargs: Any) -> Reward:

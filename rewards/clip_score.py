@@ -18,11 +18,10 @@ Example::
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from flowalign.rewards.base import Reward
 from flowalign.rewards.hub import hub_errors, is_local
 from flowalign.rewards.preprocess import ImagePreprocess
+from torch import Tensor
 
 
 def create_open_clip_model(model: str, pretrained: str | None, what: str, how: str, dtype: torch.dtype = torch.float32):
@@ -32,11 +31,13 @@ def create_open_clip_model(model: str, pretrained: str | None, what: str, how: s
 
     force_quick_gelu = False
     remote = model.startswith("hf-hub:")
+    source = model.removeprefix("hf-hub:")
     if pretrained and not is_local(pretrained):
-        tag = open_clip.get_pretrained_cfg(model, pretrained)
-        force_quick_gelu = bool(tag.get("quick_gelu", False)) if tag else False
+        tag = open_clip.get_pretrained_cfg(model, pretrained)  # {} when not a known tag
+        force_quick_gelu = bool(tag.get("quick_gelu", False))
         remote = remote or bool(tag)
-    source = model if model.startswith("hf-hub:") or not pretrained else f"{model} / {pretrained}"
+        source = tag.get("hf_hub", "").strip("/").split("/")
+        source = "/".join(source[:2]) if len(source) >= 2 else f"{model} ({pretrained})"
     with hub_errors(source, what, how, remote=remote):
         net = open_clip.create_model(
             model,
@@ -86,7 +87,10 @@ class CLIPScore(Reward):
         weights (``pretrained`` is then ignored)."""
         if model.startswith(("hf-hub:", "local-dir:")):
             pretrained = None
-        how = "CLIPScore.from_pretrained(model='local-dir:DIR') or pretrained=PATH_TO_WEIGHTS, or --reward 'clipscore(model=local-dir:DIR)'"
+        how = (
+            "CLIPScore.from_pretrained(model='local-dir:DIR') or pretrained=PATH_TO_WEIGHTS, "
+            "or --reward 'clipscore(model=local-dir:DIR)'"
+        )
         net, tokenizer = create_open_clip_model(model, pretrained, "CLIPScore", how, dtype)
         reward = cls(net, tokenizer, ImagePreprocess.from_open_clip(net), weight=weight, batch_size=batch_size)
         return reward.to(device) if device is not None else reward

@@ -26,11 +26,10 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor
-
 from flowalign.rewards.clip_score import CLIPScore
 from flowalign.rewards.hub import hub_errors, resolve_file
 from flowalign.rewards.preprocess import ImagePreprocess
+from torch import Tensor
 
 DEFAULT_REPO = "xswu/HPSv2"
 CHECKPOINT_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -61,7 +60,9 @@ class HPSv2(CLIPScore):
         version: ``"v2.0"`` or ``"v2.1"`` (only names the reward).
     """
 
-    def __init__(self, model, tokenizer, preprocess: ImagePreprocess, version: str = "v2.1", batch_size: int | None = 32):
+    def __init__(
+        self, model, tokenizer, preprocess: ImagePreprocess, version: str = "v2.1", batch_size: int | None = 32
+    ):
         super().__init__(model, tokenizer, preprocess, weight=1.0, batch_size=batch_size)
         self.version = version
         self.name = "hpsv2.1" if version == "v2.1" else "hpsv2"

@@ -58,8 +58,7 @@ def hub_errors(source: str, what: str, how: str, remote: bool | None = None) -> 
 def _looks_like_repo_id(source: str) -> bool:
     source = str(source)
     for prefix in ("hf-hub:",):
-        if source.startswith(prefix):
-            source = source[len(prefix) :]
+        source = source.removeprefix(prefix)
     return bool(_REPO_ID.match(source))
 
 

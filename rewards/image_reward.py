@@ -30,12 +30,11 @@ import re
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-
 from flowalign.rewards.aesthetic import AestheticHead
 from flowalign.rewards.base import Reward
 from flowalign.rewards.hub import hub_errors, resolve_file
 from flowalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
+from torch import Tensor, nn
 
 DEFAULT_REPO = "THUDM/ImageReward"
 DEFAULT_TOKENIZER = "bert-base-uncased"
@@ -110,7 +109,7 @@ def vision_config_from_state_dict(vision: dict[str, Tensor], num_heads: int | No
         intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=depth,
         num_attention_heads=num_heads or max(hidden // 64, 1),
-        image_size=int(math.isqrt(positions)) * patch,
+        image_size=math.isqrt(positions) * patch,
         patch_size=patch,
         layer_norm_eps=1e-6,  # BLIP's ViT: partial(nn.LayerNorm, eps=1e-6)
         hidden_act="gelu",
@@ -167,7 +166,9 @@ class ImageReward(Reward):
     differentiable = True
     requires_prompts = True
 
-    def __init__(self, vision, text, head: AestheticHead, tokenizer, preprocess: ImagePreprocess, batch_size: int | None = 32):
+    def __init__(
+        self, vision, text, head: AestheticHead, tokenizer, preprocess: ImagePreprocess, batch_size: int | None = 32
+    ):
         super().__init__(batch_size=batch_size)
         self.vision = vision.eval().requires_grad_(False)
         self.text = text.eval().requires_grad_(False)
@@ -192,7 +193,9 @@ class ImageReward(Reward):
 
         how = "ImageReward.from_pretrained(checkpoint=DIR_WITH_ImageReward.pt_AND_med_config.json, tokenizer=BERT_DIR)"
         weights = resolve_file(checkpoint, CHECKPOINT_FILE, "ImageReward", how)
-        config_source = str(Path(checkpoint).expanduser().parent) if Path(checkpoint).expanduser().is_file() else checkpoint
+        config_source = (
+            str(Path(checkpoint).expanduser().parent) if Path(checkpoint).expanduser().is_file() else checkpoint
+        )
         with open(resolve_file(config_source, MED_CONFIG_FILE, "ImageReward med_config", how)) as f:
             med = json.load(f)
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -214,15 +217,21 @@ class ImageReward(Reward):
         bert_tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
 
         size = vision.config.image_size
-        preprocess = ImagePreprocess(size=(size, size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resize_mode="shortest")
-        reward = cls(vision.to(dtype), text.to(dtype), head.to(dtype), bert_tokenizer, preprocess, batch_size=batch_size)
+        preprocess = ImagePreprocess(
+            size=(size, size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resize_mode="shortest"
+        )
+        reward = cls(
+            vision.to(dtype), text.to(dtype), head.to(dtype), bert_tokenizer, preprocess, batch_size=batch_size
+        )
         return reward.to(device) if device is not None else reward
 
     def score_chunk(self, images: Tensor, prompts: list[str]) -> Tensor:
         dtype = self.head.layers[0].weight.dtype
         image_embeds = self.vision(pixel_values=self.preprocess(images, dtype=dtype)).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt"
+        )
         text = self.text(
             input_ids=tokens["input_ids"].to(image_embeds.device),
             attention_mask=tokens["attention_mask"].to(image_embeds.device),

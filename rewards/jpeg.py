@@ -20,10 +20,9 @@ from __future__ import annotations
 import io
 
 import torch
+from flowalign.rewards.base import Reward
 from PIL import Image
 from torch import Tensor
-
-from flowalign.rewards.base import Reward
 
 
 def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:

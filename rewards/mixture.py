@@ -20,9 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from flowalign.rewards.base import Reward, RewardLike, as_reward
+from torch import Tensor, nn
 
 NORMALIZATIONS = (None, "zscore")
 

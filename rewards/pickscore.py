@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from flowalign.rewards.base import Reward
 from flowalign.rewards.hub import hub_errors
 from flowalign.rewards.preprocess import ImagePreprocess
+from torch import Tensor
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -46,7 +45,9 @@ class PickScore(Reward):
     differentiable = True
     requires_prompts = True
 
-    def __init__(self, model, tokenizer, preprocess: ImagePreprocess, batch_size: int | None = 32, max_length: int = 77):
+    def __init__(
+        self, model, tokenizer, preprocess: ImagePreprocess, batch_size: int | None = 32, max_length: int = 77
+    ):
         super().__init__(batch_size=batch_size)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -70,7 +71,10 @@ class PickScore(Reward):
         """
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        how = "PickScore.from_pretrained(model=DIR, processor=PROCESSOR_DIR), or --reward 'pickscore(model=DIR,processor=PROCESSOR_DIR)'"
+        how = (
+            "PickScore.from_pretrained(model=DIR, processor=PROCESSOR_DIR), "
+            "or --reward 'pickscore(model=DIR,processor=PROCESSOR_DIR)'"
+        )
         with hub_errors(model, "PickScore model", how):
             clip = CLIPModel.from_pretrained(model, dtype=dtype)
         with hub_errors(processor, "PickScore processor", how):
@@ -83,7 +87,9 @@ class PickScore(Reward):
         """Unit-norm text embeddings ``[n, d]`` of ``prompts``."""
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         device = self.model.logit_scale.device
-        text = self.model.text_model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+        text = self.model.text_model(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+        )
         return F.normalize(self.model.text_projection(text.pooler_output), dim=-1)
 
     def image_embeddings(self, images: Tensor) -> Tensor:

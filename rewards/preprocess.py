@@ -92,7 +92,9 @@ class ImagePreprocess:
         elif shortest:
             out = (shortest, shortest)
         else:
-            raise ValueError(f"Cannot read the input size of {type(processor).__name__}: size={size}, crop_size={crop}.")
+            raise ValueError(
+                f"Cannot read the input size of {type(processor).__name__}: size={size}, crop_size={crop}."
+            )
         if not getattr(processor, "do_resize", True):
             mode, resize_to = "none", None
         elif shortest:
@@ -106,8 +108,13 @@ class ImagePreprocess:
         mean = tuple(processor.image_mean) if normalize else (0.0, 0.0, 0.0)
         std = tuple(processor.image_std) if normalize else (1.0, 1.0, 1.0)
         return cls(
-            size=out, mean=mean, std=std, resize_mode=mode, resize_to=resize_to,
-            interpolation=str(interpolation).lower(), crop_offset="floor",
+            size=out,
+            mean=mean,
+            std=std,
+            resize_mode=mode,
+            resize_to=resize_to,
+            interpolation=str(interpolation).lower(),
+            crop_offset="floor",
         )
 
     @classmethod
@@ -183,7 +190,10 @@ class ImagePreprocess:
         if (height, width) == (th, tw):
             return x
         if self.crop_offset == "round":
-            top, left = int(round((height - th) / 2.0)), int(round((width - tw) / 2.0))
+            top, left = (
+                round((height - th) / 2.0),
+                round((width - tw) / 2.0),
+            )  # Python rounds half to even, as torchvision
         else:
             top, left = (height - th) // 2, (width - tw) // 2
         return x[..., top : top + th, left : left + tw]

@@ -16,9 +16,8 @@ Example::
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from flowalign.rewards.base import Reward
+from torch import Tensor
 
 
 class ShapesVerifier(Reward):

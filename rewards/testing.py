@@ -41,8 +41,8 @@ from torch import nn
 
 TINY_IMAGE_SIZE = 32
 SHAPES_WORDS = (
-    "a an the photo of one two three four five red green blue yellow purple orange white black "
-    "circle circles square squares triangle triangles left right above below on top next to and"
+    "a an the photo of one two three four five red green blue yellow purple orange white black circle circles square "
+    "squares triangle triangles left right above below on top next to and"
 ).split()
 
 
@@ -54,7 +54,9 @@ def _tiny_clip_processor_files(directory: Path, image_size: int = TINY_IMAGE_SIZ
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer(model_max_length=77)).save_pretrained(directory)
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer(model_max_length=77)).save_pretrained(
+        directory
+    )
     image_processor.save_pretrained(directory)  # preprocessor_config.json, as in the hub repos
 
 
@@ -63,10 +65,22 @@ def _tiny_hf_clip(projection_dim: int, seed: int):
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=TINY_IMAGE_SIZE, patch_size=8),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=8,
+        ),
         projection_dim=projection_dim,
     )
     return CLIPModel(config)
@@ -144,7 +158,18 @@ def _tiny_bert_tokenizer_files(directory: Path) -> int:
     """BERT WordPiece files (``vocab.txt`` + ``tokenizer_config.json``); returns the vocabulary size."""
     directory.mkdir(parents=True, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", *SHAPES_WORDS, *letters, *[f"##{c}" for c in letters]]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        ",",
+        ".",
+        *SHAPES_WORDS,
+        *letters,
+        *[f"##{c}" for c in letters],
+    ]
     vocab = list(dict.fromkeys(vocab))
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     with open(directory / "tokenizer_config.json", "w") as f:
@@ -159,8 +184,16 @@ def tiny_blip_vit(seed: int = 0, image_size: int = TINY_IMAGE_SIZE, width: int =
 
     torch.manual_seed(seed)
     vit = VisionTransformer(
-        img_size=image_size, patch_size=8, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0,
-        qkv_bias=True, num_classes=0, global_pool="", norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        img_size=image_size,
+        patch_size=8,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="",
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
     with torch.no_grad():  # timm initialises position/class embeddings near zero; make them matter
         vit.pos_embed.normal_(0, 0.5)
@@ -170,21 +203,32 @@ def tiny_blip_vit(seed: int = 0, image_size: int = TINY_IMAGE_SIZE, width: int =
 
 def save_tiny_image_reward(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
     """Tiny ImageReward with the official ``ImageReward.pt`` keys and ``med_config.json``."""
-    from transformers import BlipTextModel
-
     from flowalign.rewards.aesthetic import AestheticHead
     from flowalign.rewards.image_reward import text_config_from_med_config
+    from transformers import BlipTextModel
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     vocab_size = _tiny_bert_tokenizer_files(root / "tokenizer") + 2  # + [DEC], [ENC] as in BLIP (30522 + 2)
     vit = tiny_blip_vit(seed)
     med = {  # the official med_config.json fields, at toy size
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
-        "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
-        "encoder_width": vit.embed_dim, "add_cross_attention": True,
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": 32,
+        "initializer_range": 0.02,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 64,
+        "model_type": "bert",
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": vocab_size,
+        "encoder_width": vit.embed_dim,
+        "add_cross_attention": True,
     }
     (root / "med_config.json").write_text(json.dumps(med, indent=2))
     torch.manual_seed(seed + 1)

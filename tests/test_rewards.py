@@ -7,11 +7,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from flowalign.rewards import FunctionReward, Mixture, Reward, as_reward, combine, zscore
+from flowalign.rewards.registry import parse_reward_spec
 from PIL import Image
 
 from flowalign import rewards
-from flowalign.rewards import FunctionReward, Mixture, Reward, as_reward, combine, zscore
-from flowalign.rewards.registry import parse_reward_spec
 
 
 class Brightness(Reward):
@@ -90,7 +90,9 @@ def test_nan_output_is_an_error_naming_the_images():
 
 def test_wrong_output_shape_is_an_error():
     reward = as_reward(lambda images, prompts: images.mean(dim=(2, 3)), name="per_channel")
-    with pytest.raises(ValueError, match=r"per_channel: score_chunk must return a tensor of shape \(2,\); got \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"per_channel: score_chunk must return a tensor of shape \(2,\); got \(2, 3\)"
+    ):
         reward(torch.rand(2, 3, 4, 4), ["a", "b"])
 
 
@@ -113,8 +115,12 @@ def test_pil_images_and_mixed_sizes_match_tensor_scores():
     pil = [Image.fromarray(a) for a in arrays]
     prompts = ["a", "bb", "ccc"]
     scores = Brightness()(pil, prompts)
-    expected = torch.stack([Brightness()(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255, [p])[0]
-                            for a, p in zip(arrays, prompts)])
+    expected = torch.stack(
+        [
+            Brightness()(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255, [p])[0]
+            for a, p in zip(arrays, prompts)
+        ]
+    )
     torch.testing.assert_close(scores, expected)
     with pytest.raises(TypeError, match="stack them"):
         Brightness()([torch.rand(3, 4, 4)], ["a"])
@@ -158,10 +164,20 @@ def test_user_callables_accept_numpy_lists_and_column_outputs():
 # -- registry and specs --------------------------------------------------------------------------
 def test_registry_lists_builtins_and_registers_user_factories():
     names = rewards.available()
-    for name in ["pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic", "clipscore",
-                 "jpeg_compressibility", "jpeg_incompressibility", "shapes", "shapes_binary"]:
+    for name in [
+        "pickscore",
+        "hpsv2",
+        "hpsv2.1",
+        "imagereward",
+        "aesthetic",
+        "clipscore",
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+        "shapes",
+        "shapes_binary",
+    ]:
         assert name in names
-    rewards.register("test_redness", lambda scale=1.0: (lambda x, p: scale * x[:, 0].mean(dim=(1, 2))), overwrite=True)
+    rewards.register("test_redness", lambda scale=1.0: lambda x, p: scale * x[:, 0].mean(dim=(1, 2)), overwrite=True)
     red = rewards.load("test-redness", scale=2.0)  # '-' and '_' are the same, case-insensitive
     images = torch.rand(2, 3, 4, 4)
     torch.testing.assert_close(red(images, ["a", "b"]), 2 * images[:, 0].mean(dim=(1, 2)))
@@ -235,7 +251,9 @@ def test_mixture_gradients_unique_names_and_errors():
 
 
 def test_load_mixture_from_specs():
-    rewards.register("test_constant", lambda value=1.0: as_reward(lambda x, p: torch.full((x.shape[0],), value)), overwrite=True)
+    rewards.register(
+        "test_constant", lambda value=1.0: as_reward(lambda x, p: torch.full((x.shape[0],), value)), overwrite=True
+    )
     mixture = rewards.load_mixture(["test_constant(value=2)=0.5", "jpeg_incompressibility(quality=50)=0.1"])
     images = torch.rand(3, 3, 16, 16)
     expected = 0.5 * 2.0 + 0.1 * rewards.JpegIncompressibility(quality=50)(images)

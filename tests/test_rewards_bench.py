@@ -21,7 +21,23 @@ def test_benchmark_results_are_consistent_on_tiny_inputs():
 
 
 def test_bench_cli_prints_json(capsys):
-    assert cli.main(["bench", "rewards", "--json", "--rewards", "shapes", "--batch-size", "3",
-                     "--image-size", "32", "--repeats", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "rewards",
+                "--json",
+                "--rewards",
+                "shapes",
+                "--batch-size",
+                "3",
+                "--image-size",
+                "32",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     assert list(results["rewards"]) == ["shapes"] and results["rewards"]["shapes"]["images_per_s"] > 0

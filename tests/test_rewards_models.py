@@ -14,16 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flowalign.rewards import CheckpointNotFoundError
+from flowalign.rewards.testing import save_tiny_checkpoints
 from PIL import Image
 
 from flowalign import rewards
-from flowalign.rewards import CheckpointNotFoundError
-from flowalign.rewards.testing import save_tiny_checkpoints
 
 AESTHETIC_DIR = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "aesthetic"
 AESTHETIC_FILE = AESTHETIC_DIR / "sac+logos+ava1-l14-linearMSE.pth"
 MODEL_REWARDS = ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clipscore"]
-PROMPTS = ["a photo of a red circle", "a photo of three triangles", "a photo of a red circle", "a photo of a blue square"]
+PROMPTS = [
+    "a photo of a red circle",
+    "a photo of three triangles",
+    "a photo of a red circle",
+    "a photo of a blue square",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,7 @@ def _pil_images(n: int, size=(48, 40), seed: int = 0) -> list[Image.Image]:
     """Smooth random images (bilinear upsampling of noise), closer to photos than white noise."""
     rng = np.random.default_rng(seed)
     return [
-        Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).resize(size, Image.BILINEAR)
-        for _ in range(n)
+        Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).resize(size, Image.BILINEAR) for _ in range(n)
     ]
 
 
@@ -141,10 +145,18 @@ def _reference_aesthetic(kwargs, images, prompts):
     processor = CLIPProcessor.from_pretrained(kwargs["clip"])
     model = CLIPModel.from_pretrained(kwargs["clip"]).eval()
     head = torch.nn.Sequential(  # improved-aesthetic-predictor's MLP, written out
-        torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        torch.nn.Linear(768, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
     ).eval()
-    head.load_state_dict({k.removeprefix("layers."): v for k, v in torch.load(kwargs["head"], weights_only=True).items()})
+    head.load_state_dict(
+        {k.removeprefix("layers."): v for k, v in torch.load(kwargs["head"], weights_only=True).items()}
+    )
     with torch.no_grad():
         features = model.get_image_features(**processor(images=images, return_tensors="pt"))
         features = getattr(features, "pooler_output", features)
@@ -153,42 +165,62 @@ def _reference_aesthetic(kwargs, images, prompts):
 
 def _reference_image_reward(kwargs, images, prompts):
     """ImageReward.score as the official code runs it: BLIP ViT (timm layout) -> med BERT -> MLP."""
-    from torchvision import transforms
-    from transformers import AutoTokenizer, BlipTextModel
-
     from flowalign.rewards.image_reward import text_config_from_med_config
     from flowalign.rewards.testing import tiny_blip_vit
+    from torchvision import transforms
+    from transformers import AutoTokenizer, BlipTextModel
 
     root = Path(kwargs["checkpoint"])
     state = torch.load(root / "ImageReward.pt", weights_only=True)
     med = json.loads((root / "med_config.json").read_text())
     vit = tiny_blip_vit(seed=123)  # same architecture, other weights: overwritten by the checkpoint below
-    vit.load_state_dict({k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")})
+    vit.load_state_dict(
+        {k[len("blip.visual_encoder.") :]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
+    )
     text = BlipTextModel(text_config_from_med_config(med, vit.embed_dim), add_pooling_layer=False).eval()
-    text.load_state_dict({k[len("blip.text_encoder."):]: v for k, v in state.items()
-                          if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")})
+    text.load_state_dict(
+        {
+            k[len("blip.text_encoder.") :]: v
+            for k, v in state.items()
+            if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")
+        }
+    )
     mlp = torch.nn.Sequential(
-        torch.nn.Linear(med["hidden_size"], 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        torch.nn.Linear(med["hidden_size"], 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
     ).eval()
-    mlp.load_state_dict({k[len("mlp.layers."):]: v for k, v in state.items() if k.startswith("mlp.")})
+    mlp.load_state_dict({k[len("mlp.layers.") :]: v for k, v in state.items() if k.startswith("mlp.")})
     tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"])
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     n_px = vit.patch_embed.img_size[0]
-    preprocess = transforms.Compose([  # ImageReward's _transform(n_px)
-        transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(n_px),
-        transforms.ToTensor(),
-        transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    ])
+    preprocess = transforms.Compose(
+        [  # ImageReward's _transform(n_px)
+            transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(n_px),
+            transforms.ToTensor(),
+            transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
     scores = []
     with torch.no_grad():
         for image, prompt in zip(images, prompts):
             text_input = tokenizer(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
             image_embeds = vit.forward_features(preprocess(image)[None])
             image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long)
-            out = text(text_input.input_ids, attention_mask=text_input.attention_mask,
-                       encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, is_decoder=False)
+            out = text(
+                text_input.input_ids,
+                attention_mask=text_input.attention_mask,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts,
+                is_decoder=False,
+            )
             reward = mlp(out.last_hidden_state[:, 0, :])
             scores.append(((reward - 0.16717362830052426) / 1.0333394966054072)[0, 0])
     return torch.stack(scores)
@@ -207,8 +239,9 @@ REFERENCES = {
 def test_scores_match_the_official_computation(name, tiny, loaded):
     prompts = PROMPTS[:3]
     exact = _pil_images(3, size=(32, 32), seed=1)  # already the tiny models' input size: no resize
-    torch.testing.assert_close(loaded[name](exact, prompts), REFERENCES[name](tiny[name], exact, prompts),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        loaded[name](exact, prompts), REFERENCES[name](tiny[name], exact, prompts), atol=1e-5, rtol=1e-5
+    )
     resized = _pil_images(4, size=(56, 44), seed=2) + _pil_images(2, size=(33, 90), seed=3)  # resize + crop/pad
     prompts = PROMPTS + PROMPTS[:2]
     expected = REFERENCES[name](tiny[name], resized, prompts)
@@ -230,9 +263,16 @@ def test_real_aesthetic_head_keys_shapes_and_forward():
     state = load_head_state_dict(str(AESTHETIC_FILE))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes == {
-        "layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
-        "layers.4.weight": (64, 128), "layers.4.bias": (64,), "layers.6.weight": (16, 64), "layers.6.bias": (16,),
-        "layers.7.weight": (1, 16), "layers.7.bias": (1,),
+        "layers.0.weight": (1024, 768),
+        "layers.0.bias": (1024,),
+        "layers.2.weight": (128, 1024),
+        "layers.2.bias": (128,),
+        "layers.4.weight": (64, 128),
+        "layers.4.bias": (64,),
+        "layers.6.weight": (16, 64),
+        "layers.6.bias": (16,),
+        "layers.7.weight": (1, 16),
+        "layers.7.bias": (1,),
     }
     head = AestheticHead.from_file(str(AESTHETIC_FILE))
     torch.manual_seed(0)
@@ -245,8 +285,9 @@ def test_real_aesthetic_head_keys_shapes_and_forward():
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         # no activations: the head is affine, f(x + y) - f(0) = (f(x) - f(0)) + (f(y) - f(0))
         zero = head(torch.zeros(1, 768))
-        torch.testing.assert_close(head(embedding.sum(0, keepdim=True)) - zero, (out - zero).sum(0, keepdim=True),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            head(embedding.sum(0, keepdim=True)) - zero, (out - zero).sum(0, keepdim=True), atol=1e-4, rtol=1e-4
+        )
 
 
 @needs_real_head
@@ -284,14 +325,17 @@ def offline(monkeypatch, tmp_path):
         ("imagereward", {"checkpoint": "flowalign-tests/no-such-imagereward"}),
         ("aesthetic", {"head": "flowalign-tests/no-such-aesthetic"}),
         ("clipscore", {"model": "hf-hub:flowalign-tests/no-such-clip"}),
+        ("clipscore", {"model": "ViT-B-32", "pretrained": "openai"}),  # an open_clip tag, hosted on the hub
     ],
 )
 def test_missing_hub_id_offline_says_how_to_pass_a_local_path(name, kwargs, offline):
     with pytest.raises(CheckpointNotFoundError) as err:
         rewards.load(name, **kwargs)
     message = str(err.value)
-    assert "flowalign-tests/no-such" in message and "not a local path" in message
-    assert "hf download" in message and "local path" in message
+    source = kwargs.get("model", kwargs.get("checkpoint", kwargs.get("head")))
+    expected = "timm/vit_base_patch32_clip_224.openai" if source == "ViT-B-32" else source.removeprefix("hf-hub:")
+    assert f"'{expected}' is not a local path" in message
+    assert f"hf download {expected} --local-dir DIR" in message and "then pass the local path" in message
 
 
 def test_missing_local_paths_and_bad_checkpoints_are_clear_errors(tiny, tmp_path):
@@ -307,7 +351,9 @@ def test_missing_local_paths_and_bad_checkpoints_are_clear_errors(tiny, tmp_path
     broken.mkdir()
     torch.save(state, broken / "ImageReward.pt")
     (broken / "med_config.json").write_text((root / "med_config.json").read_text())
-    with pytest.raises(ValueError, match=r"vision transformer architecture: missing \['encoder.layers.1.self_attn.qkv.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"vision transformer architecture: missing \['encoder.layers.1.self_attn.qkv.weight'\]"
+    ):
         rewards.load("imagereward", checkpoint=str(broken), tokenizer=tiny["imagereward"]["tokenizer"])
 
     bad_head = tmp_path / "head.pth"
@@ -315,8 +361,12 @@ def test_missing_local_paths_and_bad_checkpoints_are_clear_errors(tiny, tmp_path
     with pytest.raises(ValueError, match="keys differ from the LAION layout; missing"):
         rewards.load("aesthetic", head=str(bad_head), clip=tiny["aesthetic"]["clip"])
     with pytest.raises(ValueError, match="has 16 dimensions but the aesthetic head expects 768"):
-        rewards.load("aesthetic", head=tiny["aesthetic"]["head"], clip=tiny["pickscore"]["model"],
-                     processor=tiny["pickscore"]["processor"])
+        rewards.load(
+            "aesthetic",
+            head=tiny["aesthetic"]["head"],
+            clip=tiny["pickscore"]["model"],
+            processor=tiny["pickscore"]["processor"],
+        )
 
 
 def test_image_reward_loads_from_the_pt_file_path_and_reads_vision_shape(tiny):
@@ -324,5 +374,11 @@ def test_image_reward_loads_from_the_pt_file_path_and_reads_vision_shape(tiny):
     kwargs["checkpoint"] = str(Path(kwargs["checkpoint"]) / "ImageReward.pt")  # med_config.json beside it
     reward = rewards.load("imagereward", **kwargs)
     config = reward.vision.config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.image_size,
-            config.patch_size, config.layer_norm_eps) == (128, 2, 2, 32, 8, 1e-6)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.image_size,
+        config.patch_size,
+        config.layer_norm_eps,
+    ) == (128, 2, 2, 32, 8, 1e-6)

@@ -15,10 +15,9 @@ import dataclasses
 import matplotlib.cbook
 import pytest
 import torch
-from PIL import Image
-
 from flowalign.rewards.base import pil_to_tensor
 from flowalign.rewards.preprocess import ImagePreprocess
+from PIL import Image
 
 MAX_TOLERANCE = 1.5 / 255 / 0.26
 MEAN_TOLERANCE = 0.5 / 255 / 0.26
@@ -45,7 +44,10 @@ def photos():
 def _assert_close(reference: torch.Tensor, ours: torch.Tensor) -> None:
     assert reference.shape == ours.shape
     difference = (reference - ours).abs()
-    assert difference.max() <= MAX_TOLERANCE and difference.mean() <= MEAN_TOLERANCE, (difference.max(), difference.mean())
+    assert difference.max() <= MAX_TOLERANCE and difference.mean() <= MEAN_TOLERANCE, (
+        difference.max(),
+        difference.mean(),
+    )
 
 
 def _hf_processors():

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from flowalign.rewards import combine, load
+from flowalign.rewards.jpeg import jpeg_size_kb
 from PIL import Image
 
 from flowalign import cli
-from flowalign.rewards import combine, load
-from flowalign.rewards.jpeg import jpeg_size_kb
 from flowalign.score import read_entries, summarize
 
 shapes = pytest.importorskip("flowalign.shapes")
@@ -46,8 +46,23 @@ def _images(folder, lines):
 def test_score_folder_with_metadata_writes_csv_and_summary(sample_folder, tmp_path, capsys):
     folder, lines = sample_folder
     out = tmp_path / "scores.csv"
-    rc = cli.main(["score", "--reward", "shapes=0.5", "--reward", "jpeg_compressibility=0.5", "--normalize", "zscore",
-                   "--images", str(folder), "--out", str(out), "--batch-size", "5"])
+    rc = cli.main(
+        [
+            "score",
+            "--reward",
+            "shapes=0.5",
+            "--reward",
+            "jpeg_compressibility=0.5",
+            "--normalize",
+            "zscore",
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+        ]
+    )
     assert rc == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
@@ -89,12 +104,15 @@ def test_plain_folder_with_prompt_file_and_default_output(tmp_path, capsys):
     for name in ("b.png", "a.png", "c.jpg"):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
     (tmp_path / "prompts.txt").write_text("first\nsecond\nthird\n")
-    folder_, entries = read_entries(folder, tmp_path / "prompts.txt")
+    _, entries = read_entries(folder, tmp_path / "prompts.txt")
     assert [(e["file"], e["prompt"]) for e in entries] == [("a.png", "first"), ("b.png", "second"), ("c.jpg", "third")]
 
     assert cli.main(["score", "--reward", "jpeg_incompressibility", "--images", str(folder)]) == 0
-    rows = list(csv.DictReader(open(folder / "scores.csv")))
-    assert [r["file"] for r in rows] == ["a.png", "b.png", "c.jpg"] and all(float(r["jpeg_incompressibility"]) > 0 for r in rows)
+    with open(folder / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == ["a.png", "b.png", "c.jpg"] and all(
+        float(r["jpeg_incompressibility"]) > 0 for r in rows
+    )
 
     with pytest.raises(ValueError, match="some images have none: pass --prompts FILE"):
         cli.main(["score", "--reward", "shapes", "--images", str(folder), "--out", str(tmp_path / "x.csv")])
@@ -120,8 +138,12 @@ def test_cli_errors_name_the_problem(sample_folder, tmp_path):
 
 
 def test_summary_means_and_stds_by_group():
-    entries = [{"prompt": "a", "scale": 1.0}, {"prompt": "a", "scale": 2.0}, {"prompt": "b", "scale": 1.0},
-               {"prompt": "b", "scale": 2.0}]
+    entries = [
+        {"prompt": "a", "scale": 1.0},
+        {"prompt": "a", "scale": 2.0},
+        {"prompt": "b", "scale": 1.0},
+        {"prompt": "b", "scale": 2.0},
+    ]
     columns = {"r": [1.0, 3.0, 5.0, 11.0]}
     rows = {row["group"]: row for row in summarize(entries, columns)}
     assert rows["all"]["n"] == 4 and rows["all"]["r"][0] == 5.0

@@ -31,8 +31,17 @@ import tempfile
 import time
 from typing import Any
 
-DEFAULT_REWARDS = ("pickscore", "hpsv2.1", "imagereward", "aesthetic", "clipscore",
-                   "jpeg_compressibility", "jpeg_incompressibility", "shapes", "shapes_binary")
+DEFAULT_REWARDS = (
+    "pickscore",
+    "hpsv2.1",
+    "imagereward",
+    "aesthetic",
+    "clipscore",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "shapes",
+    "shapes_binary",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +136,9 @@ def wrapper_cost(images, prompts, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def run_benchmark(rewards: list[str], batch_size: int = 32, image_size: int = 64, repeats: int = 7,
-                  device: str = "cpu") -> dict[str, Any]:
+def run_benchmark(
+    rewards: list[str], batch_size: int = 32, image_size: int = 64, repeats: int = 7, device: str = "cpu"
+) -> dict[str, Any]:
     """Time ``rewards`` (registry names) on tiny checkpoints; returns the JSON-able results."""
     import torch
 
@@ -170,8 +180,14 @@ def run(args: argparse.Namespace) -> int:
     for column in ("reward", "images/s", "wrapper ms", "direct ms", "overhead", "from wrapper cost"):
         table.add_column(column, justify="right")
     for name, r in results["rewards"].items():
-        table.add_row(name, f"{r['images_per_s']:.1f}", f"{1e3 * r['wrapper_s']:.2f}", f"{1e3 * r['direct_s']:.2f}",
-                      f"{100 * r['overhead']:+.1f}%", f"{100 * r['overhead_from_wrapper_cost']:.2f}%")
+        table.add_row(
+            name,
+            f"{r['images_per_s']:.1f}",
+            f"{1e3 * r['wrapper_s']:.2f}",
+            f"{1e3 * r['direct_s']:.2f}",
+            f"{100 * r['overhead']:+.1f}%",
+            f"{100 * r['overhead_from_wrapper_cost']:.2f}%",
+        )
     Console().print(table)
     print(f"wrapper cost per call: {1e6 * results['wrapper_cost_s']:.0f} us")
     return 0
