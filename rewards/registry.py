@@ -97,11 +97,19 @@ def _import(path: str) -> Callable[..., Any]:
 def load(name: str, **kwargs: Any) -> Reward:
     """Build the reward registered as ``name`` with the loader's keyword arguments.
 
+    ``name`` may also be a spec with options, ``"NAME(KEY=VALUE,...)"`` (explicit ``kwargs`` win);
+    weights belong to :func:`load_mixture`.
+
     Example::
 
         reward = load("pickscore", model="/ckpt/PickScore_v1", processor="/ckpt/clip-h-processor")
-        reward = load("jpeg_compressibility", quality=95)
+        reward = load("jpeg_compressibility(quality=50)")
     """
+    if "(" in name or "=" in name:
+        spec = parse_reward_spec(name)
+        if spec.weight != 1.0:
+            raise ValueError(f"load({name!r}) builds one reward: weights belong to load_mixture([...]).")
+        name, kwargs = spec.name, {**spec.kwargs, **kwargs}
     key = _normalize(name)
     if key in _USER:
         factory = _USER[key]

@@ -206,6 +206,10 @@ def test_parse_reward_spec():
         parse_reward_spec("pickscore(model)")
     with pytest.raises(ValueError, match="Cannot parse reward spec"):
         parse_reward_spec("pick score")
+    # load() takes a spec with options too (no weight)
+    assert rewards.load("jpeg_compressibility(quality=50)").quality == 50
+    with pytest.raises(ValueError, match="weights belong to load_mixture"):
+        rewards.load("jpeg_compressibility=0.5")
 
 
 # -- mixtures ------------------------------------------------------------------------------------

@@ -154,3 +154,51 @@ def test_summary_means_and_stds_by_group():
     assert len(one) == 1 and math.isnan(one[0]["r"][1])
     truncated = summarize([{"prompt": str(i)} for i in range(5)], {"r": [0.0] * 5}, max_groups=2)
     assert truncated[-1]["group"].startswith("... 3 more prompts")
+
+
+def test_score_a_folder_written_by_flowalign_sample(tmp_path, capsys):
+    """End to end: ``flowalign sample`` (tiny random base + LoRA) writes the folder, ``flowalign score`` reads it."""
+    lora_utils = pytest.importorskip("flowalign.pipelines.lora_utils")
+    pytest.importorskip("flowalign.sample")
+    from flowalign.tiny import build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "base")
+    lora_utils.add_random_lora(pipe.transformer, "ft", rank=4, seed=1, std=0.1)
+    lora_utils.save_peft_adapter(pipe.transformer, "ft", tmp_path / "lora")
+    prompts = shapes.heldout_prompts(2)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "samples"
+    sample_args = [
+        "--base",
+        tmp_path / "base",
+        "--finetuned",
+        tmp_path / "lora",
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--scales",
+        0,
+        1,
+        "--steps",
+        2,
+        "--seed",
+        0,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
+    assert cli.main(["sample", *map(str, sample_args)]) == 0
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+
+    assert cli.main(["score", "--reward", "shapes", "--reward", "jpeg_incompressibility", "--images", str(out)]) == 0
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["file"], r["prompt"], float(r["scale"])) for r in rows] == [
+        (r["file"], r["prompt"], r["scale"]) for r in records
+    ]
+    images = _images(out, records)
+    fraction, _ = shapes.verify_batch(images, [r["prompt"] for r in records])
+    torch.testing.assert_close(torch.tensor([float(r["shapes"]) for r in rows]), fraction)
+    printed = capsys.readouterr().out
+    assert "scale = 0" in printed and "scale = 1" in printed
