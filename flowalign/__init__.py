@@ -9,3 +9,13 @@ Public entry points live in small modules:
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {"ACFlowConfig": "flowalign.trainer", "ACFlowTrainer": "flowalign.trainer"}
+
+
+def __getattr__(name):  # lazy, so `import flowalign` and `flowalign --help` stay fast
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flowalign' has no attribute {name!r}")

@@ -43,7 +43,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flowalign.rewards.base import FunctionReward, Reward, as_reward
+from flowalign.rewards.base import FunctionReward, NonFiniteRewardError, Reward, as_reward
 from flowalign.rewards.hub import CheckpointNotFoundError
 from flowalign.rewards.mixture import Mixture, combine, zscore
 from flowalign.rewards.preprocess import ImagePreprocess
@@ -62,6 +62,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "NonFiniteRewardError",
     "Reward",
     "FunctionReward",
     "as_reward",

@@ -122,6 +122,10 @@ def check_prompts(prompts: PromptsLike, n: int, name: str, required: bool) -> li
     return prompts
 
 
+class NonFiniteRewardError(ValueError):
+    """A reward returned NaN scores. Trainers catch it to skip the update; elsewhere it is an error."""
+
+
 class Reward(nn.Module):
     """Base class of reward plug-ins: subclasses implement :meth:`score_chunk`.
 
@@ -194,7 +198,7 @@ class Reward(nn.Module):
         scores = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         if torch.isnan(scores).any():
             bad = torch.nonzero(torch.isnan(scores)).flatten().tolist()
-            raise ValueError(
+            raise NonFiniteRewardError(
                 f"{self.name} returned NaN for {len(bad)} of {scores.numel()} images (indices {bad[:10]}). "
                 "Check the inputs, and the model dtype (float16 overflow?)."
             )

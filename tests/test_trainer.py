@@ -1,0 +1,228 @@
+"""ACFlowTrainer: config, the three algorithms, warm-up, robustness, checkpoints, resume, multi-process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign.tiny import build_tiny_sd3_pipeline
+from flowalign.trainer import ACFlowConfig, ACFlowTrainer, diversity, parse_override
+
+TINY = dict(
+    prompts_per_iteration=2, images_per_prompt=2, sample_steps=3, minibatch_size=4, inner_epochs=1,
+    noise_draws=1, eval_prompts=0, progress=False, lora_rank=4, lora_alpha=4.0,
+)
+
+
+def redness(images, prompts):
+    """A cheap differentiable reward: mean red minus mean green and blue."""
+    return images[:, 0].mean((1, 2)) - 0.5 * images[:, 1:].mean((1, 2, 3))
+
+
+def make_trainer(tmp_path, reward=redness, **overrides):
+    cfg = ACFlowConfig(output_dir=str(tmp_path), **{**TINY, **overrides})
+    return ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1))
+
+
+def lora_state(trainer):
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.unwrapped).items()}
+
+
+def critic_state(trainer):
+    return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.critic).state_dict().items()}
+
+
+def changed(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# --- config ------------------------------------------------------------------------------------
+def test_config_yaml_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm: orw\niterations: 7\nbeta: 0.5\n")
+    cfg = ACFlowConfig.from_yaml(path, {"iterations": 9})
+    assert (cfg.algorithm, cfg.iterations, cfg.beta) == ("orw", 9, 0.5)
+    path.write_text("algoritm: orw\n")
+    with pytest.raises(ValueError, match=r"'algoritm' \(did you mean 'algorithm'\?\)"):
+        ACFlowConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="algorithm='ppo'"):
+        ACFlowConfig(algorithm="ppo")
+    assert parse_override("learning_rate", "1e-4") == 1e-4 and parse_override("use_lora", "false") is False
+    with pytest.raises(ValueError, match="lerning_rate"):
+        parse_override("lerning_rate", "1")
+
+
+def test_shipped_config_loads():
+    cfg = ACFlowConfig.from_yaml(Path(__file__).parents[1] / "samples" / "configs" / "acflow_shapes.yaml")
+    assert cfg.algorithm == "acflow" and cfg.reward == "shapes"
+
+
+def test_diversity_metric():
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.cat([torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)])
+    assert diversity(a, [0, 0]) == 0.0
+    assert diversity(b, [0, 0]) == pytest.approx(1.0)  # RMS distance of all-zeros vs all-ones
+
+
+# --- algorithms --------------------------------------------------------------------------------
+def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
+    trainer = make_trainer(tmp_path, critic_warmup_iterations=1)
+    lora0, critic0 = lora_state(trainer), critic_state(trainer)
+    m = trainer.step()  # warm-up iteration
+    assert not changed(lora0, lora_state(trainer)), "the actor moved during critic warm-up"
+    assert changed(critic0, critic_state(trainer))
+    assert {"critic_loss", "explained_variance", "advantage_clip_fraction"} <= set(m)
+    assert "actor_loss" not in m
+    m = trainer.step()
+    assert changed(lora0, lora_state(trainer))
+    assert {"actor_loss", "w2", "ess", "grad_norm"} <= set(m)
+    assert 1.0 <= m["ess"] <= TINY["minibatch_size"] + 1e-4
+
+
+def test_orw_has_no_critic_and_updates(tmp_path):
+    trainer = make_trainer(tmp_path, algorithm="orw", beta=0.5)
+    assert trainer.critic is None
+    lora0 = lora_state(trainer)
+    m = trainer.step()
+    assert changed(lora0, lora_state(trainer)) and "critic_loss" not in m
+
+
+def test_grpo_updates_with_zero_initial_kl(tmp_path):
+    trainer = make_trainer(tmp_path, algorithm="grpo", grpo_train_fraction=0.34)
+    lora0 = lora_state(trainer)
+    m = trainer.step()
+    assert changed(lora0, lora_state(trainer))
+    assert m["kl"] == pytest.approx(0.0, abs=1e-12)  # LoRA B starts at 0: policy == reference
+    assert 0.0 <= m["clip_fraction"] <= 1.0
+
+
+def test_reference_is_the_adapter_free_transformer(tmp_path):
+    trainer = make_trainer(tmp_path, algorithm="orw")
+    trainer.step()
+    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
+    e, p = trainer.encode(["a photo of a circle"] * 2)
+    with torch.no_grad(), trainer.reference_model() as ref:
+        v_ref = trainer.velocity(ref, x, s, e, p)
+        v_base = trainer.velocity(pipe.transformer, x, s, e, p)
+    torch.testing.assert_close(v_ref, v_base)
+    with torch.no_grad():
+        assert not torch.allclose(trainer.velocity(trainer.unwrapped, x, s, e, p), v_base)
+
+
+# --- robustness --------------------------------------------------------------------------------
+def test_nan_reward_skips_the_update(tmp_path):
+    trainer = make_trainer(tmp_path, algorithm="orw", reward=lambda im, p: torch.full((im.shape[0],), float("nan")))
+    lora0 = lora_state(trainer)
+    with pytest.warns(UserWarning, match="non-finite rewards"):
+        m = trainer.step()
+    assert m["skipped_updates"] == 1 and not changed(lora0, lora_state(trainer))
+
+
+def test_reward_that_raises_saves_a_checkpoint(tmp_path):
+    def broken(images, prompts):
+        raise OSError("reward server down")
+
+    trainer = make_trainer(tmp_path, algorithm="orw", reward=broken)
+    with pytest.raises(RuntimeError, match="reward server down.*checkpoint was saved"):
+        trainer.step()
+    assert trainer.latest_checkpoint() is not None
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------
+def test_checkpoint_is_a_diffusers_lora_file(tmp_path):
+    trainer = make_trainer(tmp_path, algorithm="orw")
+    trainer.step()
+    folder = trainer.save_checkpoint()
+    assert (folder / "pytorch_lora_weights.safetensors").exists()
+    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe.load_lora_weights(folder)  # stock diffusers reads it directly
+    x, s = torch.randn(1, 3, 32, 32), torch.tensor([0.5])
+    e, p = trainer.encode(["a photo of a circle"])
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.velocity(pipe.transformer, x, s, e, p),
+                                   trainer.velocity(trainer.unwrapped, x, s, e, p))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = make_trainer(tmp_path / "full", iterations=3, critic_warmup_iterations=1)
+    full.train()
+    first = make_trainer(tmp_path / "resumed", iterations=2, critic_warmup_iterations=1)
+    first.train()
+    second = make_trainer(tmp_path / "resumed", iterations=3, critic_warmup_iterations=1, resume=True)
+    second.train()
+    assert second.iteration == 3
+    a, b = lora_state(full), lora_state(second)
+    for k in a:  # same seed, same data, same order: identical to float32 rounding
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for k, v in critic_state(full).items():
+        torch.testing.assert_close(v, critic_state(second)[k], rtol=1e-5, atol=1e-6)
+    assert full.counters == second.counters
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, algorithm="orw")
+    trainer.step()
+    good = trainer.save_checkpoint()
+    trainer.step()
+
+    def crash(folder):
+        (folder / "partial.bin").write_bytes(b"x")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(trainer, "_write_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert trainer.latest_checkpoint() == good
+    fresh = make_trainer(tmp_path, algorithm="orw")
+    fresh.load_checkpoint(trainer.latest_checkpoint())
+    assert fresh.iteration == 1
+
+
+# --- several processes ---------------------------------------------------------------------------
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from flowalign.tiny import build_tiny_sd3_pipeline
+    from flowalign.trainer import ACFlowConfig, ACFlowTrainer
+    from peft.utils import get_peft_model_state_dict
+
+    out = sys.argv[1]
+    cfg = ACFlowConfig(output_dir=out, iterations=2, critic_warmup_iterations=1, prompts_per_iteration=2,
+                       images_per_prompt=2, sample_steps=2, minibatch_size=2, inner_epochs=1, noise_draws=1,
+                       eval_prompts=0, progress=False, lora_rank=4, lora_alpha=4.0)
+    reward = lambda images, prompts: images[:, 0].mean((1, 2))
+    trainer = ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1))
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    state = {"lora": get_peft_model_state_dict(trainer.unwrapped),
+             "critic": trainer.accelerator.unwrap_model(trainer.critic).state_dict(),
+             "world": trainer.accelerator.num_processes, "local_g": trainer.local_g}
+    torch.save(state, f"{out}/rank{rank}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["world"] == r1["world"] == 2 and r0["local_g"] == 1  # G=2 images per prompt, one on each rank
+    for part in ("lora", "critic"):
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), f"{part}:{k} differs between ranks"
+    assert any(v.abs().sum() > 0 for k, v in r0["lora"].items() if "lora_B" in k)  # the actor did move
+    assert (tmp_path / "checkpoints" / "latest").exists()  # written once, by rank 0
