@@ -213,8 +213,9 @@ SCRIPT = textwrap.dedent(
 def test_two_processes_end_with_identical_weights(tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(SCRIPT)
+    # `--multi_gpu` with no GPU starts torch.distributed on the CPU (gloo): what a user of 2 CPU processes types.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
