@@ -443,6 +443,7 @@ each, {result['steps']} Euler steps, CFG {result['cfg']}. Reproduce with
 def add_arguments(parser) -> None:
     """``flowalign eval``: per-family accuracies of a pipeline on held-out shapes prompts."""
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the embedded base model).")
+    parser.add_argument("--lora", default=None, help="A LoRA to load on top (diffusers format, e.g. a training checkpoint).")
     parser.add_argument("--n-prompts", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
@@ -453,6 +454,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     pipe = load_base_pipeline(args.model)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
     result = evaluate(pipe, n_prompts=args.n_prompts, seed=args.seed, steps=args.steps, cfg=args.cfg,
                       batch_size=args.batch_size)
     print(json.dumps(result, indent=1) if args.json else format_accuracy_table(result))

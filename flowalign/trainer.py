@@ -119,6 +119,7 @@ class ACFlowConfig:
     eval_prompts: int = 48  # held-out prompts (flowalign.shapes.heldout_prompts) or the first N of eval_prompt_file
     eval_prompt_file: str | None = None
     eval_images_per_prompt: int = 2  # for diversity
+    eval_steps: int = 20  # Euler steps of the evaluation samples (as the base model card)
     eval_rewards: list = field(default_factory=lambda: ["shapes_binary", "jpeg_compressibility"])  # unseen rewards
 
     # ------------------------------------------------------------------------------------------
@@ -516,6 +517,7 @@ class ACFlowTrainer:
         gen = _generator(cfg.seed, it, rank + 1, 2)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        timing = {"time_critic": 0.0, "time_actor": 0.0}
 
         def add(key: str, value: torch.Tensor | float) -> None:
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -534,6 +536,7 @@ class ACFlowTrainer:
                 x_s, target = O.noised_states(x0, sigma, eps)  # x_s = (1 - s) x0 + s eps, u = eps - x0
 
                 # Critic: L_V = mean (V(x_s, s, c) - r~)^2 ; advantage A = clip(r~ - V, +-eps_A).
+                tc = time.perf_counter()
                 if self.critic is not None:
                     with acc.autocast():
                         values = self.critic(x_s, sigma, pooled[idx]).float()
@@ -545,12 +548,14 @@ class ACFlowTrainer:
                     add("critic_loss", lv.detach())
                     add("explained_variance", O.explained_variance(values.detach(), tgt))
                     add("advantage_clip_fraction", clip_frac)
+                    timing["time_critic"] += time.perf_counter() - tc
                     if warm:
                         continue  # critic warm-up: the actor does not move
                 else:  # ORW-CFM-W2 (and acflow without shaping/critic): the "advantage" is the raw reward
                     adv = tgt
 
                 # Actor: L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2.
+                ta = time.perf_counter()
                 with acc.autocast():
                     v = self.velocity(self.transformer, x_s, sigma, embeds[idx], pooled[idx])
                     v_ref = None
@@ -572,7 +577,8 @@ class ACFlowTrainer:
                 add("grad_norm", grad_norm)
                 for k in ("fm_loss", "w2", "ess"):
                     add(k, m[k])
-        return {k: sums[k] / counts[k] for k in sums}
+                timing["time_actor"] += time.perf_counter() - ta
+        return {**{k: sums[k] / counts[k] for k in sums}, **timing}
 
     def _grpo_update(self, roll, adv: torch.Tensor) -> dict[str, float]:
         """Flow-GRPO: clipped-ratio policy gradient on SDE log-probs, KL to the reference."""
@@ -658,7 +664,8 @@ class ACFlowTrainer:
         out = []
         for start in range(0, len(prompts), 64):
             chunk = prompts[start : start + 64]
-            roll = self.rollout(chunk, _generator(self.config.seed, 10**6, start), "euler", model=model)
+            roll = self.rollout(chunk, _generator(self.config.seed, 10**6, start), "euler", model=model,
+                                steps=self.config.eval_steps)
             out.append(self.decode(roll["latents"]).cpu())
         return torch.cat(out)
 
