@@ -20,8 +20,8 @@ What is in this file, top to bottom:
 1. Schedules of w over the sampling steps (constant, linear ramp, "fine-tuned only for the first
    k steps", any callable) and :func:`resolve_rlg_scales`.
 2. LoRA plumbing: checking that a LoRA fits the base (:func:`check_lora_fits`), loading a PEFT
-   adapter directory (:func:`load_peft_adapter`), and the per-row *gate* on each LoRA branch that
-   lets one forward pass evaluate base rows (LoRA off) and fine-tuned rows (LoRA on) together.
+   adapter directory (:func:`load_peft_adapter`), and the *gate* on each LoRA branch that lets one
+   forward pass evaluate base rows (LoRA skipped) and fine-tuned rows (LoRA on) together.
 3. :class:`RLGTransformer`, the model-level wrapper, with its evaluation modes.
 4. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned`` and
    ``rlg_scale``; it runs the stock ``__call__`` with the wrapper swapped in.
@@ -34,7 +34,8 @@ mode                exact  how
 ``exact``           yes    the fastest exact mode available (by measurement, ``flowalign bench rlg``):
                            ``exact_batched`` for a LoRA fine-tune, ``exact_two_pass`` for a full one
 ``exact_batched``   yes    LoRA only: ONE forward on the doubled batch ``[x; x]``; the LoRA branch is
-                           gated off for the first half (base) and on for the second (fine-tuned)
+                           computed for the second half only (fine-tuned), not the first (base), with
+                           PEFT's mixed-batch ``adapter_names`` (``"__base__"`` rows)
 ``exact_two_pass``  yes    two forwards per call: base, then fine-tuned
 ``lora_scaled``     no     LoRA only: ONE forward of the base with the LoRA scaled by w
                            (``W + w * B A``); exact at w = 0 and w = 1 only; 2 evaluations per step
@@ -368,30 +369,39 @@ def _tuner_layers(transformer: nn.Module, adapter_name: str) -> list[nn.Module]:
 
 
 class _LoRAGate:
-    """A multiplier on the output of every ``lora_B`` of one adapter: the LoRA branch becomes ``gate * B A x``.
+    """Controls the LoRA branch of one adapter per forward pass, without replacing any module.
 
-    ``value`` is ``None`` (branch untouched), a 0-d tensor (the whole batch, e.g. 0 = base model,
-    w = weight-space scaling) or a [rows] tensor (per-row on/off for the batched exact mode). The
-    gate is installed once, as forward hooks on the ``lora_B`` linears: no module is replaced and
-    PEFT's own forward runs unchanged. Other adapters loaded in the same model are not affected.
+    Hooks installed once on the adapter's LoRA layers read two knobs (``None``: PEFT runs as loaded):
+
+    - ``adapter_names``: one name per row of the batch, passed to every LoRA layer as PEFT's
+      mixed-batch argument (what ``PeftModel.forward(..., adapter_names=...)`` does): rows named
+      ``"__base__"`` get no LoRA (it is not computed for them), the other rows get the adapter.
+      ``["__base__"] * n + [adapter] * n`` evaluates base and fine-tuned model in one pass, with the
+      matmuls of the two separate passes; ``["__base__"] * n`` is the base model.
+    - ``scale``: a 0-d tensor multiplying the adapter's ``lora_B`` output (``W + w * B A``: weight-space
+      scaling of the LoRA, as a tensor so that changing w does not recompile under torch.compile).
     """
 
     def __init__(self, layers: list[nn.Module], adapter_name: str):
-        self.value: torch.Tensor | None = None
-        self.handles = [layer.lora_B[adapter_name].register_forward_hook(self._hook) for layer in layers]
+        self.adapter_names: list[str] | None = None
+        self.scale: torch.Tensor | None = None
+        self.handles = []
+        for layer in layers:
+            self.handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
+            self.handles.append(layer.lora_B[adapter_name].register_forward_hook(self._after_lora_b))
 
-    def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-        gate = self.value
-        if gate is None:
+    def set(self, adapter_names: list[str] | None = None, scale: torch.Tensor | None = None) -> None:
+        self.adapter_names, self.scale = adapter_names, scale
+
+    def _before_layer(self, module: nn.Module, args: Any, kwargs: dict) -> tuple | None:
+        if self.adapter_names is None:
             return None
-        if gate.ndim == 1:
-            if output.shape[0] != gate.shape[0]:
-                raise RuntimeError(
-                    f"The RLG per-row LoRA gate has {gate.shape[0]} rows but a LoRA layer got a batch of "
-                    f"{output.shape[0]}; this transformer flattens its batch. Use mode='exact_two_pass'."
-                )
-            gate = gate.view(-1, *([1] * (output.ndim - 1)))
-        return output * gate.to(output.dtype)
+        return args, {**kwargs, "adapter_names": self.adapter_names}
+
+    def _after_lora_b(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self.scale is None:
+            return None
+        return output * self.scale.to(output.dtype)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -444,8 +454,8 @@ class RLGTransformer(nn.Module):
 
     Args:
         transformer: the base transformer. For a LoRA fine-tune it carries the adapter
-            ``adapter_name``: the base model is this same module with that adapter gated off (no second
-            copy of the weights).
+            ``adapter_name``: the base model is this same module with that adapter skipped (no second
+            copy of the weights); it must be the only active adapter.
         finetuned: a full fine-tuned transformer of the same architecture, or ``None`` for a LoRA.
         adapter_name: the LoRA adapter that makes the fine-tuned model (LoRA only).
         mode: one of ``RLG_MODES`` (see the module docstring); ``"exact"`` by default.
@@ -476,7 +486,6 @@ class RLGTransformer(nn.Module):
         self.adapter_name = adapter_name
         self.cfg_batch = False  # True when rows are [uncond; cond] halves (SD3 CFG); needed by shared_uncond
         self.register_buffer("rlg_scale", torch.tensor(0.0, dtype=torch.float32), persistent=False)
-        self.register_buffer("_gate_zero", torch.zeros((), dtype=torch.float32), persistent=False)
         self._gate: _LoRAGate | None = None
         if finetuned is not None:
             if adapter_name is not None:
@@ -554,7 +563,7 @@ class RLGTransformer(nn.Module):
         self.rlg_scale.fill_(w)
 
     def check_lora_state(self) -> None:
-        """Raise if the LoRA cannot be gated: fused into the weights, or disabled (``disable_lora()``)."""
+        """Raise if the LoRA cannot be switched per pass: fused, disabled, a variant (DoRA), or not the only active one."""
         if self.adapter_name is None:
             return
         for layer in self._lora_layers:
@@ -567,13 +576,16 @@ class RLGTransformer(nn.Module):
                 raise RuntimeError("LoRA adapters are disabled on the transformer; call transformer.enable_lora() first.")
             if self.adapter_name in getattr(layer, "lora_variant", {}):
                 raise ValueError(f"Adapter {self.adapter_name!r} is a LoRA variant (e.g. DoRA); RLG supports plain LoRA only.")
-            if self.adapter_name not in layer.active_adapters:
-                layer.set_adapter(list(layer.active_adapters) + [self.adapter_name])
+            active = list(layer.active_adapters)
+            if active != [self.adapter_name]:
+                raise RuntimeError(
+                    f"RLG needs the fine-tuned adapter {self.adapter_name!r} to be the only active LoRA adapter of the "
+                    f"transformer, but the active adapters are {active}; call transformer.set_adapter({self.adapter_name!r})."
+                )
 
     def place_buffers(self, device: torch.device | str) -> None:
-        """Move only the wrapper's own buffers (w, the zero gate) to ``device``, not the wrapped models."""
+        """Move only the wrapper's own buffer (w) to ``device``, not the wrapped models."""
         self.rlg_scale = self.rlg_scale.to(device)
-        self._gate_zero = self._gate_zero.to(device)
 
     def remove_hooks(self) -> None:
         """Remove the LoRA gate hooks from the base transformer (call before discarding the wrapper)."""
@@ -591,12 +603,11 @@ class RLGTransformer(nn.Module):
 
         if mode == "lora_scaled":
             # Approximate: f(W + w * BA) instead of f(W) + w * (f(W + BA) - f(W)); exact at w = 0 and 1.
-            out = self._run(self.base, w, hidden_states, *args, **kwargs)
+            out = self._run(self.base, hidden_states, *args, scale=w, **kwargs)
         elif mode == "exact_batched" and stackable:
-            # One pass on [x; x]: first n rows with the LoRA gated off (base), last n with it on (fine-tuned).
+            # One pass on [x; x]: LoRA off for the first n rows (base), on for the last n (fine-tuned).
             rows = _stack_rows(self.unbatched_inputs, n, hidden_states, args, kwargs, 2)
-            gate = (torch.arange(2 * n, device=hidden_states.device) >= n).to(torch.float32)
-            both = self._run(self.base, gate, rows[0], *rows[1], **rows[2])
+            both = self._run(self.base, rows[0], *rows[1], lora_rows=(n, n), **rows[2])
             out = _mix(both[:n], both[n:], w)
         elif mode == "shared_uncond":
             if not self.cfg_batch or n % 2:
@@ -605,16 +616,14 @@ class RLGTransformer(nn.Module):
                     "pipeline does it when guidance_scale > 1)."
                 )
             m = n // 2
+            cond = _slice_rows(self.unbatched_inputs, n, slice(m, n), hidden_states, args, kwargs)
             if self.adapter_name is not None and stackable:
-                # One pass on [x_uncond; x_cond; x_cond] with the LoRA on for the last m rows only: 3 evaluations.
-                cond = _slice_rows(self.unbatched_inputs, n, slice(m, n), hidden_states, args, kwargs)
+                # One pass on [x_uncond; x_cond; x_cond], LoRA on for the last m rows only: 3 evaluations.
                 rows = _concat_rows(self.unbatched_inputs, n, (hidden_states, args, kwargs), cond)
-                gate = (torch.arange(n + m, device=hidden_states.device) >= n).to(torch.float32)
-                out3 = self._run(self.base, gate, rows[0], *rows[1], **rows[2])
+                out3 = self._run(self.base, rows[0], *rows[1], lora_rows=(n, m), **rows[2])
                 v_base, v_ft_cond = out3[:n], out3[n:]
             else:
                 v_base = self._eval_base(hidden_states, *args, **kwargs)
-                cond = _slice_rows(self.unbatched_inputs, n, slice(m, n), hidden_states, args, kwargs)
                 v_ft_cond = self._eval_finetuned(cond[0], *cond[1], **cond[2])
             # uncond rows: base only; cond rows: the RLG mix
             out = torch.cat([v_base[:m], _mix(v_base[m:], v_ft_cond, w)], dim=0)
@@ -627,24 +636,27 @@ class RLGTransformer(nn.Module):
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
-    def _run(self, model: nn.Module, gate: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """One forward of ``model`` with the LoRA gate set to ``gate`` (``None``: LoRA as loaded)."""
+    def _run(self, model: nn.Module, *args: Any, lora_rows: tuple[int, int] | None = None,
+             scale: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """One forward of ``model``. ``lora_rows=(k, m)``: k base rows then m fine-tuned rows; ``scale``: LoRA times w."""
         if self._gate is not None:
-            self._gate.value = gate
+            names = None if lora_rows is None else ["__base__"] * lora_rows[0] + [self.adapter_name] * lora_rows[1]
+            self._gate.set(adapter_names=names, scale=scale)
         try:
             return model(*args, return_dict=False, **kwargs)[0]
         finally:
             if self._gate is not None:
-                self._gate.value = None
+                self._gate.set()
 
-    def _eval_base(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _eval_base(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.finetuned is not None:
-            return self._run(self.base, None, *args, **kwargs)
-        return self._run(self.base, self._gate_zero, *args, **kwargs)  # the LoRA branch times 0: the base model
+            return self._run(self.base, hidden_states, *args, **kwargs)
+        # every row "__base__": the LoRA is not computed, the base model
+        return self._run(self.base, hidden_states, *args, lora_rows=(hidden_states.shape[0], 0), **kwargs)
 
     def _eval_finetuned(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         model = self.finetuned if self.finetuned is not None else self.base
-        return self._run(model, None, *args, **kwargs)
+        return self._run(model, *args, **kwargs)
 
     # ---- per-step scales with any stock pipeline ------------------------------------------------------
     def follow_schedule(self, scheduler: Any, rlg_scale: RLGScale) -> torch.utils.hooks.RemovableHandle:
@@ -805,13 +817,13 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         Args:
             source: one of
                 (a) a diffusers LoRA: a ``.safetensors`` file / folder written by ``save_lora_weights``
-                    (or its state dict); loaded with ``load_lora_weights``;
+                    (or its state dict); loaded like ``load_lora_weights`` loads its transformer part;
                 (b) a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), as
                     published by Flow-GRPO and the public RLG release;
                 (c) a full fine-tuned transformer: a module, a transformer folder (``config.json``) or a
                     pipeline folder (its ``transformer/``).
                 A hub id is downloaded first. For (a) and (b) the base model is the same transformer
-                with the adapter gated off (no second copy of the weights).
+                with the adapter skipped (no second copy of the weights).
             adapter_name: name of the LoRA adapter (a, b).
             mode: evaluation mode (see ``RLG_MODES``); can be overridden per call.
             kwargs: passed to ``lora_state_dict`` (a) or ``from_pretrained`` (c), e.g. ``weight_name``.

@@ -349,6 +349,14 @@ def test_from_pretrained_and_stock_outputs(world, tmp_path):
     latents = pipe(**sd3_kwargs(output_type="latent", return_dict=False), rlg_scale=1.0)
     assert isinstance(latents, tuple) and latents[0].shape == (2, 3, 32, 32)
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"  # restored after the call
+    # A pipeline with a full fine-tuned transformer saves and loads it as a component.
+    pipe.unload_finetuned()
+    pipe.load_finetuned(world.full_dir)
+    pipe.save_pretrained(tmp_path / "rlg")
+    again = RLGStableDiffusion3Pipeline.from_pretrained(tmp_path / "rlg", text_encoder_3=None, tokenizer_3=None)
+    again.set_progress_bar_config(disable=True)
+    assert type(again.finetuned_transformer).__name__ == "SD3Transformer2DModel"
+    assert max_diff(again(**sd3_kwargs(), rlg_scale=1.0).images, world.ft_images) <= TOL
 
 
 def test_sde_sampler(world):
@@ -491,3 +499,32 @@ def test_float_edge_cases_of_schedule_errors():
     with pytest.raises(TypeError):
         resolve_rlg_scales("1.0", [1.0])
     assert math.isfinite(resolve_rlg_scales(np.float32(1.25), [1.0])[0])
+
+
+@pytest.mark.slow
+def test_wrapper_compiles_to_one_graph_and_w_changes_do_not_recompile():
+    """The per-step combine has no Python branching on tensor values and no host syncs (torch.compile)."""
+    from diffusers import SD3Transformer2DModel
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=4, in_channels=3, num_layers=1, attention_head_dim=16,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                                        pooled_projection_dim=32, out_channels=3, pos_embed_max_size=8)
+    add_random_lora(transformer, "rlg", rank=4, seed=1, std=0.1)
+    rlg = RLGTransformer(transformer, adapter_name="rlg")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    kw = dict(encoder_hidden_states=torch.randn(4, 5, 32, generator=g), pooled_projections=torch.randn(4, 32, generator=g),
+              timestep=torch.full((4,), 700.0), return_dict=False)
+    for mode in ("exact_batched", "lora_scaled"):  # (exact_two_pass: the same hooks, two calls)
+        torch._dynamo.reset()
+        counters.clear()
+        rlg.mode = mode
+        compiled = torch.compile(rlg, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            for w in (0.5, 1.0, 2.0):
+                rlg.set_rlg_scale(w)
+                assert torch.allclose(compiled(x, **kw)[0], rlg(x, **kw)[0], atol=1e-6)
+        assert counters["stats"]["unique_graphs"] == 1, (mode, dict(counters["stats"]))
+    torch._dynamo.reset()

@@ -1,0 +1,265 @@
+"""``flowalign bench rlg``: the cost of RLG sampling against stock CFG sampling, in one process.
+
+Variants (all: CFG, same prompts, steps and seed; RLG at ``--scale``):
+
+- ``stock_cfg``: the stock ``StableDiffusion3Pipeline`` on the base model (2 evaluations per step).
+- ``stock_cfg_finetuned``: the stock pipeline on the fine-tuned model (base + LoRA), for reference.
+- ``rlg_exact``: ``RLGStableDiffusion3Pipeline`` in its default exact mode (4 evaluations per step).
+- ``rlg_exact_<other>``: the other exact evaluation(s), to show why ``exact`` picks what it picks.
+- ``rlg_lora_scaled`` / ``rlg_shared_uncond``: the approximate modes (2 / 3 evaluations per step).
+- ``reference_loop``: what the public reference does: the transformer wrapped in a ``PeftModel``, two
+  sequential calls per step on the CFG-doubled batch (LoRA on, then off via ``disable_adapter()``),
+  and the Flow-GRPO SDE step with its log-probability computed and discarded (noise level 0: the
+  deterministic evaluation setting, so its images can be checked against ``rlg_exact``).
+
+Variants run round-robin (one call of each per repeat) after a warm-up, so machine noise hits all
+alike; the JSON reports median wall times, ratios to ``stock_cfg`` and, for each RLG variant, the
+max abs pixel difference to ``rlg_exact`` (0 up to float noise for exact variants; the
+approximation error otherwise).
+
+``--model tiny`` (default) uses the embedded tiny base model (a random tiny SD3 if it is absent);
+``--model sd3-random`` builds an SD3-medium-sized transformer with random weights (for a GPU, bf16)
+and feeds random prompt embeddings (the text encoders are not timed there).
+
+Example: ``flowalign bench rlg --json --repeats 5 --steps 10 --batch 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle and a green square",
+           "a photo of a circle above a triangle"]
+
+# SD3-medium (2B) transformer; latents 16 x 128 x 128 at 1024 px; prompt embeddings 77 CLIP + 256 T5 tokens.
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed calls per variant (default 5).")
+    parser.add_argument("--steps", type=int, default=10, help="Sampling steps per call (default 10).")
+    parser.add_argument("--batch", type=int, default=4, help="Images per call (default 4).")
+    parser.add_argument("--scale", type=float, default=1.5, help="RLG scale w (default 1.5).")
+    parser.add_argument("--cfg", type=float, default=4.5, help="CFG scale (default 4.5).")
+    parser.add_argument("--lora-rank", type=int, default=32, help="Rank of the random LoRA (Flow-GRPO: 32).")
+    parser.add_argument("--model", choices=["tiny", "sd3-random"], default="tiny")
+    parser.add_argument("--layers", type=int, default=None, help="sd3-random: override the number of layers.")
+    parser.add_argument("--resolution", type=int, default=1024, help="sd3-random: image size (default 1024).")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, else float32.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up
+# ------------------------------------------------------------------------------------------------
+def _tiny_pipeline(device, dtype):
+    from flowalign import tiny
+
+    try:
+        return tiny.load_base_pipeline(device=device, dtype=dtype), "embedded tiny base model"
+    except FileNotFoundError:
+        pipe = tiny.build_tiny_sd3_pipeline(seed=0).to(device=device, dtype=dtype)
+        return pipe, "random tiny SD3 (embedded base model not found)"
+
+
+def _sd3_random_pipeline(device, dtype, layers, resolution):
+    """An SD3-medium-sized transformer (random weights) inside a pipeline with tiny text encoders / VAE stand-ins."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from flowalign import tiny
+
+    config = dict(SD3_MEDIUM, num_layers=layers or SD3_MEDIUM["num_layers"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**config).to(dtype)
+    # A VAE with SD3's latent layout (16 channels, 8x downsampling) at toy width; not timed (latents are returned).
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=4, layers_per_block=1)
+    components = {**tiny.build_tiny_sd3_pipeline(seed=0, num_layers=1).components, "transformer": transformer, "vae": vae}
+    pipe = StableDiffusion3Pipeline(**components).to(device=device, dtype=dtype)
+    return pipe, f"SD3-medium-sized transformer ({config['num_layers']} layers), random weights, {resolution}px"
+
+
+def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
+    """Inputs shared by all variants; sd3-random feeds random prompt embeddings and returns latents."""
+    from flowalign.tiny import MAX_SEQUENCE_LENGTH
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
+    if args.model == "tiny":
+        return dict(kw, prompt=prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np")
+    g = torch.Generator(device).manual_seed(1)
+    emb = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    seq, width, pooled = 77 + 256, SD3_MEDIUM["joint_attention_dim"], SD3_MEDIUM["pooled_projection_dim"]
+    return dict(kw, prompt_embeds=emb(args.batch, seq, width), negative_prompt_embeds=emb(args.batch, seq, width),
+                pooled_prompt_embeds=emb(args.batch, pooled), negative_pooled_prompt_embeds=emb(args.batch, pooled),
+                height=args.resolution, width=args.resolution, output_type="latent")
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference-style loop
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, generator: torch.Generator):
+    """Two sequential transformer calls per step (LoRA on, then off), RLG mix, CFG, SDE step with log-prob."""
+    from flowalign.sampling import sde_step
+
+    device = pipe._execution_device
+    cfg = call_kwargs["guidance_scale"]
+    if "prompt" in call_kwargs:
+        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=call_kwargs["prompt"], prompt_2=None, prompt_3=None,
+                                                do_classifier_free_guidance=True,
+                                                max_sequence_length=call_kwargs["max_sequence_length"])
+        height = width = pipe.default_sample_size * pipe.vae_scale_factor
+    else:
+        pe, npe = call_kwargs["prompt_embeds"], call_kwargs["negative_prompt_embeds"]
+        ppe, nppe = call_kwargs["pooled_prompt_embeds"], call_kwargs["negative_pooled_prompt_embeds"]
+        height, width = call_kwargs["height"], call_kwargs["width"]
+    emb, pooled = torch.cat([npe, pe]), torch.cat([nppe, ppe])
+    n = pe.shape[0]
+    latents = pipe.prepare_latents(n, pipe.transformer.config.in_channels, height, width, pe.dtype, device, generator)
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(call_kwargs["num_inference_steps"], device=device)
+    sigmas = scheduler.sigmas
+    for i, t in enumerate(scheduler.timesteps):
+        x = torch.cat([latents, latents])
+        inputs = dict(hidden_states=x, timestep=t.expand(2 * n), encoder_hidden_states=emb, pooled_projections=pooled,
+                      return_dict=False)
+        v_ft = peft_model(**inputs)[0]
+        with peft_model.disable_adapter():
+            v_base = peft_model(**inputs)[0]
+        v = v_base + rlg_scale * (v_ft - v_base)
+        v_uncond, v_cond = v.chunk(2)
+        v = v_uncond + cfg * (v_cond - v_uncond)
+        latents, log_prob, _, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=0.0)
+        del log_prob  # computed and discarded
+    if call_kwargs["output_type"] == "latent":
+        return latents
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=call_kwargs["output_type"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+def _as_numpy(output) -> np.ndarray:
+    images = output.images if hasattr(output, "images") else output
+    if isinstance(images, torch.Tensor):
+        return images.float().cpu().numpy()
+    return np.asarray(images, dtype=np.float32)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Run all variants and return the report (a JSON-ready dict); ``run`` prints it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+
+    from flowalign.pipelines import RLGStableDiffusion3Pipeline
+    from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")]
+    if args.model == "tiny":
+        pipe, model = _tiny_pipeline(device, dtype)
+    else:
+        pipe, model = _sd3_random_pipeline(device, dtype, args.layers, args.resolution)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.transformer
+
+    # A random Flow-GRPO-style LoRA (rank r, alpha 2r, attention projections), saved as a PEFT folder.
+    tmp = tempfile.TemporaryDirectory(prefix="flowalign-bench-rlg-")
+    lora_dir = Path(tmp.name) / "lora"
+    add_random_lora(base, "bench", rank=args.lora_rank, alpha=2 * args.lora_rank, seed=0, std=0.02)
+    save_peft_adapter(base, "bench", lora_dir)
+    base.unload_lora()
+
+    finetuned_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
+    finetuned_pipe.transformer.load_lora_adapter(str(lora_dir / "adapter_model.safetensors"), prefix="base_model.model",
+                                                 adapter_name="bench")
+    finetuned_pipe.set_progress_bar_config(disable=True)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dir)).eval()  # as the reference loads it
+    rlg = RLGStableDiffusion3Pipeline.from_pipe(pipe, torch_dtype=dtype)
+    rlg.set_progress_bar_config(disable=True)
+    rlg.load_finetuned(lora_dir)
+    tmp.cleanup()  # everything is loaded
+    exact_mode = rlg.rlg_transformer.resolved_mode
+    other_exact = [m for m in ("exact_batched", "exact_two_pass") if m != exact_mode]
+    call = _call_kwargs(args, pipe, device, dtype)
+    seed = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+
+    variants = {
+        "stock_cfg": (lambda: pipe(**call, generator=seed()), True, 2),
+        "stock_cfg_finetuned": (lambda: finetuned_pipe(**call, generator=seed()), True, 2),
+        "rlg_exact": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale), True, 4),
+        **{f"rlg_{m}": ((lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)), True, 4)
+           for m in other_exact},
+        "rlg_lora_scaled": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="lora_scaled"), False, 2),
+        "rlg_shared_uncond": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="shared_uncond"), False, 3),
+        "reference_loop": (lambda: reference_loop(pipe, peft_model, call, args.scale, seed()), True, 4),
+    }
+
+    def timed(fn):
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    outputs = {name: _as_numpy(fn()) for name, (fn, _, _) in variants.items()}  # warm-up (and the images)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, (fn, _, _) in variants.items():
+            times[name].append(timed(fn)[0])
+
+    stock = statistics.median(times["stock_cfg"])
+    results = {}
+    for name, (_, exact, evaluations) in variants.items():
+        median = statistics.median(times[name])
+        diff = None if name.startswith("stock") else float(np.abs(outputs[name] - outputs["rlg_exact"]).max())
+        results[name] = dict(median_s=round(median, 5), min_s=round(min(times[name]), 5),
+                             ratio_vs_stock_cfg=round(median / stock, 3), exact=exact,
+                             evaluations_per_step=evaluations, max_abs_diff_vs_rlg_exact=diff)
+    report = dict(
+        benchmark="rlg", model=model, device=str(device),
+        device_name=torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.processor() or platform.machine(),
+        torch_threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), steps=args.steps, batch=args.batch,
+        repeats=args.repeats, rlg_scale=args.scale, cfg=args.cfg, lora_rank=args.lora_rank, exact_mode=exact_mode,
+        results=results,
+        targets={
+            "rlg_exact_le_2.1x_stock_cfg": results["rlg_exact"]["ratio_vs_stock_cfg"] <= 2.1,
+            "rlg_exact_faster_than_reference_loop": results["rlg_exact"]["median_s"] < results["reference_loop"]["median_s"],
+        },
+    )
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_benchmark(args)
+    results, model, device = report["results"], report["model"], report["device"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"RLG benchmark: {model}, {device} {report['dtype']}, {args.batch} images x {args.steps} steps, "
+              f"median of {args.repeats}")
+        for name, r in results.items():
+            label = "exact" if r["exact"] else "approx"
+            diff = "" if r["max_abs_diff_vs_rlg_exact"] is None else f"  max|d| vs exact {r['max_abs_diff_vs_rlg_exact']:.2e}"
+            print(f"  {name:22s} {r['median_s']:8.4f} s  {r['ratio_vs_stock_cfg']:5.2f}x  {label:6s}{diff}")
+    return 0

@@ -1,0 +1,34 @@
+"""``flowalign bench rlg`` runs and its variants compute what they claim (no timing thresholds here).
+
+Run: nice -n 10 env OMP_NUM_THREADS=1 python -m pytest tests/test_rlg_bench.py -q -x
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flowalign.bench import rlg as bench_rlg
+
+
+def test_bench_rlg_report():
+    parser = argparse.ArgumentParser()
+    bench_rlg.add_arguments(parser)
+    args = parser.parse_args(["--repeats", "1", "--steps", "2", "--batch", "2", "--lora-rank", "8", "--device", "cpu"])
+    report = bench_rlg.run_benchmark(args)
+    results = report["results"]
+    assert set(results) == {"stock_cfg", "stock_cfg_finetuned", "rlg_exact", "rlg_exact_two_pass", "rlg_lora_scaled",
+                            "rlg_shared_uncond", "reference_loop"}
+    assert report["exact_mode"] == "exact_batched"
+    assert results["stock_cfg"]["ratio_vs_stock_cfg"] == 1.0
+    for name, r in results.items():
+        assert r["median_s"] > 0 and r["ratio_vs_stock_cfg"] > 0
+        assert r["exact"] == (name not in ("rlg_lora_scaled", "rlg_shared_uncond"))
+    # The reference-style loop (PeftModel + disable_adapter, SDE step at noise 0) and every exact mode agree with
+    # rlg_exact; the approximations do not.
+    for name in ("rlg_exact_two_pass", "reference_loop"):
+        assert results[name]["max_abs_diff_vs_rlg_exact"] <= 1e-4
+    for name in ("rlg_lora_scaled", "rlg_shared_uncond"):
+        assert results[name]["max_abs_diff_vs_rlg_exact"] > 1e-5
+    assert [results[n]["evaluations_per_step"] for n in ("stock_cfg", "rlg_exact", "rlg_lora_scaled", "rlg_shared_uncond")] \
+        == [2, 4, 2, 3]
+    assert set(report["targets"]) == {"rlg_exact_le_2.1x_stock_cfg", "rlg_exact_faster_than_reference_loop"}
