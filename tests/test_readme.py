@@ -1,0 +1,124 @@
+"""Every code block of README.md runs, so the README cannot go stale.
+
+- ``bash`` blocks that install (``pip install ...``) are the commands ``.ci/run`` executes: the test
+  checks that README's test command is exactly the one in ``.ci/run``, and that the demo command
+  installs the same way.
+- ``python`` and the other ``bash`` blocks run for real, with the documented substitution of real
+  models by tiny local ones (``SUBSTITUTIONS`` below): a hub id of SD3.5-M becomes a tiny SD3
+  pipeline folder, a Flow-GRPO LoRA a tiny LoRA, PickScore a tiny PickScore checkpoint, and every
+  count of steps / iterations / prompts is shrunk so the block runs in seconds.
+"""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+
+
+def blocks(lang):
+    return [code for kind, code in BLOCKS if kind == lang]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """Tiny stand-ins for the real models the README names, saved in their real formats."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from flowalign.rewards.testing import save_tiny_pickscore
+    from flowalign.tiny import build_tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("readme")
+    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe.save_pretrained(root / "sd35m")
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    # A PEFT adapter folder, as Flow-GRPO publishes it.
+    from peft import PeftModel  # noqa: F401  (format check below)
+    from safetensors.torch import save_file
+
+    lora = root / "flow-grpo-lora"
+    lora.mkdir()
+    state = {f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    save_file(state, lora / "adapter_model.safetensors")
+    config = pipe.transformer.peft_config["default"]
+    config.base_model_name_or_path = None
+    config.save_pretrained(lora)
+    pick = save_tiny_pickscore(root / "pickscore")
+    (root / "prompts.txt").write_text("a photo of a red circle\na photo of two squares\n")
+    return {"root": root, "sd35m": root / "sd35m", "lora": lora, "pickscore": pick}
+
+
+def substitutions(world):
+    """Real name in the README -> tiny stand-in (documented in the module docstring)."""
+    return [
+        ('"stabilityai/stable-diffusion-3.5-medium"', repr(str(world["sd35m"]))),
+        ("stabilityai/stable-diffusion-3.5-medium", str(world["sd35m"])),
+        ('"jieliu/SD3.5M-FlowGRPO-PickScore"', repr(str(world["lora"]))),
+        ("jieliu/SD3.5M-FlowGRPO-PickScore", str(world["lora"])),
+        ('rewards.load("pickscore")', f"rewards.load('pickscore', model={str(world['pickscore']['model'])!r}, "
+                                      f"processor={str(world['pickscore']['processor'])!r})"),
+        ("samples/prompts/drawbench_mini.txt", str(world["root"] / "prompts.txt")),
+        ('device="cuda"', 'device="cpu"'),
+        ("torch_dtype=torch.bfloat16", "torch_dtype=torch.float32"),
+        (".to(\"cuda\")", ".to(\"cpu\")"),
+        ("num_inference_steps=28", "num_inference_steps=2"),
+        ("--steps 28", "--steps 2"),
+        ("--iterations 40", "--iterations 1 --eval-prompts 0 --sample-steps 2 --prompts-per-iteration 2 "
+                           "--images-per-prompt 2 --inner-epochs 1 --noise-draws 1"),
+        ("--n-prompts 300", "--n-prompts 6"),
+        ("max_sequence_length=256", "max_sequence_length=1"),
+    ]
+
+
+def substitute(code, world):
+    for real, tiny in substitutions(world):
+        code = code.replace(real, tiny)
+    return code
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = [c for c in blocks("bash") if "pip install" in c]
+    assert len(install) >= 2, "README must show the demo and the test commands"
+    test_cmd = next(c.strip() for c in install if "pytest" in c)
+    demo_cmd = next(c.strip() for c in install if "flowalign demo" in c)
+    assert test_cmd in ci
+    assert demo_cmd.split(" && flowalign demo")[0].replace("pip install -e .", "") in test_cmd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_readme_python_blocks_run(index, tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = substitute(blocks("python")[index], tiny_world)
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+CLI_BLOCKS = [c for c in blocks("bash") if "pip install" not in c and c.strip().startswith(("flowalign", "accelerate"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(CLI_BLOCKS)))
+def test_readme_cli_blocks_run(index, tiny_world, tmp_path):
+    code = substitute(CLI_BLOCKS[index], tiny_world)
+    for line in [l for l in code.replace("\\\n", " ").splitlines() if l.strip() and not l.startswith("#")]:
+        args = shlex.split(line)
+        if args[0] == "accelerate":  # two CPU processes, as the README says for a CPU machine
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", *args[2:]]
+        else:
+            cmd = [sys.executable, "-m", "flowalign.cli", *args[1:]]
+        proc = subprocess.run(cmd, cwd=ROOT if "samples/" in line else tmp_path, capture_output=True, text=True,
+                              timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
