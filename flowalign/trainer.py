@@ -742,6 +742,15 @@ class ACFlowTrainer:
                 return folder
         return None
 
+    def parameter_counts(self) -> dict[str, float]:
+        """Parameters of the transformer (all / trainable) and of the critic, and the critic's fraction."""
+        model = self.unwrapped
+        total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        critic = sum(p.numel() for p in self.critic.parameters()) if self.critic is not None else 0
+        return {"transformer": total, "trainable": trainable, "critic": critic,
+                "critic_fraction_of_transformer": critic / total}
+
     # -- logging ---------------------------------------------------------------------------------
     def _log(self, metrics: dict[str, float], filename: str) -> None:
         if not self.is_main:
@@ -777,6 +786,11 @@ class ACFlowTrainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.output_dir / "config.yaml")
+            info = self.parameter_counts()
+            (self.output_dir / "model_info.json").write_text(json.dumps(info, indent=1))
+            if cfg.progress:
+                print(f"[flowalign] transformer {info['transformer']:,} params, trainable {info['trainable']:,}; "
+                      f"critic {info['critic']:,} ({100 * info['critic_fraction_of_transformer']:.1f}% of the transformer)")
         evaluate = bool(cfg.eval_prompts)
         if evaluate and self.is_main and not self.eval_history:
             self.eval_history.append(self.evaluate())

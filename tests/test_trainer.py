@@ -85,6 +85,14 @@ def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
     assert 1.0 <= m["ess"] <= TINY["minibatch_size"] + 1e-4
 
 
+def test_critic_is_a_small_fraction_of_the_transformer(tmp_path):
+    info = make_trainer(tmp_path).parameter_counts()
+    assert info["critic"] > 0 and info["trainable"] < info["transformer"]  # LoRA: a few trainable weights
+    assert info["critic_fraction_of_transformer"] == info["critic"] / info["transformer"]
+    # The 1-layer test transformer is small; the default critic is < 1M parameters (SD3.5-M: 2.5B).
+    assert info["critic"] < 1_000_000
+
+
 def test_orw_has_no_critic_and_updates(tmp_path):
     trainer = make_trainer(tmp_path, algorithm="orw", beta=0.5)
     assert trainer.critic is None
