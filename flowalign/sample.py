@@ -80,7 +80,7 @@ def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
     from flowalign.pipelines import RLGStableDiffusion3Pipeline
 
     stock = tiny.load_base_pipeline(device=device, dtype=dtype) if base is None else tiny.load_pipeline(base, device, dtype)
-    pipe = RLGStableDiffusion3Pipeline.from_pipe(stock, torch_dtype=dtype)  # from_pipe casts to float32 by default
+    pipe = RLGStableDiffusion3Pipeline(**stock.components)  # the same modules, no copy
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

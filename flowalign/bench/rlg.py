@@ -193,7 +193,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                                  adapter_name="bench")
     finetuned_pipe.set_progress_bar_config(disable=True)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dir)).eval()  # as the reference loads it
-    rlg = RLGStableDiffusion3Pipeline.from_pipe(pipe, torch_dtype=dtype)
+    rlg = RLGStableDiffusion3Pipeline(**pipe.components)  # shares the stock pipeline's modules
     rlg.set_progress_bar_config(disable=True)
     rlg.load_finetuned(lora_dir)
     tmp.cleanup()  # everything is loaded
