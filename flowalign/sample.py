@@ -28,32 +28,55 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default=None,
-                        help="Base SD3 pipeline: a folder or hub id (default: the embedded tiny base model).")
-    parser.add_argument("--finetuned", required=True,
-                        help="Fine-tuned model: PEFT adapter folder, diffusers LoRA file/folder, or transformer folder.")
-    parser.add_argument("--prompts", nargs="+", required=True,
-                        help="Prompt texts, or text files with one prompt per line (blank lines and '#' lines skipped).")
-    parser.add_argument("--scales", nargs="+", type=float, default=[0.0, 0.5, 1.0, 1.5, 2.0],
-                        help="RLG scales w (0 = base, 1 = fine-tuned, >1 extrapolates). Default: 0 0.5 1 1.5 2.")
+    parser.add_argument(
+        "--base", default=None, help="Base SD3 pipeline: a folder or hub id (default: the embedded tiny base model)."
+    )
+    parser.add_argument(
+        "--finetuned",
+        required=True,
+        help="Fine-tuned model: PEFT adapter folder, diffusers LoRA file/folder, or transformer folder.",
+    )
+    parser.add_argument(
+        "--prompts",
+        nargs="+",
+        required=True,
+        help="Prompt texts, or text files with one prompt per line (blank lines and '#' lines skipped).",
+    )
+    parser.add_argument(
+        "--scales",
+        nargs="+",
+        type=float,
+        default=[0.0, 0.5, 1.0, 1.5, 2.0],
+        help="RLG scales w (0 = base, 1 = fine-tuned, >1 extrapolates). Default: 0 0.5 1 1.5 2.",
+    )
     parser.add_argument("--cfg", type=float, default=4.5, help="Classifier-free guidance scale (default 4.5).")
     parser.add_argument("--steps", type=int, default=28, help="Sampling steps (default 28).")
     parser.add_argument("--seed", nargs="+", type=int, default=[0], help="One or more seeds (default 0).")
     parser.add_argument("--out", required=True, help="Output folder.")
-    parser.add_argument("--mode", default="exact",
-                        choices=["exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond"],
-                        help="RLG evaluation mode (default exact; lora_scaled / shared_uncond are approximations).")
-    parser.add_argument("--sampler", default="ode", choices=["ode", "sde"], help="Euler ODE (default) or Flow-GRPO SDE.")
+    parser.add_argument(
+        "--mode",
+        default="exact",
+        choices=["exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond"],
+        help="RLG evaluation mode (default exact; lora_scaled / shared_uncond are approximations).",
+    )
+    parser.add_argument(
+        "--sampler", default="ode", choices=["ode", "sde"], help="Euler ODE (default) or Flow-GRPO SDE."
+    )
     parser.add_argument("--sde-noise-level", type=float, default=0.7, help="SDE noise level a (default 0.7).")
     parser.add_argument("--negative-prompt", default="", help="Negative prompt for CFG (default empty).")
     parser.add_argument("--height", type=int, default=None, help="Image height (default: the model's).")
     parser.add_argument("--width", type=int, default=None, help="Image width (default: the model's).")
-    parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="T5 tokens; default 256, or 1 when the pipeline has no T5 encoder (the tiny models).")
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="T5 tokens; default 256, or 1 when the pipeline has no T5 encoder (the tiny models).",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per pipeline call (default 8).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                        help="Default: bfloat16 on cuda, float32 on cpu.")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, float32 on cpu."
+    )
 
 
 def read_prompts(items: list[str]) -> list[str]:
@@ -79,7 +102,9 @@ def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
     from flowalign import tiny
     from flowalign.pipelines import RLGStableDiffusion3Pipeline
 
-    stock = tiny.load_base_pipeline(device=device, dtype=dtype) if base is None else tiny.load_pipeline(base, device, dtype)
+    stock = (
+        tiny.load_base_pipeline(device=device, dtype=dtype) if base is None else tiny.load_pipeline(base, device, dtype)
+    )
     pipe = RLGStableDiffusion3Pipeline(**stock.components)  # the same modules, no copy
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -129,26 +154,47 @@ def run(args: argparse.Namespace) -> int:
                     # One generator per image: each image is reproducible on its own.
                     generators = [torch.Generator(device).manual_seed(seed) for _ in batch]
                     result = pipe(
-                        prompt=batch, negative_prompt=[args.negative_prompt] * len(batch), rlg_scale=scale,
-                        num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
-                        generator=generators, max_sequence_length=max_sequence_length, sampler=args.sampler,
+                        prompt=batch,
+                        negative_prompt=[args.negative_prompt] * len(batch),
+                        rlg_scale=scale,
+                        num_inference_steps=args.steps,
+                        guidance_scale=args.cfg,
+                        height=height,
+                        width=width,
+                        generator=generators,
+                        max_sequence_length=max_sequence_length,
+                        sampler=args.sampler,
                         sde_noise_level=args.sde_noise_level,
                     )
-                    for k, (prompt, image) in enumerate(zip(batch, result.images)):
+                    for k, (prompt, image) in enumerate(zip(batch, result.images, strict=True)):
                         i = start + k
                         name = f"images/p{i:03d}_{_slug(prompt)}_w{scale:g}_seed{seed}.png"
                         image.save(out / name)
                         images[(i, s, j)] = image
-                        records.append({
-                            "file": name, "prompt": prompt, "scale": scale, "seed": seed, "steps": args.steps,
-                            "cfg": args.cfg, "base": args.base or "flowalign:embedded-tiny-base",
-                            "finetuned": str(args.finetuned), "sampler": args.sampler, "mode": args.mode,
-                            "exact": args.mode not in ("lora_scaled", "shared_uncond"),
-                            "sde_noise_level": args.sde_noise_level if args.sampler == "sde" else None,
-                            "negative_prompt": args.negative_prompt, "height": height, "width": width,
-                            "max_sequence_length": max_sequence_length, "device": str(device), "dtype": dtype_name,
-                            "grid_row": i * len(args.seed) + s, "grid_col": j,
-                        })
+                        records.append(
+                            {
+                                "file": name,
+                                "prompt": prompt,
+                                "scale": scale,
+                                "seed": seed,
+                                "steps": args.steps,
+                                "cfg": args.cfg,
+                                "base": args.base or "flowalign:embedded-tiny-base",
+                                "finetuned": str(args.finetuned),
+                                "sampler": args.sampler,
+                                "mode": args.mode,
+                                "exact": args.mode not in ("lora_scaled", "shared_uncond"),
+                                "sde_noise_level": args.sde_noise_level if args.sampler == "sde" else None,
+                                "negative_prompt": args.negative_prompt,
+                                "height": height,
+                                "width": width,
+                                "max_sequence_length": max_sequence_length,
+                                "device": str(device),
+                                "dtype": dtype_name,
+                                "grid_row": i * len(args.seed) + s,
+                                "grid_col": j,
+                            }
+                        )
                     bar.update(len(batch))
 
     rows = [(i, s) for i in range(len(prompts)) for s in range(len(args.seed))]
@@ -158,5 +204,7 @@ def run(args: argparse.Namespace) -> int:
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    print(f"Wrote {len(records)} images, grid.png ({len(rows)} rows x {len(args.scales)} scales) and metadata.jsonl to {out}")
+    print(
+        f"Wrote {len(records)} images, grid.png ({len(rows)} rows x {len(args.scales)} scales) and metadata.jsonl to {out}"
+    )
     return 0

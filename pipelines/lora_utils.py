@@ -33,8 +33,14 @@ __all__ = [
 ]
 
 FLOW_GRPO_SD3_TARGET_MODULES: tuple[str, ...] = (
-    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
 )
 """The SD3 attention projections Flow-GRPO trains its LoRA on (rank 32, alpha 64 there)."""
 
@@ -55,8 +61,12 @@ def add_random_lora(
     """
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules),
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=list(target_modules),
+        init_lora_weights=True,
+    )
     transformer.add_adapter(config, adapter_name=adapter_name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -70,7 +80,9 @@ def _adapter_state_dict(transformer: nn.Module, adapter_name: str) -> dict[str, 
     """``{module.lora_A.weight: tensor, ...}`` of one adapter (adapter name removed from the keys)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
+    return {
+        k: v.detach().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()
+    }
 
 
 def save_peft_adapter(transformer: nn.Module, adapter_name: str, path: str | os.PathLike) -> Path:

@@ -196,7 +196,9 @@ def resolve_rlg_scales(rlg_scale: RLGScale, timesteps: Sequence[float]) -> list[
     timesteps = [float(t) for t in timesteps]
     n = len(timesteps)
     if isinstance(rlg_scale, (bool, str, bytes)):
-        raise TypeError(f"rlg_scale must be a number, a per-step sequence, a schedule or a callable, not {rlg_scale!r}.")
+        raise TypeError(
+            f"rlg_scale must be a number, a per-step sequence, a schedule or a callable, not {rlg_scale!r}."
+        )
     if isinstance(rlg_scale, numbers.Real):
         scales = [float(rlg_scale)] * n
     elif isinstance(rlg_scale, torch.Tensor) and rlg_scale.ndim == 0:
@@ -226,7 +228,9 @@ def resolve_rlg_scales(rlg_scale: RLGScale, timesteps: Sequence[float]) -> list[
 def _check_finite_scale(rlg_scale: Any) -> None:
     """Early check of the values we can see before sampling (numbers and sequences)."""
     if isinstance(rlg_scale, bool) or rlg_scale is None:
-        raise TypeError(f"rlg_scale must be a number, a per-step sequence, a schedule or a callable, got {rlg_scale!r}.")
+        raise TypeError(
+            f"rlg_scale must be a number, a per-step sequence, a schedule or a callable, got {rlg_scale!r}."
+        )
     values = []
     if isinstance(rlg_scale, numbers.Real):
         values = [float(rlg_scale)]
@@ -292,7 +296,9 @@ def check_lora_fits(
         base = getattr(module, "base_layer", module)  # a module that already carries LoRA layers
         weight = getattr(base, "weight", None)
         if weight is None or weight.ndim < 2:
-            raise ValueError(f"LoRA weight {key!r} targets module {name!r} ({type(base).__name__}), which has no 2-d weight.")
+            raise ValueError(
+                f"LoRA weight {key!r} targets module {name!r} ({type(base).__name__}), which has no 2-d weight."
+            )
         if which == "lora_A" and tensor.shape[1] != weight.shape[1]:
             raise ValueError(
                 f"LoRA weight {key!r} has shape {tuple(tensor.shape)}: it reads {tensor.shape[1]} features, but module "
@@ -339,15 +345,17 @@ def load_peft_adapter(transformer: nn.Module, path: str | os.PathLike, adapter_n
 
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"The transformer already has an adapter named {adapter_name!r}; pick another adapter_name.")
-    transformer.add_adapter(config, adapter_name=adapter_name)  # diffusers PeftAdapterMixin -> peft.inject_adapter_in_model
+    transformer.add_adapter(
+        config, adapter_name=adapter_name
+    )  # diffusers PeftAdapterMixin -> peft.inject_adapter_in_model
     result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     expected = {
-        name for name, _ in transformer.named_parameters() if f".{adapter_name}." in name and ("lora_A" in name or "lora_B" in name)
+        name
+        for name, _ in transformer.named_parameters()
+        if f".{adapter_name}." in name and ("lora_A" in name or "lora_B" in name)
     }
-    loaded = {
-        f"{k.rsplit('.', 1)[0]}.{adapter_name}.{k.rsplit('.', 1)[1]}" for k in state_dict if _lora_module_name(k)
-    }
+    loaded = {f"{k.rsplit('.', 1)[0]}.{adapter_name}.{k.rsplit('.', 1)[1]}" for k in state_dict if _lora_module_name(k)}
     missing = sorted(expected - loaded)
     if unexpected or missing:
         transformer.delete_adapters(adapter_name)
@@ -438,7 +446,9 @@ def check_same_architecture(base: nn.Module, finetuned: nn.Module) -> None:
         if ".lora_" in k or ".base_layer." in k:
             continue
         if k in ft_shapes and ft_shapes[k] != v.shape:
-            raise ValueError(f"Parameter {k!r} has shape {tuple(ft_shapes[k])} in the fine-tuned model, {tuple(v.shape)} in the base.")
+            raise ValueError(
+                f"Parameter {k!r} has shape {tuple(ft_shapes[k])} in the fine-tuned model, {tuple(v.shape)} in the base."
+            )
 
 
 # =============================================================================================
@@ -489,7 +499,9 @@ class RLGTransformer(nn.Module):
         self._gate: _LoRAGate | None = None
         if finetuned is not None:
             if adapter_name is not None:
-                raise ValueError("Give either a full fine-tuned transformer (finetuned=...) or a LoRA adapter_name, not both.")
+                raise ValueError(
+                    "Give either a full fine-tuned transformer (finetuned=...) or a LoRA adapter_name, not both."
+                )
             check_same_architecture(transformer, finetuned)
         else:
             if adapter_name is None:
@@ -538,7 +550,9 @@ class RLGTransformer(nn.Module):
         if mode not in RLG_MODES:
             raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
         if mode in ("exact_batched", "lora_scaled") and self.adapter_name is None:
-            raise ValueError(f"mode={mode!r} needs a LoRA fine-tune; with a full fine-tuned transformer use 'exact' or 'shared_uncond'.")
+            raise ValueError(
+                f"mode={mode!r} needs a LoRA fine-tune; with a full fine-tuned transformer use 'exact' or 'shared_uncond'."
+            )
         self._mode = mode
 
     @property
@@ -573,9 +587,13 @@ class RLGTransformer(nn.Module):
                     "call pipe.unfuse_lora() first."
                 )
             if layer.disable_adapters:
-                raise RuntimeError("LoRA adapters are disabled on the transformer; call transformer.enable_lora() first.")
+                raise RuntimeError(
+                    "LoRA adapters are disabled on the transformer; call transformer.enable_lora() first."
+                )
             if self.adapter_name in getattr(layer, "lora_variant", {}):
-                raise ValueError(f"Adapter {self.adapter_name!r} is a LoRA variant (e.g. DoRA); RLG supports plain LoRA only.")
+                raise ValueError(
+                    f"Adapter {self.adapter_name!r} is a LoRA variant (e.g. DoRA); RLG supports plain LoRA only."
+                )
             active = list(layer.active_adapters)
             if active != [self.adapter_name]:
                 raise RuntimeError(
@@ -636,8 +654,14 @@ class RLGTransformer(nn.Module):
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
-    def _run(self, model: nn.Module, *args: Any, lora_rows: tuple[int, int] | None = None,
-             scale: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def _run(
+        self,
+        model: nn.Module,
+        *args: Any,
+        lora_rows: tuple[int, int] | None = None,
+        scale: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """One forward of ``model``. ``lora_rows=(k, m)``: k base rows then m fine-tuned rows; ``scale``: LoRA times w."""
         if self._gate is not None:
             names = None if lora_rows is None else ["__base__"] * lora_rows[0] + [self.adapter_name] * lora_rows[1]
@@ -728,7 +752,9 @@ def _concat_rows(unbatched, n, first, second):
     """Row-concatenate two input sets with the same structure (``first`` has n rows)."""
     h1, a1, k1 = first
     h2, a2, k2 = second
-    args = tuple(torch.cat([x, y], 0) if _is_row_tensor(None, x, n, unbatched) else x for x, y in zip(a1, a2))
+    args = tuple(
+        torch.cat([x, y], 0) if _is_row_tensor(None, x, n, unbatched) else x for x, y in zip(a1, a2, strict=True)
+    )
     kwargs = {k: torch.cat([v, k2[k]], 0) if _is_row_tensor(k, v, n, unbatched) else v for k, v in k1.items()}
     return torch.cat([h1, h2], 0), args, kwargs
 
@@ -749,7 +775,9 @@ def _detect_source(source: Any) -> tuple[str, Any]:
 
             path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "transformer/*"]))
         else:
-            raise FileNotFoundError(f"Fine-tuned model {str(source)!r} not found (a path, hub id or module was expected).")
+            raise FileNotFoundError(
+                f"Fine-tuned model {str(source)!r} not found (a path, hub id or module was expected)."
+            )
     if path.is_file():
         return "lora", path
     if (path / "adapter_config.json").exists():
@@ -799,9 +827,17 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         finetuned_transformer: SD3Transformer2DModel = None,
     ):
         super().__init__(
-            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
-            tokenizer_3=tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor,
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
         )
         self.register_modules(finetuned_transformer=finetuned_transformer)
         self.rlg_transformer: RLGTransformer | None = None
@@ -810,7 +846,11 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
 
     # ---- attaching the fine-tuned model ------------------------------------------------------------
     def load_finetuned(
-        self, source: str | os.PathLike | nn.Module | dict, adapter_name: str = "rlg", mode: RLGMode = "exact", **kwargs: Any
+        self,
+        source: str | os.PathLike | nn.Module | dict,
+        adapter_name: str = "rlg",
+        mode: RLGMode = "exact",
+        **kwargs: Any,
     ) -> RLGTransformer:
         """Attach the fine-tuned model; the source type is detected.
 
@@ -918,7 +958,9 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         _check_finite_scale(rlg_scale)
         mode = rlg.mode if rlg_mode is None else rlg_mode
         if mode == "shared_uncond" and kwargs.get("skip_guidance_layers") is not None:
-            raise ValueError("rlg_mode='shared_uncond' cannot be combined with skip_guidance_layers; use an exact mode.")
+            raise ValueError(
+                "rlg_mode='shared_uncond' cannot be combined with skip_guidance_layers; use an exact mode."
+            )
         rlg.check_lora_state()
         rlg.place_buffers(self._execution_device)
 
@@ -926,13 +968,18 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if sampler == "sde":
             from flowalign.pipelines.scheduling_flow_match_sde import FlowMatchSDEScheduler
 
-            scheduler = FlowMatchSDEScheduler.from_scheduler(scheduler, sde_noise_level, generator=kwargs.get("generator"))
+            scheduler = FlowMatchSDEScheduler.from_scheduler(
+                scheduler, sde_noise_level, generator=kwargs.get("generator")
+            )
 
         def set_cfg_layout(module: nn.Module, args: Any, kw: Any) -> None:
             module.cfg_batch = self.do_classifier_free_guidance  # SD3 stacks [uncond; cond] when guidance_scale > 1
 
         saved_mode, rlg.mode = rlg.mode, mode
-        handles = [rlg.register_forward_pre_hook(set_cfg_layout, with_kwargs=True), rlg.follow_schedule(scheduler, rlg_scale)]
+        handles = [
+            rlg.register_forward_pre_hook(set_cfg_layout, with_kwargs=True),
+            rlg.follow_schedule(scheduler, rlg_scale),
+        ]
         base_transformer, base_scheduler = self.transformer, self.scheduler
         try:
             self.transformer, self.scheduler = rlg, scheduler

@@ -63,7 +63,11 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         sigma_next = self.sigmas[self.step_index + 1]
         # x_next = mean + sigma_t * sqrt(-dt) * z  (flowalign.sampling.sde_step; a = 0 is the Euler step)
         prev_sample, log_prob, _, _ = sde_step(
-            sample, model_output, sigma, sigma_next, noise_level=self.noise_level,
+            sample,
+            model_output,
+            sigma,
+            sigma_next,
+            noise_level=self.noise_level,
             generator=generator if generator is not None else self.generator,
         )
         self.last_log_prob = log_prob

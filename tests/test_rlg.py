@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from flowalign.pipelines import (
     FlowMatchSDEScheduler,
     RLGStableDiffusion3Pipeline,
@@ -24,6 +23,7 @@ from flowalign.pipelines import (
     resolve_rlg_scales,
 )
 from flowalign.pipelines.lora_utils import add_random_lora, merged_copy, save_diffusers_lora, save_peft_adapter
+
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -32,8 +32,14 @@ TOL = 1e-4  # max abs pixel difference (images in [0, 1])
 
 
 def sd3_kwargs(**overrides):
-    kw = dict(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=CFG, output_type="np",
-              max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(SEED))
+    kw = dict(
+        prompt=PROMPTS,
+        num_inference_steps=STEPS,
+        guidance_scale=CFG,
+        output_type="np",
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=torch.Generator().manual_seed(SEED),
+    )
     kw.update(overrides)
     return kw
 
@@ -61,8 +67,17 @@ def world(tmp_path_factory):
     transformer.unload_lora()  # back to the plain base transformer
     base_images = pipe(**sd3_kwargs()).images  # stock pipeline without it
     assert max_diff(ft_images, base_images) > 1e-2, "the random LoRA must change the images"
-    return SimpleNamespace(pipe=pipe, tmp=tmp, peft_dir=peft_dir, diffusers_dir=diffusers_dir, full=full,
-                           full_dir=tmp / "full", lora_state=lora_state, ft_images=ft_images, base_images=base_images)
+    return SimpleNamespace(
+        pipe=pipe,
+        tmp=tmp,
+        peft_dir=peft_dir,
+        diffusers_dir=diffusers_dir,
+        full=full,
+        full_dir=tmp / "full",
+        lora_state=lora_state,
+        ft_images=ft_images,
+        base_images=base_images,
+    )
 
 
 @contextlib.contextmanager
@@ -86,11 +101,17 @@ def reference_rlg_images(pipe, scales, shared_uncond=False, lora_scaled=False, a
     then CFG, then the Euler step x <- x + (s_next - s) v.
     """
     transformer = pipe.transformer
-    pe, npe, ppe, nppe = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True,
-                                            max_sequence_length=MAX_SEQUENCE_LENGTH)
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=PROMPTS,
+        prompt_2=None,
+        prompt_3=None,
+        do_classifier_free_guidance=True,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
     emb, pooled = torch.cat([npe, pe]), torch.cat([nppe, ppe])
-    latents = pipe.prepare_latents(len(PROMPTS), 3, 32, 32, pe.dtype, torch.device("cpu"),
-                                   torch.Generator().manual_seed(SEED))
+    latents = pipe.prepare_latents(
+        len(PROMPTS), 3, 32, 32, pe.dtype, torch.device("cpu"), torch.Generator().manual_seed(SEED)
+    )
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(STEPS)
     n = len(PROMPTS)
@@ -99,8 +120,13 @@ def reference_rlg_images(pipe, scales, shared_uncond=False, lora_scaled=False, a
         transformer.enable_lora() if lora_on else transformer.disable_lora()
         if lora_on:
             transformer.set_adapters([adapter], weights=[weight])
-        out = transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb[: x.shape[0]] if x.shape[0] == 2 * n else emb,
-                          pooled_projections=pooled, return_dict=False)[0]
+        out = transformer(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=emb[: x.shape[0]] if x.shape[0] == 2 * n else emb,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         transformer.set_adapters([adapter], weights=[1.0])
         transformer.enable_lora()
         return out
@@ -168,9 +194,7 @@ def test_approximate_modes_compute_what_they_say(world):
     assert max_diff(shared, exact) > 1e-3 and max_diff(scaled, exact) > 1e-4
 
 
-@pytest.mark.parametrize(
-    "source", ["peft", "diffusers", "diffusers_file", "state_dict", "full_dir", "full_module"]
-)
+@pytest.mark.parametrize("source", ["peft", "diffusers", "diffusers_file", "state_dict", "full_dir", "full_module"])
 def test_every_finetuned_source_gives_the_same_images(world, source):
     sources = {
         "peft": world.peft_dir,
@@ -267,7 +291,9 @@ def test_lora_for_missing_module_names_the_module(world, tmp_path):
     state = {f"transformer.{k.replace('.src.', '.')}": v for k, v in world.lora_state.items()}
     state = {k.replace("transformer_blocks.1.", "transformer_blocks.9."): v for k, v in state.items()}
     pipe = RLGStableDiffusion3Pipeline.from_pipe(world.pipe)
-    with pytest.raises(ValueError, match=r"transformer_blocks\.9\.attn\.\S+ which does not exist|'transformer_blocks\.9\."):
+    with pytest.raises(
+        ValueError, match=r"transformer_blocks\.9\.attn\.\S+ which does not exist|'transformer_blocks\.9\."
+    ):
         pipe.load_finetuned(state)
     # a PEFT config whose target module is missing
     import json
@@ -383,8 +409,11 @@ def test_wrapper_velocities_all_modes(world):
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(4, 3, 32, 32, generator=g)
-        kw = dict(encoder_hidden_states=torch.randn(4, 17, 128, generator=g), pooled_projections=torch.randn(4, 128, generator=g),
-                  timestep=torch.tensor([900.0, 400.0, 900.0, 400.0]))
+        kw = dict(
+            encoder_hidden_states=torch.randn(4, 17, 128, generator=g),
+            pooled_projections=torch.randn(4, 128, generator=g),
+            timestep=torch.tensor([900.0, 400.0, 900.0, 400.0]),
+        )
         with torch.no_grad():
             transformer.disable_lora()
             v_base = transformer(x, **kw).sample
@@ -397,7 +426,9 @@ def test_wrapper_velocities_all_modes(world):
                 assert torch.allclose(rlg(x, **kw).sample, expected, atol=1e-5)
             rlg.mode, rlg.cfg_batch = "shared_uncond", True
             shared = rlg(x, **kw, return_dict=False)[0]
-            assert torch.allclose(shared[:2], v_base[:2], atol=1e-5) and torch.allclose(shared[2:], expected[2:], atol=1e-5)
+            assert torch.allclose(shared[:2], v_base[:2], atol=1e-5) and torch.allclose(
+                shared[2:], expected[2:], atol=1e-5
+            )
             rlg.remove_hooks()
             assert torch.allclose(transformer(x, **kw).sample, v_ft)  # hooks gone, adapter untouched
     finally:
@@ -408,9 +439,18 @@ def _tiny_flux_transformer(seed: int = 0):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                  guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=12,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    )
 
 
 def _word_tokenizer(max_length: int):
@@ -421,8 +461,9 @@ def _word_tokenizer(max_length: int):
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
 @pytest.fixture(scope="module")
@@ -433,21 +474,57 @@ def flux():
     from flowalign.tiny import build_lossless_vae
 
     torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=8, projection_dim=32,
-                                        bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()  # eval: no dropout
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=build_lossless_vae(), text_encoder=clip,
-                        tokenizer=_word_tokenizer(8), text_encoder_2=t5, tokenizer_2=_word_tokenizer(8),
-                        transformer=_tiny_flux_transformer())
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            projection_dim=32,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    ).eval()
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=32,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()  # eval: no dropout
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=build_lossless_vae(),
+        text_encoder=clip,
+        tokenizer=_word_tokenizer(8),
+        text_encoder_2=t5,
+        tokenizer_2=_word_tokenizer(8),
+        transformer=_tiny_flux_transformer(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def flux_images(pipe, **kw):
-    return pipe(prompt=PROMPTS, num_inference_steps=STEPS, height=16, width=16, max_sequence_length=8, output_type="np",
-                generator=torch.Generator().manual_seed(SEED), **kw).images
+    return pipe(
+        prompt=PROMPTS,
+        num_inference_steps=STEPS,
+        height=16,
+        width=16,
+        max_sequence_length=8,
+        output_type="np",
+        generator=torch.Generator().manual_seed(SEED),
+        **kw,
+    ).images
 
 
 @pytest.mark.parametrize("mode", ["exact_batched", "exact_two_pass"])
@@ -469,9 +546,14 @@ def test_flux_pipeline_with_rlg_transformer(flux, mode):
             # w = 2 at the velocity level (the FLUX call signature, with 2-d img_ids / txt_ids)
             g = torch.Generator().manual_seed(0)
             x = torch.randn(2, 64, 12, generator=g)
-            kw = dict(encoder_hidden_states=torch.randn(2, 8, 32, generator=g), pooled_projections=torch.randn(2, 32, generator=g),
-                      timestep=torch.tensor([0.9, 0.3]), img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3),
-                      return_dict=False)
+            kw = dict(
+                encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
+                pooled_projections=torch.randn(2, 32, generator=g),
+                timestep=torch.tensor([0.9, 0.3]),
+                img_ids=torch.zeros(64, 3),
+                txt_ids=torch.zeros(8, 3),
+                return_dict=False,
+            )
             with torch.no_grad():
                 rlg.set_rlg_scale(2.0)
                 mixed = rlg(x, **kw)[0]
@@ -508,15 +590,29 @@ def test_wrapper_compiles_to_one_graph_and_w_changes_do_not_recompile():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=4, in_channels=3, num_layers=1, attention_head_dim=16,
-                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
-                                        pooled_projection_dim=32, out_channels=3, pos_embed_max_size=8)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=4,
+        in_channels=3,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        out_channels=3,
+        pos_embed_max_size=8,
+    )
     add_random_lora(transformer, "rlg", rank=4, seed=1, std=0.1)
     rlg = RLGTransformer(transformer, adapter_name="rlg")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=g)
-    kw = dict(encoder_hidden_states=torch.randn(4, 5, 32, generator=g), pooled_projections=torch.randn(4, 32, generator=g),
-              timestep=torch.full((4,), 700.0), return_dict=False)
+    kw = dict(
+        encoder_hidden_states=torch.randn(4, 5, 32, generator=g),
+        pooled_projections=torch.randn(4, 32, generator=g),
+        timestep=torch.full((4,), 700.0),
+        return_dict=False,
+    )
     for mode in ("exact_batched", "lora_scaled"):  # (exact_two_pass: the same hooks, two calls)
         torch._dynamo.reset()
         counters.clear()

@@ -16,8 +16,15 @@ def test_bench_rlg_report():
     args = parser.parse_args(["--repeats", "1", "--steps", "2", "--batch", "2", "--lora-rank", "8", "--device", "cpu"])
     report = bench_rlg.run_benchmark(args)
     results = report["results"]
-    assert set(results) == {"stock_cfg", "stock_cfg_finetuned", "rlg_exact", "rlg_exact_two_pass", "rlg_lora_scaled",
-                            "rlg_shared_uncond", "reference_loop"}
+    assert set(results) == {
+        "stock_cfg",
+        "stock_cfg_finetuned",
+        "rlg_exact",
+        "rlg_exact_two_pass",
+        "rlg_lora_scaled",
+        "rlg_shared_uncond",
+        "reference_loop",
+    }
     assert report["exact_mode"] == "exact_batched"
     assert results["stock_cfg"]["ratio_vs_stock_cfg"] == 1.0
     for name, r in results.items():
@@ -29,6 +36,7 @@ def test_bench_rlg_report():
         assert results[name]["max_abs_diff_vs_rlg_exact"] <= 1e-3  # float noise of other batchings, through CFG
     for name in ("rlg_lora_scaled", "rlg_shared_uncond"):
         assert results[name]["max_abs_diff_vs_rlg_exact"] > 1e-5
-    assert [results[n]["evaluations_per_step"] for n in ("stock_cfg", "rlg_exact", "rlg_lora_scaled", "rlg_shared_uncond")] \
-        == [2, 4, 2, 3]
+    assert [
+        results[n]["evaluations_per_step"] for n in ("stock_cfg", "rlg_exact", "rlg_lora_scaled", "rlg_shared_uncond")
+    ] == [2, 4, 2, 3]
     assert set(report["targets"]) == {"rlg_exact_le_2.1x_stock_cfg", "rlg_exact_faster_than_reference_loop"}

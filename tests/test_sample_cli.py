@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from flowalign.pipelines import RLGStableDiffusion3Pipeline
+from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
 from PIL import Image
 
 from flowalign.cli import main
-from flowalign.pipelines import RLGStableDiffusion3Pipeline
-from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -44,8 +44,33 @@ def test_sample_writes_images_grid_and_metadata(models, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("# shapes\na red circle\n\ntwo blue squares\n")
     out = tmp_path / "out"
-    sample(["--base", base, "--finetuned", lora, "--prompts", prompt_file, "--scales", 0, 1, 2, "--cfg", 4.5,
-            "--steps", 3, "--seed", 0, 7, "--out", out, "--batch-size", 1, "--device", "cpu"])
+    sample(
+        [
+            "--base",
+            base,
+            "--finetuned",
+            lora,
+            "--prompts",
+            prompt_file,
+            "--scales",
+            0,
+            1,
+            2,
+            "--cfg",
+            4.5,
+            "--steps",
+            3,
+            "--seed",
+            0,
+            7,
+            "--out",
+            out,
+            "--batch-size",
+            1,
+            "--device",
+            "cpu",
+        ]
+    )
 
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 3 * 2
@@ -53,9 +78,29 @@ def test_sample_writes_images_grid_and_metadata(models, tmp_path):
         (p, w, s) for p in PROMPTS for w in (0.0, 1.0, 2.0) for s in (0, 7)
     }
     for r in records:
-        for key in ("file", "prompt", "scale", "seed", "steps", "cfg", "base", "finetuned", "sampler", "mode", "height", "width"):
+        for key in (
+            "file",
+            "prompt",
+            "scale",
+            "seed",
+            "steps",
+            "cfg",
+            "base",
+            "finetuned",
+            "sampler",
+            "mode",
+            "height",
+            "width",
+        ):
             assert key in r
-        assert (r["steps"], r["cfg"], r["sampler"], r["mode"], r["height"], r["width"]) == (3, 4.5, "ode", "exact", 32, 32)
+        assert (r["steps"], r["cfg"], r["sampler"], r["mode"], r["height"], r["width"]) == (
+            3,
+            4.5,
+            "ode",
+            "exact",
+            32,
+            32,
+        )
         assert (out / r["file"]).is_file() and png(out / r["file"]).shape == (32, 32, 3)
     assert len(list((out / "images").glob("*.png"))) == 12
 
@@ -71,16 +116,28 @@ def test_sample_writes_images_grid_and_metadata(models, tmp_path):
     assert np.abs(by_key[("a red circle", 1.0, 0)] - by_key[("a red circle", 1.0, 7)]).max() > 2
 
     # w = 0 is the stock base pipeline; each image is reproducible from its metadata alone.
-    stock = pipe(prompt="two blue squares", num_inference_steps=3, guidance_scale=4.5, max_sequence_length=MAX_SEQUENCE_LENGTH,
-                 generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    stock = pipe(
+        prompt="two blue squares",
+        num_inference_steps=3,
+        guidance_scale=4.5,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=torch.Generator("cpu").manual_seed(7),
+    ).images[0]
     assert np.abs(np.asarray(stock, dtype=np.int16) - by_key[("two blue squares", 0.0, 7)]).max() <= 1
     r = next(r for r in records if (r["prompt"], r["scale"], r["seed"]) == ("a red circle", 2.0, 7))
     rlg = RLGStableDiffusion3Pipeline.from_pipe(pipe)
     rlg.set_progress_bar_config(disable=True)
     rlg.load_finetuned(r["finetuned"], mode=r["mode"])
-    again = rlg(prompt=r["prompt"], rlg_scale=r["scale"], num_inference_steps=r["steps"], guidance_scale=r["cfg"],
-                height=r["height"], width=r["width"], max_sequence_length=r["max_sequence_length"],
-                generator=torch.Generator(r["device"]).manual_seed(r["seed"])).images[0]
+    again = rlg(
+        prompt=r["prompt"],
+        rlg_scale=r["scale"],
+        num_inference_steps=r["steps"],
+        guidance_scale=r["cfg"],
+        height=r["height"],
+        width=r["width"],
+        max_sequence_length=r["max_sequence_length"],
+        generator=torch.Generator(r["device"]).manual_seed(r["seed"]),
+    ).images[0]
     rlg.unload_finetuned()
     assert np.abs(np.asarray(again, dtype=np.int16) - png(out / r["file"])).max() <= 1
 
@@ -97,12 +154,35 @@ def test_sample_without_base_uses_the_embedded_model(models, tmp_path, monkeypat
 
     monkeypatch.setattr(flowalign.tiny, "load_base_pipeline", fake_load_base_pipeline)
     out = tmp_path / "out"
-    sample(["--finetuned", lora, "--prompts", "a red circle", "--scales", 0.5, "--steps", 2, "--out", out,
-            "--device", "cpu", "--sampler", "sde", "--mode", "shared_uncond"])
+    sample(
+        [
+            "--finetuned",
+            lora,
+            "--prompts",
+            "a red circle",
+            "--scales",
+            0.5,
+            "--steps",
+            2,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--sampler",
+            "sde",
+            "--mode",
+            "shared_uncond",
+        ]
+    )
     assert calls == [("cpu", torch.float32)]
     (record,) = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert record["base"] == "flowalign:embedded-tiny-base"
-    assert (record["sampler"], record["mode"], record["exact"], record["dtype"]) == ("sde", "shared_uncond", False, "float32")
+    assert (record["sampler"], record["mode"], record["exact"], record["dtype"]) == (
+        "sde",
+        "shared_uncond",
+        False,
+        "float32",
+    )
     assert png(out / "grid.png").shape == (32, 32, 3)
 
 

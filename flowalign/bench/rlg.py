@@ -39,13 +39,27 @@ import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle and a green square",
-           "a photo of a circle above a triangle"]
+PROMPTS = [
+    "a photo of a red circle",
+    "a photo of two squares",
+    "a photo of a blue triangle and a green square",
+    "a photo of a circle above a triangle",
+]
 
 # SD3-medium (2B) transformer; latents 16 x 128 x 128 at 1024 px; prompt embeddings 77 CLIP + 256 T5 tokens.
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="sd3-random: override the number of layers.")
     parser.add_argument("--resolution", type=int, default=1024, help="sd3-random: image size (default 1024).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, else float32.")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, else float32."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,10 +103,21 @@ def _sd3_random_pipeline(device, dtype, layers, resolution):
     with torch.device(device):
         transformer = SD3Transformer2DModel(**config).to(dtype)
     # A VAE with SD3's latent layout (16 channels, 8x downsampling) at toy width; not timed (latents are returned).
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=4, layers_per_block=1)
-    components = {**tiny.build_tiny_sd3_pipeline(seed=0, num_layers=1).components, "transformer": transformer, "vae": vae}
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    components = {
+        **tiny.build_tiny_sd3_pipeline(seed=0, num_layers=1).components,
+        "transformer": transformer,
+        "vae": vae,
+    }
     pipe = StableDiffusion3Pipeline(**components).to(device=device, dtype=dtype)
     return pipe, f"SD3-medium-sized transformer ({config['num_layers']} layers), random weights, {resolution}px"
 
@@ -106,9 +133,16 @@ def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
     g = torch.Generator(device).manual_seed(1)
     emb = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
     seq, width, pooled = 77 + 256, SD3_MEDIUM["joint_attention_dim"], SD3_MEDIUM["pooled_projection_dim"]
-    return dict(kw, prompt_embeds=emb(args.batch, seq, width), negative_prompt_embeds=emb(args.batch, seq, width),
-                pooled_prompt_embeds=emb(args.batch, pooled), negative_pooled_prompt_embeds=emb(args.batch, pooled),
-                height=args.resolution, width=args.resolution, output_type="latent")
+    return dict(
+        kw,
+        prompt_embeds=emb(args.batch, seq, width),
+        negative_prompt_embeds=emb(args.batch, seq, width),
+        pooled_prompt_embeds=emb(args.batch, pooled),
+        negative_pooled_prompt_embeds=emb(args.batch, pooled),
+        height=args.resolution,
+        width=args.resolution,
+        output_type="latent",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,9 +156,13 @@ def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, genera
     device = pipe._execution_device
     cfg = call_kwargs["guidance_scale"]
     if "prompt" in call_kwargs:
-        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=call_kwargs["prompt"], prompt_2=None, prompt_3=None,
-                                                do_classifier_free_guidance=True,
-                                                max_sequence_length=call_kwargs["max_sequence_length"])
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=call_kwargs["prompt"],
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=True,
+            max_sequence_length=call_kwargs["max_sequence_length"],
+        )
         height = width = pipe.default_sample_size * pipe.vae_scale_factor
     else:
         pe, npe = call_kwargs["prompt_embeds"], call_kwargs["negative_prompt_embeds"]
@@ -138,8 +176,13 @@ def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, genera
     sigmas = scheduler.sigmas
     for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents, latents])
-        inputs = dict(hidden_states=x, timestep=t.expand(2 * n), encoder_hidden_states=emb, pooled_projections=pooled,
-                      return_dict=False)
+        inputs = dict(
+            hidden_states=x,
+            timestep=t.expand(2 * n),
+            encoder_hidden_states=emb,
+            pooled_projections=pooled,
+            return_dict=False,
+        )
         v_ft = peft_model(**inputs)[0]
         with peft_model.disable_adapter():
             v_base = peft_model(**inputs)[0]
@@ -150,7 +193,9 @@ def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, genera
         del log_prob  # computed and discarded
     if call_kwargs["output_type"] == "latent":
         return latents
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False)[0]
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False)[
+        0
+    ]
     return pipe.image_processor.postprocess(image, output_type=call_kwargs["output_type"])
 
 
@@ -189,8 +234,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     base.unload_lora()
 
     finetuned_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
-    finetuned_pipe.transformer.load_lora_adapter(str(lora_dir / "adapter_model.safetensors"), prefix="base_model.model",
-                                                 adapter_name="bench")
+    finetuned_pipe.transformer.load_lora_adapter(
+        str(lora_dir / "adapter_model.safetensors"), prefix="base_model.model", adapter_name="bench"
+    )
     finetuned_pipe.set_progress_bar_config(disable=True)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dir)).eval()  # as the reference loads it
     rlg = RLGStableDiffusion3Pipeline(**pipe.components)  # shares the stock pipeline's modules
@@ -206,10 +252,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "stock_cfg": (lambda: pipe(**call, generator=seed()), True, 2),
         "stock_cfg_finetuned": (lambda: finetuned_pipe(**call, generator=seed()), True, 2),
         "rlg_exact": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale), True, 4),
-        **{f"rlg_{m}": ((lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)), True, 4)
-           for m in other_exact},
-        "rlg_lora_scaled": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="lora_scaled"), False, 2),
-        "rlg_shared_uncond": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="shared_uncond"), False, 3),
+        **{
+            f"rlg_{m}": ((lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)), True, 4)
+            for m in other_exact
+        },
+        "rlg_lora_scaled": (
+            lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="lora_scaled"),
+            False,
+            2,
+        ),
+        "rlg_shared_uncond": (
+            lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="shared_uncond"),
+            False,
+            3,
+        ),
         "reference_loop": (lambda: reference_loop(pipe, peft_model, call, args.scale, seed()), True, 4),
     }
 
@@ -233,18 +289,35 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for name, (_, exact, evaluations) in variants.items():
         median = statistics.median(times[name])
         diff = None if name.startswith("stock") else float(np.abs(outputs[name] - outputs["rlg_exact"]).max())
-        results[name] = dict(median_s=round(median, 5), min_s=round(min(times[name]), 5),
-                             ratio_vs_stock_cfg=round(median / stock, 3), exact=exact,
-                             evaluations_per_step=evaluations, max_abs_diff_vs_rlg_exact=diff)
+        results[name] = dict(
+            median_s=round(median, 5),
+            min_s=round(min(times[name]), 5),
+            ratio_vs_stock_cfg=round(median / stock, 3),
+            exact=exact,
+            evaluations_per_step=evaluations,
+            max_abs_diff_vs_rlg_exact=diff,
+        )
     report = dict(
-        benchmark="rlg", model=model, device=str(device),
-        device_name=torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.processor() or platform.machine(),
-        torch_threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), steps=args.steps, batch=args.batch,
-        repeats=args.repeats, rlg_scale=args.scale, cfg=args.cfg, lora_rank=args.lora_rank, exact_mode=exact_mode,
+        benchmark="rlg",
+        model=model,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(0)
+        if str(device).startswith("cuda")
+        else platform.processor() or platform.machine(),
+        torch_threads=torch.get_num_threads(),
+        dtype=str(dtype).replace("torch.", ""),
+        steps=args.steps,
+        batch=args.batch,
+        repeats=args.repeats,
+        rlg_scale=args.scale,
+        cfg=args.cfg,
+        lora_rank=args.lora_rank,
+        exact_mode=exact_mode,
         results=results,
         targets={
             "rlg_exact_le_2.1x_stock_cfg": results["rlg_exact"]["ratio_vs_stock_cfg"] <= 2.1,
-            "rlg_exact_faster_than_reference_loop": results["rlg_exact"]["median_s"] < results["reference_loop"]["median_s"],
+            "rlg_exact_faster_than_reference_loop": results["rlg_exact"]["median_s"]
+            < results["reference_loop"]["median_s"],
         },
     )
     return report
@@ -256,10 +329,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"RLG benchmark: {model}, {device} {report['dtype']}, {args.batch} images x {args.steps} steps, "
-              f"median of {args.repeats}")
+        print(
+            f"RLG benchmark: {model}, {device} {report['dtype']}, {args.batch} images x {args.steps} steps, "
+            f"median of {args.repeats}"
+        )
         for name, r in results.items():
             label = "exact" if r["exact"] else "approx"
-            diff = "" if r["max_abs_diff_vs_rlg_exact"] is None else f"  max|d| vs exact {r['max_abs_diff_vs_rlg_exact']:.2e}"
+            diff = (
+                ""
+                if r["max_abs_diff_vs_rlg_exact"] is None
+                else f"  max|d| vs exact {r['max_abs_diff_vs_rlg_exact']:.2e}"
+            )
             print(f"  {name:22s} {r['median_s']:8.4f} s  {r['ratio_vs_stock_cfg']:5.2f}x  {label:6s}{diff}")
     return 0
