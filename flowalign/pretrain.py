@@ -54,6 +54,7 @@ class PretrainConfig:
     ema_decay: float = 0.999  # the saved weights are the EMA
     cfg_dropout: float = 0.1  # probability of training on the empty prompt
     dataset_size: int = 50_000  # images pre-rendered once (re-used across epochs)
+    logit_normal_mean: float = 0.0  # s = sigmoid(N(mean, std)); mean > 0 trains more at high noise
     logit_normal_std: float = 1.0
     checkpoint_minutes: float = 5.0
     threads: int = 0  # torch threads; 0 = leave torch's default
@@ -184,7 +185,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         x0 = latents[idx]
         pid = prompt_ids[idx].clone()
         pid[torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout] = empty  # CFG dropout
-        s = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen) * cfg.logit_normal_std)
+        s = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen) * cfg.logit_normal_std + cfg.logit_normal_mean)
         eps = torch.randn(x0.shape, generator=gen)
         x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps  # x_s = (1 - s) x0 + s eps
         v = transformer(
