@@ -277,6 +277,7 @@ class ACFlowTrainer:
         self.max_sequence_length = cfg.max_sequence_length or (MAX_SEQUENCE_LENGTH if no_t5 else 256)
         transformer = self.pipe.transformer
         transformer.requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # the LoRA's random init (lora_A) and the critic's depend on the seed only
         if cfg.use_lora:
             from peft import LoraConfig
 

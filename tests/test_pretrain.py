@@ -49,10 +49,15 @@ def test_committed_base_model_loads_with_stock_diffusers():
                   generator=[torch.Generator().manual_seed(123 * 1_000_003 + i) for i in range(2)],
                   max_sequence_length=MAX_SEQUENCE_LENGTH).images
     torch.testing.assert_close(again, images, atol=1e-5, rtol=0)
-    # It is a trained model, not noise: the verifier finds palette-coloured objects in most images.
-    _, images = _single_object_sample(ours, card)
-    found = sum(len(shapes.detect_objects(img)) > 0 for img in images)
-    assert found >= 0.5 * len(images)
+    # It is a trained model: its images satisfy more prompt constraints than those of the same
+    # architecture at its random initialisation.
+    prompts, images = _single_object_sample(ours, card)
+    random_init = build_tiny_sd3_pipeline(seed=0, vae_shift=ours.vae.config.shift_factor,
+                                          vae_scale=ours.vae.config.scaling_factor)
+    _, untrained = _single_object_sample(random_init, card)
+    trained_fraction = shapes.verify_batch(images, prompts)[0].mean().item()
+    untrained_fraction = shapes.verify_batch(untrained, prompts)[0].mean().item()
+    assert trained_fraction > untrained_fraction + 0.05, (trained_fraction, untrained_fraction)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 2 is open: the embedded base model is below the single-object bar "
