@@ -87,8 +87,12 @@ def _lr_factor(step: int, warmup: int, progress: float) -> float:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings exactly as the stock pipeline computes them (no T5, tiny sequence)."""
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 256, max_sequence_length: int | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings exactly as the stock pipeline computes them, in chunks of ``batch_size``.
+
+    ``max_sequence_length`` is the number of T5 tokens (default: the tiny model's one zero token).
+    """
     from flowalign.tiny import MAX_SEQUENCE_LENGTH
 
     embeds, pooled = [], []
@@ -97,8 +101,9 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> tuple[tor
             prompt=prompts[i : i + batch_size],
             prompt_2=None,
             prompt_3=None,
+            device=device,
             do_classifier_free_guidance=False,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_sequence_length=max_sequence_length or MAX_SEQUENCE_LENGTH,
         )
         embeds.append(pe)
         pooled.append(pp)

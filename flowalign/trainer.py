@@ -365,10 +365,9 @@ class ACFlowTrainer:
         """Prompt embeddings ``[N, L, D]`` and pooled embeddings ``[N, P]`` (cached per prompt)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
         if missing:
-            pe, _, pp, _ = self.pipe.encode_prompt(
-                prompt=missing, prompt_2=None, prompt_3=None, device=self.device,
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
-            )
+            from flowalign.pretrain import encode_prompts
+
+            pe, pp = encode_prompts(self.pipe, missing, max_sequence_length=self.max_sequence_length, device=self.device)
             for i, p in enumerate(missing):
                 self._embed_cache[p] = (pe[i], pp[i])
         embeds = torch.stack([self._embed_cache[p][0] for p in prompts])
