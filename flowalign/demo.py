@@ -31,7 +31,7 @@ SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 # AC-Flow settings of the demo (the full run); --quick shrinks them.
 DEMO_TRAINING = dict(
     algorithm="acflow", prompts="shapes", reward="shapes", prompts_per_iteration=8, images_per_prompt=8,
-    sample_steps=16, guidance_scale=5.0, iterations=24, critic_warmup_iterations=2, eval_prompts=0,
+    sample_steps=16, iterations=24, critic_warmup_iterations=2, eval_prompts=0,
     checkpoint_every=0,
 )
 QUICK_TRAINING = dict(DEMO_TRAINING, prompts_per_iteration=2, images_per_prompt=4, sample_steps=6, iterations=3,
@@ -61,12 +61,12 @@ def demo(out: str = "samples/demo", quick: bool = False, seed: int = 0, scales=S
     """Run the demo; returns ``{"rows": [...], "table": str, "out": Path}``."""
     from flowalign import rewards, shapes
     from flowalign.pipelines import RLGStableDiffusion3Pipeline
-    from flowalign.tiny import generate, load_base_pipeline
+    from flowalign.tiny import EVAL_CFG, EVAL_STEPS, generate, load_base_pipeline
     from flowalign.trainer import ACFlowConfig, ACFlowTrainer, diversity
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, cfg_scale = (8, 5.0) if quick else (20, 5.0)
+    steps, cfg_scale = (8, EVAL_CFG) if quick else (EVAL_STEPS, EVAL_CFG)  # the base model card's settings
     n_prompts = n_prompts or (6 if quick else 48)
     k = images_per_prompt or (2 if quick else 4)
     timings = {}

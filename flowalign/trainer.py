@@ -83,7 +83,7 @@ class ACFlowConfig:
     prompts_per_iteration: int = 8  # P, identical on all ranks
     images_per_prompt: int = 8  # G, split across ranks (must be divisible by the number of processes)
     sample_steps: int = 16  # sampling steps of the rollouts
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5
     sampler: str = "euler"  # "euler" | "sde" (grpo always uses "sde")
     noise_level: float = 0.7  # SDE noise level a
     # --- reward --------------------------------------------------------------------------------
@@ -108,6 +108,10 @@ class ACFlowConfig:
     noise_draws: int = 2  # (s, eps) draws per sample per pass
     minibatch_size: int = 32
     sigma_sampling: str = "logit_normal"  # "logit_normal" | "uniform"
+    guided_loss: bool = True  # fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts
+    #   and samples at test time; False = the conditional velocity only (then guidance piles up on
+    #   itself: the conditional branch learns guided samples and is guided again when sampling)
+    sigma_shift: float | None = None  # s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift
     ot_pairing: bool = False  # minibatch OT coupling of noise and samples (POT)
     # --- Flow-GRPO ----------------------------------------------------------------------------
     grpo_clip_range: float = 1e-4  # on per-dimension-mean log-probs, as Flow-GRPO
@@ -119,7 +123,7 @@ class ACFlowConfig:
     eval_prompts: int = 48  # held-out prompts (flowalign.shapes.heldout_prompts) or the first N of eval_prompt_file
     eval_prompt_file: str | None = None
     eval_images_per_prompt: int = 2  # for diversity
-    eval_steps: int = 20  # Euler steps of the evaluation samples (as the base model card)
+    eval_steps: int = 28  # Euler steps of the evaluation samples (as the base model card)
     eval_rewards: list = field(default_factory=lambda: ["shapes_binary", "jpeg_compressibility"])  # unseen rewards
 
     # ------------------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ class ACFlowTrainer:
         from accelerate import Accelerator
 
         from flowalign.critic import Critic, CriticConfig
-        from flowalign.tiny import MAX_SEQUENCE_LENGTH, load_base_pipeline, load_pipeline
+        from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, load_base_pipeline, load_pipeline
 
         self.config = cfg = config
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -275,6 +279,11 @@ class ACFlowTrainer:
                 module.requires_grad_(False)
         no_t5 = self.pipe.text_encoder_3 is None
         self.max_sequence_length = cfg.max_sequence_length or (MAX_SEQUENCE_LENGTH if no_t5 else 256)
+        self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else (
+            EVAL_CFG if cfg.pretrained is None else 4.5)
+        # training noise levels warped like the sampling grid (SD3 trains with the shift it samples with)
+        self.sigma_shift = cfg.sigma_shift if cfg.sigma_shift is not None else float(
+            getattr(self.pipe.scheduler.config, "shift", 1.0) or 1.0)
         transformer = self.pipe.transformer
         transformer.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # the LoRA's random init (lora_A) and the critic's depend on the seed only
@@ -397,7 +406,7 @@ class ACFlowTrainer:
 
     def cfg_velocity(self, model, x, sigma, embeds, pooled, neg_embeds, neg_pooled):
         """Classifier-free guidance in one batched call: ``v_u + g (v_c - v_u)``."""
-        g = self.config.guidance_scale
+        g = self.guidance_scale
         v = self.velocity(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg_embeds, embeds]),
                           torch.cat([neg_pooled, pooled]))
         v_u, v_c = v.chunk(2)
@@ -503,6 +512,14 @@ class ACFlowTrainer:
         it, rank = self.iteration, acc.process_index
         x0_all, embeds, pooled = roll["latents"], roll["embeds"], roll["pooled"]
         n = x0_all.shape[0]
+        guided = cfg.guided_loss and self.guidance_scale != 1.0
+        if guided:
+            neg_embeds, neg_pooled = self.encode([""] * n)
+
+        def field(model, x_s, sigma, idx):  # the velocity the loss fits (guided or conditional)
+            if guided:
+                return self.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx])
+            return self.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
 
         # Shaping (acflow): r~ = clip((r - mean_c) / (std_c + eps), -k, k), statistics over all ranks.
         if cfg.algorithm == "acflow" and cfg.shaping:
@@ -529,7 +546,8 @@ class ACFlowTrainer:
             for start in range(0, order.numel(), cfg.minibatch_size):
                 idx = order[start : start + cfg.minibatch_size].to(self.device)
                 x0, tgt = x0_all[idx], targets[idx]
-                sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling).to(self.device)
+                sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling,
+                                        shift=self.sigma_shift).to(self.device)
                 eps = torch.randn(x0.shape, generator=gen).to(self.device)
                 if cfg.ot_pairing:
                     eps = O.ot_pair(x0, eps)
@@ -554,14 +572,14 @@ class ACFlowTrainer:
                 else:  # ORW-CFM-W2 (and acflow without shaping/critic): the "advantage" is the raw reward
                     adv = tgt
 
-                # Actor: L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2.
+                # Actor: L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2, v = the guided field.
                 ta = time.perf_counter()
                 with acc.autocast():
-                    v = self.velocity(self.transformer, x_s, sigma, embeds[idx], pooled[idx])
+                    v = field(self.transformer, x_s, sigma, idx)
                     v_ref = None
                     if cfg.w2_weight:
                         with torch.no_grad(), self.reference_model() as ref:
-                            v_ref = self.velocity(ref, x_s, sigma, embeds[idx], pooled[idx])
+                            v_ref = field(ref, x_s, sigma, idx)
                     loss, m = O.acflow_actor_loss(v, target, adv, beta=cfg.beta, weighting=cfg.weighting,
                                                   v_ref=v_ref, w2_weight=cfg.w2_weight)
                 # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.

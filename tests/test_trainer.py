@@ -124,6 +124,51 @@ def test_reference_is_the_adapter_free_transformer(tmp_path):
         assert not torch.allclose(trainer.velocity(trainer.unwrapped, x, s, e, p), v_base)
 
 
+def test_training_noise_levels_follow_the_sampler_shift(tmp_path):
+    trainer = make_trainer(tmp_path)
+    assert trainer.sigma_shift == trainer.pipe.scheduler.config.shift == 3.0  # default: the scheduler's shift
+    assert make_trainer(tmp_path / "b", sigma_shift=1.0).sigma_shift == 1.0
+    from flowalign.objectives import sample_sigmas
+
+    s = sample_sigmas(20_000, torch.Generator().manual_seed(0), shift=trainer.sigma_shift)
+    # logit-normal(0, 1) has median 0.5; shift 3 moves it to 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+    assert abs(s.median().item() - 0.75) < 0.01
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_flow_matching_loss_fits_the_guided_velocity(tmp_path, monkeypatch, guided):
+    """With CFG g, the actor and its W2 reference are the guided field v_u + g (v_c - v_u) (or v_c if not guided)."""
+    from flowalign import objectives as O
+
+    (tmp_path / "p.txt").write_text("a photo of a red circle\n")
+    seen = {}
+    noised, loss = O.noised_states, O.acflow_actor_loss
+
+    def record_states(x0, s, eps):  # the first minibatch's noised states
+        out = noised(x0, s, eps)
+        seen.setdefault("xs", (out[0], s))
+        return out
+
+    def record_loss(v, target, adv, **kw):  # ... and its reference velocity
+        seen.setdefault("v_ref", kw["v_ref"])
+        return loss(v, target, adv, **kw)
+
+    monkeypatch.setattr(O, "noised_states", record_states)
+    monkeypatch.setattr(O, "acflow_actor_loss", record_loss)
+    trainer = make_trainer(tmp_path, algorithm="orw", prompts=str(tmp_path / "p.txt"), guidance_scale=3.0,
+                           guided_loss=guided, w2_weight=0.5, prompts_per_iteration=1)
+    trainer.step()
+    x_s, s = seen["xs"]
+    n = x_s.shape[0]
+    e, p = trainer.encode(["a photo of a red circle"] * n)
+    ne, np_ = trainer.encode([""] * n)
+    with torch.no_grad(), trainer.reference_model() as ref:
+        v_c = trainer.velocity(ref, x_s, s, e, p)
+        v_g = trainer.cfg_velocity(ref, x_s, s, e, p, ne, np_)
+    torch.testing.assert_close(seen["v_ref"], v_g if guided else v_c, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(v_g, v_c, atol=1e-3)  # the two differ, so the test tells them apart
+
+
 # --- robustness --------------------------------------------------------------------------------
 def test_nan_reward_skips_the_update(tmp_path):
     trainer = make_trainer(tmp_path, algorithm="orw", reward=lambda im, p: torch.full((im.shape[0],), float("nan")))
