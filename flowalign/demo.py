@@ -31,9 +31,9 @@ SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 # AC-Flow settings of the demo (the full run); --quick shrinks them.
 DEMO_TRAINING = dict(
     algorithm="acflow", prompts="shapes", reward="shapes", prompts_per_iteration=8, images_per_prompt=8,
-    sample_steps=16, iterations=24, critic_warmup_iterations=2, eval_prompts=0,
-    checkpoint_every=0,
-)
+    sample_steps=16, iterations=36, critic_warmup_iterations=3, beta=2.0, w2_weight=0.3, learning_rate=1e-3,
+    eval_prompts=0, checkpoint_every=0,
+)  # = samples/configs/acflow_shapes.yaml, fewer iterations
 QUICK_TRAINING = dict(DEMO_TRAINING, prompts_per_iteration=2, images_per_prompt=4, sample_steps=6, iterations=3,
                       critic_warmup_iterations=1, inner_epochs=1, noise_draws=1)
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="RLG scales w to sweep.")
     parser.add_argument("--prompts", type=int, default=None, help="Held-out prompts (default 48; 6 with --quick).")
     parser.add_argument("--images-per-prompt", type=int, default=None, help="Seeds per prompt (default 4; 2 with --quick).")
-    parser.add_argument("--iterations", type=int, default=None, help="AC-Flow iterations (default 24; 3 with --quick).")
+    parser.add_argument("--iterations", type=int, default=None, help="AC-Flow iterations (default 36; 3 with --quick).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,12 +61,12 @@ def demo(out: str = "samples/demo", quick: bool = False, seed: int = 0, scales=S
     """Run the demo; returns ``{"rows": [...], "table": str, "out": Path}``."""
     from flowalign import rewards, shapes
     from flowalign.pipelines import RLGStableDiffusion3Pipeline
-    from flowalign.tiny import EVAL_CFG, EVAL_STEPS, generate, load_base_pipeline
+    from flowalign.tiny import EVAL_CFG, generate, load_base_pipeline
     from flowalign.trainer import ACFlowConfig, ACFlowTrainer, diversity
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, cfg_scale = (8, EVAL_CFG) if quick else (EVAL_STEPS, EVAL_CFG)  # the base model card's settings
+    steps, cfg_scale = (8, EVAL_CFG) if quick else (20, EVAL_CFG)  # the base model card's CFG
     n_prompts = n_prompts or (6 if quick else 48)
     k = images_per_prompt or (2 if quick else 4)
     timings = {}

@@ -19,6 +19,7 @@ Every iteration (CleanRL-style, top to bottom in ``ACFlowTrainer.step``)::
     shaping  <- per-prompt z-score, clipped                           (acflow)
     critic   <- regress V(x_s, s, c) on the shaped reward             (acflow)
     actor    <- critic/reward-weighted flow matching + W2 term        (acflow, orw; skipped in warm-up)
+                on the CFG-guided velocity v_u + g (v_c - v_u) that drew the rollouts (guided_loss)
                 clipped-ratio policy gradient + KL                    (grpo)
 
 Randomness is a pure function of ``(seed, iteration, rank)``, so a resumed run reproduces an
