@@ -46,12 +46,13 @@ MAX_SEQUENCE_LENGTH = 1
 """Number of (zero) T5 tokens the tiny model is trained and sampled with."""
 
 BASE_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sd3-shapes"
+"""Where the embedded pretrained base model lives inside the installed package."""
+
 # The sampling settings of the base model card (and the defaults of `generate` / `evaluate` / `flowalign eval`):
 # Euler steps and classifier-free guidance. The tiny model is best at low guidance (CFG 2: 82% single-object;
 # CFG 5 over-suppresses objects, since the unconditional branch expects more of them than one-object prompts).
 EVAL_STEPS = 28
 EVAL_CFG = 2.0
-"""Where the embedded pretrained base model lives inside the installed package."""
 
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
