@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowalign.objectives import sample_sigmas
+from flowalign.tiny import EVAL_CFG, EVAL_STEPS
 
 
 @dataclass
@@ -63,8 +64,8 @@ class PretrainConfig:
     checkpoint_minutes: float = 5.0
     threads: int = 0  # torch threads; 0 = leave torch's default
     eval_prompts: int = 300  # held-out prompts for the model card (0 = skip)
-    eval_steps: int = 28  # = flowalign.tiny.EVAL_STEPS
-    eval_cfg: float = 2.0  # = flowalign.tiny.EVAL_CFG
+    eval_steps: int = EVAL_STEPS  # the model card's sampling settings (flowalign.tiny)
+    eval_cfg: float = EVAL_CFG
     resume: bool = False  # continue from `checkpoint` if it exists
     checkpoint: str = "runs/pretrain/checkpoint.pt"  # optimiser + EMA state, written every few minutes
 
