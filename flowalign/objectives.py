@@ -315,12 +315,30 @@ def acflow_actor_loss(
     weighting: str = "exp",
     v_ref: torch.Tensor | None = None,
     w2_weight: float = 0.0,
+    fm_scale: torch.Tensor | None = None,
+    v_old: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """AC-Flow actor loss (our design after arXiv 2510.18072): critic-weighted flow matching + W2 term.
 
-    ``L = mean_i f(A_i) ||v_theta - (eps - x0)||^2 + w2_weight * mean_i ||v_theta - stopgrad(v_ref)||^2``
-    with ``f = WEIGHTINGS[weighting]``. Returns ``(loss, metrics)``; metrics are detached scalars:
-    ``fm_loss`` (weighted), ``w2``, ``ess``, ``weight_max``, ``weight_min``.
+    ``L = mean_i f(A_i) ||v_theta - u_i||^2 + w2_weight * mean_i ||v_theta - stopgrad(v_ref)||^2``
+    with ``f = WEIGHTINGS[weighting]`` and ``u = eps - x0`` (noised states). ``fm_scale`` (optional, [B]
+    or broadcastable to ``v``) multiplies the flow-matching residual, ``||fm_scale (v_theta - u)||^2``:
+    on SDE trajectory states :func:`flowalign.sampling.sde_step_velocity` gives the scale that makes the
+    term the transition's negative log-likelihood.
+
+    ``v_old`` (optional): the velocity that drew the rollout at the same state, when ``u = v_old + noise``
+    (trajectory states). The weights are then centred (a baseline) and the uniform part is replaced by its
+    expectation over the noise, a proximal term to the rollout velocity::
+
+        FM = mean_i (w_i - 1) ||s_i (v_theta - u_i)||^2 + ||s_i (v_theta - v_old_i)||^2
+
+    Its gradient is the plain weighted one minus ``mean_i grad ||s_i (v_theta - u_i)||^2 - ||s_i (v_theta -
+    v_old_i)||^2``, whose expectation is zero: the same update in expectation with the pure-noise part
+    removed; ``w = 1`` (no reward information) gives no update at all. Per sample the quadratic keeps the
+    coefficient ``w_i > 0``, so the loss stays bounded below.
+
+    Returns ``(loss, metrics)``; metrics are detached scalars: ``fm_loss`` (weighted), ``w2``, ``ess``,
+    ``weight_max``, ``weight_min``.
 
     Example: ``loss, m = acflow_actor_loss(v, eps - x0, adv, beta=1.0, v_ref=v_ref, w2_weight=1.0)``.
     """
@@ -329,7 +347,11 @@ def acflow_actor_loss(
     if w2_weight != 0.0 and v_ref is None:
         raise ValueError(f"w2_weight={w2_weight} needs v_ref (the reference model's velocity at the same x_s, s).")
     weights = WEIGHTINGS[weighting](advantages.detach(), beta)
-    fm = weighted_flow_matching_loss(v_pred, target, weights)
+    scale = fm_scale if fm_scale is not None else 1.0
+    fm = weighted_flow_matching_loss(v_pred.float() * scale, target.float() * scale, weights)
+    if v_old is not None:  # centred weights + proximal term: same expected gradient, no pure-noise part
+        fm = fm - weighted_flow_matching_loss(v_pred.float() * scale, target.float() * scale, torch.ones_like(weights))
+        fm = fm + per_sample_mse(v_pred.float() * scale, v_old.float() * scale).mean()
     w2 = w2_regulariser(v_pred, v_ref) if v_ref is not None else torch.zeros((), device=fm.device)
     loss = fm + w2_weight * w2 if w2_weight != 0.0 else fm
     metrics = {

@@ -34,6 +34,7 @@ __all__ = [
     "flow_sigmas",
     "sample_latents",
     "sde_step",
+    "sde_step_velocity",
 ]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -69,6 +70,50 @@ def euler_step(
     s_next = _broadcast_sigma(sigma_next, x)
     dt = s_next - s  # < 0: we integrate from noise (s = 1) towards data (s = 0)
     return (x.float() + dt * v.float()).to(v.dtype)
+
+
+def _sde_coefficients(
+    x: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c_x, c_v, std)`` of one SDE step: ``mean = c_x x + c_v v``, ``x_next = mean + std z`` (float32)."""
+    s = _broadcast_sigma(sigma, x)
+    s_next = _broadcast_sigma(sigma_next, x)
+    dt = s_next - s
+    # sigma_t^2 = a^2 * s / (1 - s_c); at s = 1 Flow-GRPO uses the next grid point in the denominator.
+    s_clamped = torch.where(s >= 1.0, s_next, s)
+    one_minus = 1.0 - s_clamped
+    a2 = noise_level**2
+    sigma_t = noise_level * torch.sqrt(s / one_minus)
+    # sigma_t^2 / (2 s) = a^2 / (2 (1 - s_c));  sigma_t^2 (1 - s) / (2 s) = a^2 (1 - s) / (2 (1 - s_c))
+    c_x = 1.0 + a2 / (2.0 * one_minus) * dt
+    c_v = (1.0 + a2 * (1.0 - s) / (2.0 * one_minus)) * dt
+    return c_x, c_v, sigma_t * torch.sqrt(-dt)
+
+
+def sde_step_velocity(
+    x: torch.Tensor,
+    x_next: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float = 0.7,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The velocity whose SDE-step mean lands exactly on the realised ``x_next``, and its noise scale.
+
+    Inverts :func:`sde_step`'s mean ``mean = c_x x + c_v v``: ``u = (x_next - c_x x) / c_v``. On a stored
+    SDE trajectory ``u = v + (std / c_v) z``: the sampling velocity plus the injected noise in velocity
+    units. Also returns ``scale = |c_v| / std`` (float32, broadcastable), which turns a velocity error into
+    units of the step's noise: ``scale^2 ||v - u||^2 / 2`` is ``-log p(x_next | x)`` per dimension up to a
+    constant, so regressing onto ``u`` with that factor and reward weights is reward-weighted maximum
+    likelihood of the transitions (AC-Flow's ``fm_states="trajectory"``). Needs ``sigma_next < sigma``
+    and ``noise_level > 0`` for a finite scale (``a = 0``: the Euler step, scale ``inf``).
+
+    Example: ``x1, _, mean, _ = sde_step(x, v, 0.8, 0.7, noise=zeros_like(x))`` then
+    ``sde_step_velocity(x, mean, 0.8, 0.7)[0]`` equals ``v``.
+    """
+    c_x, c_v, std = _sde_coefficients(x, sigma, sigma_next, noise_level)
+    if bool((c_v == 0).any()):
+        raise ValueError("sde_step_velocity needs sigma_next < sigma (a step of non-zero length).")
+    return (x_next.float() - c_x * x.float()) / c_v, c_v.abs() / std
 
 
 def sde_step(
@@ -116,19 +161,8 @@ def sde_step(
     if log_prob_reduction not in ("sum", "mean"):
         raise ValueError(f"log_prob_reduction must be 'sum' or 'mean', got {log_prob_reduction!r}.")
     # bf16 can overflow in the mean below: compute in float32 (as Flow-GRPO does).
-    x32, v32 = x.float(), v.float()
-    s = _broadcast_sigma(sigma, x)
-    s_next = _broadcast_sigma(sigma_next, x)
-    dt = s_next - s
-
-    # sigma_t^2 = a^2 * s / (1 - s_c); at s = 1 Flow-GRPO uses the next grid point in the denominator.
-    s_clamped = torch.where(s >= 1.0, s_next, s)
-    one_minus = 1.0 - s_clamped
-    a2 = noise_level**2
-    sigma_t = noise_level * torch.sqrt(s / one_minus)
-    # sigma_t^2 / (2 s) = a^2 / (2 (1 - s_c));  sigma_t^2 (1 - s) / (2 s) = a^2 (1 - s) / (2 (1 - s_c))
-    mean = x32 * (1.0 + a2 / (2.0 * one_minus) * dt) + v32 * (1.0 + a2 * (1.0 - s) / (2.0 * one_minus)) * dt
-    std = sigma_t * torch.sqrt(-dt)
+    c_x, c_v, std = _sde_coefficients(x, sigma, sigma_next, noise_level)
+    mean = c_x * x.float() + c_v * v.float()
 
     if prev_sample is None:
         if noise is None:
@@ -203,12 +237,14 @@ class SamplerOutput:
         trajectory: ``[B, N + 1, ...]`` states x at every grid point (index 0 = start), or ``None``.
         log_probs: ``[B, N]`` log p(x_{k+1} | x_k) of every SDE step, or ``None``.
         sigmas: the grid used, [N + 1].
+        velocities: ``[B, N, ...]`` the velocity used at every step (``return_velocities``), or ``None``.
     """
 
     latents: torch.Tensor
     trajectory: torch.Tensor | None
     log_probs: torch.Tensor | None
     sigmas: torch.Tensor
+    velocities: torch.Tensor | None = None
 
 
 def sample_latents(
@@ -221,6 +257,7 @@ def sample_latents(
     return_trajectory: bool = False,
     return_log_probs: bool = False,
     log_prob_reduction: Literal["sum", "mean"] = "sum",
+    return_velocities: bool = False,
 ) -> SamplerOutput:
     """Integrate from ``latents`` (at ``sigmas[0]``) to ``sigmas[-1]`` with Euler or the Flow-GRPO SDE.
 
@@ -243,9 +280,12 @@ def sample_latents(
     x = latents
     trajectory = [x] if return_trajectory else None
     log_probs = [] if return_log_probs else None
+    velocities = [] if return_velocities else None
     for k in range(sigmas.shape[0] - 1):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         v = velocity_fn(x, sigma.expand(batch))
+        if velocities is not None:
+            velocities.append(v.float())
         if sampler == "euler":
             x = euler_step(x, v, sigma, sigma_next)
         else:
@@ -262,4 +302,5 @@ def sample_latents(
         trajectory=torch.stack(trajectory, dim=1) if trajectory is not None else None,
         log_probs=torch.stack(log_probs, dim=1) if log_probs is not None else None,
         sigmas=sigmas,
+        velocities=torch.stack(velocities, dim=1) if velocities is not None else None,
     )

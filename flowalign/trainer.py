@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 
 from flowalign import objectives as O
-from flowalign.sampling import flow_sigmas, sample_latents, sde_step
+from flowalign.sampling import flow_sigmas, sample_latents, sde_step, sde_step_velocity
 
 LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -109,6 +109,11 @@ class ACFlowConfig:
     noise_draws: int = 2  # (s, eps) draws per sample per pass
     minibatch_size: int = 32
     sigma_sampling: str = "logit_normal"  # "logit_normal" | "uniform"
+    fm_states: str = "noised"  # where the critic and the weighted loss are evaluated: "noised" = fresh
+    #   x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); "trajectory" = the rollout's
+    #   own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} (needs sampler: sde)
+    centered_weights: bool = True  # fm_states="trajectory": weights w - 1 plus a proximal term to the rollout
+    #   velocity (the pure-noise part of the weighted regression removed; see objectives.acflow_actor_loss)
     guided_loss: bool = True  # fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts
     #   and samples at test time; False = the conditional velocity only (then guidance piles up on
     #   itself: the conditional branch learns guided samples and is guided again when sampling)
@@ -137,10 +142,14 @@ class ACFlowConfig:
                 except ValueError:
                     raise ValueError(f"ACFlowConfig.{f.name}={value!r} is not a number.") from None
         choices = {"algorithm": ("acflow", "orw", "grpo"), "sampler": ("euler", "sde"),
-                   "mixed_precision": ("no", "fp16", "bf16"), "sigma_sampling": ("logit_normal", "uniform")}
+                   "mixed_precision": ("no", "fp16", "bf16"), "sigma_sampling": ("logit_normal", "uniform"),
+                   "fm_states": ("noised", "trajectory")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
+        if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
+            raise ValueError("ACFlowConfig.fm_states='trajectory' trains on the states of SDE rollouts: set "
+                             "sampler='sde' (Euler trajectories carry no exploration to learn from).")
         if self.weighting not in O.WEIGHTINGS:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(O.WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
@@ -438,10 +447,12 @@ class ACFlowTrainer:
                 noise, sigmas, sampler=sampler, noise_level=cfg.noise_level,
                 generator=generator if sampler == "sde" else None,
                 return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
+                return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
                 log_prob_reduction="mean",  # per-dimension mean, the scale Flow-GRPO's clip range is set for
             )
         model.train(was_training)
         return {"latents": out.latents.float(), "trajectory": out.trajectory, "log_probs": out.log_probs,
+                "velocities": out.velocities,
                 "sigmas": sigmas, "embeds": embeds, "pooled": pooled}
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -546,13 +557,23 @@ class ACFlowTrainer:
             order = torch.randperm(n, generator=gen).repeat(cfg.noise_draws)
             for start in range(0, order.numel(), cfg.minibatch_size):
                 idx = order[start : start + cfg.minibatch_size].to(self.device)
-                x0, tgt = x0_all[idx], targets[idx]
-                sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling,
-                                        shift=self.sigma_shift).to(self.device)
-                eps = torch.randn(x0.shape, generator=gen).to(self.device)
-                if cfg.ot_pairing:
-                    eps = O.ot_pair(x0, eps)
-                x_s, target = O.noised_states(x0, sigma, eps)  # x_s = (1 - s) x0 + s eps, u = eps - x0
+                tgt = targets[idx]
+                if cfg.fm_states == "trajectory":  # a random step k of each rollout: x_k -> x_{k+1}
+                    traj, grid = roll["trajectory"], roll["sigmas"]
+                    k = torch.randint(traj.shape[1] - 1, (idx.numel(),), generator=gen).to(self.device)
+                    x_s, sigma = traj[idx, k], grid[k]
+                    # u = (x_{k+1} - c_x x_k) / c_v: the velocity whose SDE mean hits the realised next state;
+                    # fm_scale = |c_v| / std puts the residual in units of the step noise (weighted log-likelihood)
+                    target, fm_scale = sde_step_velocity(x_s, traj[idx, k + 1], sigma, grid[k + 1], cfg.noise_level)
+                    v_old = roll["velocities"][idx, k] if cfg.centered_weights else None
+                else:
+                    x0, fm_scale, v_old = x0_all[idx], None, None
+                    sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling,
+                                            shift=self.sigma_shift).to(self.device)
+                    eps = torch.randn(x0.shape, generator=gen).to(self.device)
+                    if cfg.ot_pairing:
+                        eps = O.ot_pair(x0, eps)
+                    x_s, target = O.noised_states(x0, sigma, eps)  # x_s = (1 - s) x0 + s eps, u = eps - x0
 
                 # Critic: L_V = mean (V(x_s, s, c) - r~)^2 ; advantage A = clip(r~ - V, +-eps_A).
                 tc = time.perf_counter()
@@ -582,7 +603,8 @@ class ACFlowTrainer:
                         with torch.no_grad(), self.reference_model() as ref:
                             v_ref = field(ref, x_s, sigma, idx)
                     loss, m = O.acflow_actor_loss(v, target, adv, beta=cfg.beta, weighting=cfg.weighting,
-                                                  v_ref=v_ref, w2_weight=cfg.w2_weight)
+                                                  v_ref=v_ref, w2_weight=cfg.w2_weight, fm_scale=fm_scale,
+                                                  v_old=v_old)
                 # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.
                 if acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() < 1:
                     self.counters["skipped_updates"] += 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowalign.sampling import euler_step, flow_sigmas, sample_latents, sde_step
+from flowalign.sampling import euler_step, flow_sigmas, sample_latents, sde_step, sde_step_velocity
 
 
 def toy_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,32 @@ def test_sde_noise_argument_is_used():
     z = torch.randn_like(x)
     x_next, _, mean, std = sde_step(x, v, 0.8, 0.6, noise=z)
     torch.testing.assert_close(x_next, mean + std * z)
+
+
+@pytest.mark.parametrize("sigma, sigma_next", [(1.0, 0.9), (0.8, 0.6), (0.2, 0.0)])
+def test_sde_step_velocity_inverts_the_step(sigma, sigma_next):
+    """The velocity recovered from a realised step is v + std z / c_v: v itself for z = 0, and its
+    shift from v is exactly the injected noise (an unbiased regression target with the step's noise)."""
+    x, v = _xv()
+    z = torch.randn_like(x)
+    x_mean, _, mean, std = sde_step(x, v, sigma, sigma_next, noise_level=0.7, noise=torch.zeros_like(x))
+    torch.testing.assert_close(sde_step_velocity(x, x_mean, sigma, sigma_next, noise_level=0.7)[0], v, rtol=1e-4, atol=1e-4)
+    x_next, _, _, _ = sde_step(x, v, sigma, sigma_next, noise_level=0.7, noise=z)
+    u, scale = sde_step_velocity(x, x_next, sigma, sigma_next, noise_level=0.7)
+    # the step with velocity u and no noise lands on x_next: the definition
+    landed, _, _, _ = sde_step(x, u, sigma, sigma_next, noise_level=0.7, noise=torch.zeros_like(x))
+    torch.testing.assert_close(landed, x_next, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(u, v)  # the noise moved the target
+    # in units of the step noise the target error is the injected z, and scale^2 |u - v|^2 / 2 is -log p + const
+    torch.testing.assert_close(scale * (u - v), -z, rtol=1e-3, atol=1e-3)  # c_v < 0: dt < 0
+    _, logp, _, std = sde_step(x, v, sigma, sigma_next, noise_level=0.7, prev_sample=x_next, log_prob_reduction="mean")
+    nll = (scale**2 * (u - v) ** 2 / 2).mean(dim=(1, 2, 3)) + torch.log(std).flatten() + 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(-logp, nll, rtol=1e-4, atol=1e-4)
+    # a = 0: the Euler step, whose recovered velocity is (x_next - x) / dt
+    x_euler = euler_step(x, v, sigma, sigma_next)
+    torch.testing.assert_close(sde_step_velocity(x, x_euler, sigma, sigma_next, noise_level=0.0)[0], v, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="non-zero length"):
+        sde_step_velocity(x, x, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

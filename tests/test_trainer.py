@@ -85,6 +85,31 @@ def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
     assert 1.0 <= m["ess"] <= TINY["minibatch_size"] + 1e-4
 
 
+def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_path):
+    """fm_states="trajectory": the first actor step sees the rollout policy itself, so the scaled residual
+    |c_v| / std (v - u) is the injected SDE noise -z and the weighted loss is mean w z^2 ~ 1 per dimension."""
+    with pytest.raises(ValueError, match="sampler='sde'"):
+        ACFlowConfig(fm_states="trajectory")
+    trajectory = dict(algorithm="orw", w2_weight=0.0, fm_states="trajectory", sampler="sde", prompts_per_iteration=4,
+                      images_per_prompt=4, minibatch_size=16, sample_steps=4)
+    trainer = make_trainer(tmp_path, beta=0.0, centered_weights=False, **trajectory)
+    lora0 = lora_state(trainer)
+    m = trainer.step()
+    assert m["fm_loss"] == pytest.approx(1.0, abs=0.05)  # 16 x 4x16x16 draws of z^2 (a wrong target or scale is far off)
+    assert changed(lora0, lora_state(trainer))
+    # centred weights: with no reward information (beta = 0, w = 1) the noise alone moves nothing
+    centred = make_trainer(tmp_path / "centred", beta=0.0, **trajectory)
+    lora0 = lora_state(centred)
+    m = centred.step()
+    assert m["fm_loss"] == pytest.approx(0.0, abs=1e-6) and not changed(lora0, lora_state(centred))
+    centred = make_trainer(tmp_path / "centred1", beta=1.0, **trajectory)
+    centred.step()
+    assert changed(lora0, lora_state(centred))  # with rewards it learns
+    noised = make_trainer(tmp_path / "noised", algorithm="orw", beta=0.0, w2_weight=0.0, prompts_per_iteration=4,
+                          images_per_prompt=4, minibatch_size=16, sample_steps=4).step()
+    assert abs(noised["fm_loss"] - 1.0) > 0.2  # the noised-state regression has another scale: eps - x0
+
+
 def test_critic_is_a_small_fraction_of_the_transformer(tmp_path):
     info = make_trainer(tmp_path).parameter_counts()
     assert info["critic"] > 0 and info["trainable"] < info["transformer"]  # LoRA: a few trainable weights

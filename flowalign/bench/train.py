@@ -7,7 +7,7 @@ mean and std over seeds of the final held-out reward, unseen rewards, diversity 
 the base model's), W2 to the reference samples, and seconds per iteration split into sampling /
 reward / critic / actor (update for Flow-GRPO).
 
-    flowalign bench train --json --seeds 0 1 2 --images 1536
+    flowalign bench train --json --seeds 0 1 2 --images 1536 --workers 2
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--out", default="runs/bench_train", help="Folder for the runs and bench_train.json.")
     parser.add_argument("--json", action="store_true", help="Print the JSON summary.")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Runs trained at once, each in its own process with torch threads = cores / workers "
+                             "(default 1: one run at a time with every thread). Timings are then per worker.")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -59,25 +62,50 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def _train_one(config: str, algo: str, seed: int, images: int, eval_every: int, out: str, threads: int) -> dict:
+    """Train one (algorithm, seed) run for the image budget; returns its evaluations and metrics."""
+    import torch
+
     from flowalign.trainer import ACFlowConfig, ACFlowTrainer
 
+    if threads:
+        torch.set_num_threads(threads)
+    base = ACFlowConfig.from_yaml(config)
+    iterations = max(1, images // (base.prompts_per_iteration * base.images_per_prompt))
+    cfg = ACFlowConfig.from_yaml(config, {
+        "algorithm": algo, "seed": seed, "iterations": iterations, "eval_every": eval_every,
+        "output_dir": str(Path(out) / f"{algo}-seed{seed}"), "checkpoint_every": 0, "resume": False,
+        "progress": threads == 0,
+    })
+    start = time.perf_counter()
+    trainer = ACFlowTrainer(cfg)
+    trainer.train()
+    return {"algorithm": algo, "seed": seed, "iterations": iterations, "wall_seconds": time.perf_counter() - start,
+            "evals": trainer.eval_history, "metrics": trainer.history}
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
     out = Path(args.out)
-    runs = []
-    for algo in args.algorithms:
-        for seed in args.seeds:
-            base = ACFlowConfig.from_yaml(args.config)
-            per_iter = base.prompts_per_iteration * base.images_per_prompt
-            iterations = max(1, args.images // per_iter)
-            cfg = ACFlowConfig.from_yaml(args.config, {
-                "algorithm": algo, "seed": seed, "iterations": iterations, "eval_every": args.eval_every,
-                "output_dir": str(out / f"{algo}-seed{seed}"), "checkpoint_every": 0, "resume": False,
-            })
-            start = time.perf_counter()
-            trainer = ACFlowTrainer(cfg)
-            trainer.train()
-            runs.append({"algorithm": algo, "seed": seed, "iterations": iterations, "wall_seconds": time.perf_counter() - start,
-                         "evals": trainer.eval_history, "metrics": trainer.history})
+    jobs = [(args.config, algo, seed, args.images, args.eval_every, str(out)) for algo in args.algorithms for seed in args.seeds]
+    if args.workers < 1:
+        raise SystemExit(f"flowalign bench train: --workers must be >= 1, got {args.workers}.")
+    if args.workers == 1:
+        runs = [_train_one(*job, threads=0) for job in jobs]
+    else:  # one process per run, threads shared out; results kept in the order of jobs
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // args.workers)
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_one, *job, threads=threads) for job in jobs]
+            for f in tqdm(futures, desc="bench train runs"):
+                f.result()
+        runs = [f.result() for f in futures]
     summary = {"images_budget": args.images, "seeds": args.seeds, "config": args.config, "algorithms": summarize(runs)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
