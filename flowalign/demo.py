@@ -31,9 +31,10 @@ SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 # AC-Flow settings of the demo (the full run); --quick shrinks them.
 DEMO_TRAINING = dict(
     algorithm="acflow", prompts="shapes", reward="shapes", prompts_per_iteration=8, images_per_prompt=8,
-    sample_steps=16, iterations=36, critic_warmup_iterations=3, beta=2.0, w2_weight=0.3, learning_rate=1e-3,
+    sample_steps=16, guidance_scale=2.0, sampler="sde", fm_states="trajectory", iterations=48,
+    critic_warmup_iterations=3, advantage_clip=2.0, beta=1.0, w2_weight=0.03, learning_rate=3e-3,
     eval_prompts=0, checkpoint_every=0,
-)  # = samples/configs/acflow_shapes.yaml, fewer iterations
+)  # = samples/configs/acflow_shapes.yaml, fewer iterations (tests/test_demo.py checks they agree)
 QUICK_TRAINING = dict(DEMO_TRAINING, prompts_per_iteration=2, images_per_prompt=4, sample_steps=6, iterations=3,
                       critic_warmup_iterations=1, inner_epochs=1, noise_draws=1)
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="RLG scales w to sweep.")
     parser.add_argument("--prompts", type=int, default=None, help="Held-out prompts (default 48; 6 with --quick).")
     parser.add_argument("--images-per-prompt", type=int, default=None, help="Seeds per prompt (default 4; 2 with --quick).")
-    parser.add_argument("--iterations", type=int, default=None, help="AC-Flow iterations (default 36; 3 with --quick).")
+    parser.add_argument("--iterations", type=int, default=None, help="AC-Flow iterations (default 48; 3 with --quick).")
 
 
 def run(args: argparse.Namespace) -> int:

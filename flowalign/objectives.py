@@ -16,6 +16,21 @@ Three methods share these pieces (the trainer picks one by config):
       weight      w_i = f(A_i)   (default f = exp(beta A) / mean_batch exp(beta A))
       actor       L = mean_i w_i ||v_theta(x_s, s, c) - u_i||^2 + alpha mean_i ||v_theta - stopgrad(v_ref)||^2
 
+  Two choices of the states (``ACFlowConfig.fm_states``):
+
+  - ``"noised"`` (ORW-CFM-W2's regression): fresh ``x_s = (1 - s) x0_i + s eps``, ``u = eps - x0_i``;
+  - ``"trajectory"`` (the shipped tiny-world config): the rollout's own SDE states ``x_k`` (the critic's
+    "intermediate states on the generation trajectory"), ``u = (x_{k+1} - c_x x_k) / c_v`` the velocity
+    whose SDE step lands on the realised next state (:func:`flowalign.sampling.sde_step_velocity`), the
+    residual in units of the step noise (so the term is the transition's negative log-likelihood), and
+    centred weights with a proximal term to the rollout velocity ``v_old``::
+
+        L = mean_i (w_i - 1) ||k_i (v_theta - u_i)||^2 + ||k_i (v_theta - v_old_i)||^2 + alpha W2,  k = |c_v| / std
+
+    The plain weights' update is "fit your own samples" plus the reward tilt; the first part is pure noise
+    in expectation, and centring removes it (measured on the tiny world: the noised form does not raise the
+    verifier accuracy, the trajectory form does; README, "Training").
+
 - **ORW-CFM-W2** (Fan et al., "Online Reward-Weighted Fine-Tuning of Flow Matching with Wasserstein
   Regularization", ICLR 2025): the special case V = 0, no shaping, f = exp(beta r) — see :func:`orw_weights`
   and :func:`orw_cfm_w2_loss`.

@@ -316,8 +316,8 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", d
         index = json.loads(model_index.read_text())
         if index.get("text_encoder_3", [None])[0] is None:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
-    return pipe.to(device=device, dtype=dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), torch_dtype=dtype, **kwargs)  # dtype at load time:
+    return pipe.to(device)  # diffusers keeps its float32 modules and does not warn about casting afterwards
 
 
 def load_base_pipeline(

@@ -85,7 +85,7 @@ class ACFlowConfig:
     images_per_prompt: int = 8  # G, split across ranks (must be divisible by the number of processes)
     sample_steps: int = 16  # sampling steps of the rollouts
     guidance_scale: float | None = None  # CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5
-    sampler: str = "euler"  # "euler" | "sde" (grpo always uses "sde")
+    sampler: str = "sde"  # "euler" | "sde" (grpo always uses "sde"; fm_states="trajectory" needs "sde")
     noise_level: float = 0.7  # SDE noise level a
     # --- reward --------------------------------------------------------------------------------
     reward: str = "shapes"  # a flowalign.rewards spec, or a list of "name=weight" for a mixture
@@ -101,15 +101,16 @@ class ACFlowConfig:
     # --- actor update (acflow, orw) ------------------------------------------------------------
     weighting: str = "exp"  # see flowalign.objectives.WEIGHTINGS
     beta: float = 1.0  # temperature of the weighting (ORW-CFM-W2 uses 0.5 on raw rewards)
-    w2_weight: float = 1.0  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2
+    w2_weight: float = 0.03  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2, velocity units (ORW-CFM-W2
+    #   uses 1.0 with fm_states="noised"; on trajectory states the regression is in units of the step noise)
     learning_rate: float = 3e-4
     adam_weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     inner_epochs: int = 2  # passes over the rollout batch per iteration
-    noise_draws: int = 2  # (s, eps) draws per sample per pass
+    noise_draws: int = 2  # states per sample per pass: (s, eps) draws, or trajectory steps k
     minibatch_size: int = 32
-    sigma_sampling: str = "logit_normal"  # "logit_normal" | "uniform"
-    fm_states: str = "noised"  # where the critic and the weighted loss are evaluated: "noised" = fresh
+    sigma_sampling: str = "logit_normal"  # "logit_normal" | "uniform" (fm_states="noised")
+    fm_states: str = "trajectory"  # where the critic and the weighted loss are evaluated: "noised" = fresh
     #   x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); "trajectory" = the rollout's
     #   own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} (needs sampler: sde)
     centered_weights: bool = True  # fm_states="trajectory": weights w - 1 plus a proximal term to the rollout
@@ -117,8 +118,8 @@ class ACFlowConfig:
     guided_loss: bool = True  # fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts
     #   and samples at test time; False = the conditional velocity only (then guidance piles up on
     #   itself: the conditional branch learns guided samples and is guided again when sampling)
-    sigma_shift: float | None = None  # s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift
-    ot_pairing: bool = False  # minibatch OT coupling of noise and samples (POT)
+    sigma_shift: float | None = None  # s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift (noised)
+    ot_pairing: bool = False  # minibatch OT coupling of noise and samples (POT; fm_states="noised")
     # --- Flow-GRPO ----------------------------------------------------------------------------
     grpo_clip_range: float = 1e-4  # on per-dimension-mean log-probs, as Flow-GRPO
     grpo_kl_weight: float = 0.04
@@ -148,8 +149,9 @@ class ACFlowConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
         if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
-            raise ValueError("ACFlowConfig.fm_states='trajectory' trains on the states of SDE rollouts: set "
-                             "sampler='sde' (Euler trajectories carry no exploration to learn from).")
+            raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
+                             "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
+                             "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
         if self.weighting not in O.WEIGHTINGS:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(O.WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",

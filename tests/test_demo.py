@@ -24,3 +24,19 @@ def test_quick_demo_writes_report_and_is_reproducible(tmp_path):
     assert rows[0]["diversity"] != rows[2]["diversity"] or rows[0]["JPEG size (kB)"] != rows[2]["JPEG size (kB)"]
     second = demo(out=str(tmp_path / "b"), quick=True, seed=0, scales=[0.0, 1.0, 2.0])
     assert second["rows"] == first["rows"]
+
+
+def test_demo_training_settings_are_the_shipped_config_with_fewer_iterations():
+    """The demo fine-tunes like samples/configs/acflow_shapes.yaml: every key it sets agrees, except the
+    schedule (iterations), the evaluation and the checkpoints, which the demo does itself."""
+    from pathlib import Path
+
+    import yaml
+
+    from flowalign.demo import DEMO_TRAINING
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "samples" / "configs" / "acflow_shapes.yaml").read_text())
+    own = {"iterations", "eval_prompts", "checkpoint_every"}
+    differ = {k: (v, shipped[k]) for k, v in DEMO_TRAINING.items() if k not in own and k in shipped and shipped[k] != v}
+    assert not differ, f"demo settings differ from the shipped config: {differ}"
+    assert DEMO_TRAINING["iterations"] <= shipped["iterations"]

@@ -58,9 +58,12 @@ def test_config_yaml_and_unknown_keys(tmp_path):
         parse_override("lerning_rate", "1")
 
 
-def test_shipped_config_loads():
-    cfg = ACFlowConfig.from_yaml(Path(__file__).parents[1] / "samples" / "configs" / "acflow_shapes.yaml")
-    assert cfg.algorithm == "acflow" and cfg.reward == "shapes"
+def test_shipped_configs_load():
+    configs = Path(__file__).parents[1] / "samples" / "configs"
+    cfg = ACFlowConfig.from_yaml(configs / "acflow_shapes.yaml")
+    assert cfg.algorithm == "acflow" and cfg.reward == "shapes" and cfg.fm_states == "trajectory"
+    real = ACFlowConfig.from_yaml(configs / "acflow_sd35m.yaml")
+    assert real.pretrained == "stabilityai/stable-diffusion-3.5-medium" and real.sampler == "sde"
 
 
 def test_diversity_metric():
@@ -88,8 +91,8 @@ def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
 def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_path):
     """fm_states="trajectory": the first actor step sees the rollout policy itself, so the scaled residual
     |c_v| / std (v - u) is the injected SDE noise -z and the weighted loss is mean w z^2 ~ 1 per dimension."""
-    with pytest.raises(ValueError, match="sampler='sde'"):
-        ACFlowConfig(fm_states="trajectory")
+    with pytest.raises(ValueError, match="sampler='euler' with fm_states='trajectory'"):
+        ACFlowConfig(sampler="euler")  # the default states are the trajectory's
     trajectory = dict(algorithm="orw", w2_weight=0.0, fm_states="trajectory", sampler="sde", prompts_per_iteration=4,
                       images_per_prompt=4, minibatch_size=16, sample_steps=4)
     trainer = make_trainer(tmp_path, beta=0.0, centered_weights=False, **trajectory)
@@ -106,7 +109,7 @@ def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_
     centred.step()
     assert changed(lora0, lora_state(centred))  # with rewards it learns
     noised = make_trainer(tmp_path / "noised", algorithm="orw", beta=0.0, w2_weight=0.0, prompts_per_iteration=4,
-                          images_per_prompt=4, minibatch_size=16, sample_steps=4).step()
+                          images_per_prompt=4, minibatch_size=16, sample_steps=4, fm_states="noised").step()
     assert abs(noised["fm_loss"] - 1.0) > 0.2  # the noised-state regression has another scale: eps - x0
 
 
@@ -181,7 +184,7 @@ def test_flow_matching_loss_fits_the_guided_velocity(tmp_path, monkeypatch, guid
     monkeypatch.setattr(O, "noised_states", record_states)
     monkeypatch.setattr(O, "acflow_actor_loss", record_loss)
     trainer = make_trainer(tmp_path, algorithm="orw", prompts=str(tmp_path / "p.txt"), guidance_scale=3.0,
-                           guided_loss=guided, w2_weight=0.5, prompts_per_iteration=1)
+                           guided_loss=guided, w2_weight=0.5, prompts_per_iteration=1, fm_states="noised", sampler="euler")
     trainer.step()
     x_s, s = seen["xs"]
     n = x_s.shape[0]
