@@ -316,8 +316,16 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", d
         index = json.loads(model_index.read_text())
         if index.get("text_encoder_3", [None])[0] is None:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), torch_dtype=dtype, **kwargs)  # dtype at load time:
-    return pipe.to(device)  # diffusers keeps its float32 modules and does not warn about casting afterwards
+    # the dtype at load time (diffusers then keeps its float32 modules and does not warn about a later cast);
+    # diffusers renamed torch_dtype to dtype and deprecates the old name
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (diffusers with `dtype`)
+
+        dtype_key = "dtype"
+    except ImportError:
+        dtype_key = "torch_dtype"
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **{dtype_key: dtype}, **kwargs)
+    return pipe.to(device)
 
 
 def load_base_pipeline(
