@@ -19,7 +19,8 @@ Every iteration (CleanRL-style, top to bottom in ``ACFlowTrainer.step``)::
     shaping  <- per-prompt z-score, clipped                           (acflow)
     critic   <- regress V(x_s, s, c) on the shaped reward             (acflow)
     actor    <- critic/reward-weighted flow matching + W2 term        (acflow, orw; skipped in warm-up)
-                on the CFG-guided velocity v_u + g (v_c - v_u) that drew the rollouts (guided_loss)
+                on the CFG-guided velocity v_u + g (v_c - v_u) that drew the rollouts (guided_loss),
+                at the rollout's SDE states (fm_states="trajectory", default) or fresh noised ones
                 clipped-ratio policy gradient + KL                    (grpo)
 
 Randomness is a pure function of ``(seed, iteration, rank)``, so a resumed run reproduces an
@@ -152,6 +153,10 @@ class ACFlowConfig:
             raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
                              "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
                              "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
+        if self.fm_states == "trajectory" and not self.guided_loss and self.algorithm != "grpo":
+            raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
+                             "velocities are the CFG-guided field's, so the loss must fit that field; set "
+                             "guided_loss=True, or fm_states='noised'.")
         if self.weighting not in O.WEIGHTINGS:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(O.WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",

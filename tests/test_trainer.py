@@ -93,6 +93,8 @@ def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_
     |c_v| / std (v - u) is the injected SDE noise -z and the weighted loss is mean w z^2 ~ 1 per dimension."""
     with pytest.raises(ValueError, match="sampler='euler' with fm_states='trajectory'"):
         ACFlowConfig(sampler="euler")  # the default states are the trajectory's
+    with pytest.raises(ValueError, match="guided_loss=False with fm_states='trajectory'"):
+        ACFlowConfig(guided_loss=False)
     trajectory = dict(algorithm="orw", w2_weight=0.0, fm_states="trajectory", sampler="sde", prompts_per_iteration=4,
                       images_per_prompt=4, minibatch_size=16, sample_steps=4)
     trainer = make_trainer(tmp_path, beta=0.0, centered_weights=False, **trajectory)
