@@ -258,11 +258,16 @@ def sample_latents(
     return_log_probs: bool = False,
     log_prob_reduction: Literal["sum", "mean"] = "sum",
     return_velocities: bool = False,
+    sde_steps: int | None = None,
 ) -> SamplerOutput:
     """Integrate from ``latents`` (at ``sigmas[0]``) to ``sigmas[-1]`` with Euler or the Flow-GRPO SDE.
 
     ``velocity_fn(x, sigma_batch) -> v`` gets ``sigma_batch`` [B] in [0, 1] (multiply by 1000 for a diffusers
     transformer) and must return the final velocity (CFG / RLG mixing already applied by the caller).
+
+    ``sde_steps``: with ``sampler="sde"``, only the first ``sde_steps`` steps (the high-noise ones that lay out
+    the image) inject noise; the rest are Euler steps (a = 0: std 0, log-prob 0), as MixGRPO's SDE window.
+    None = every step.
 
     Example::
 
@@ -276,6 +281,8 @@ def sample_latents(
         raise ValueError("return_log_probs=True needs sampler='sde': the Euler ODE step has no transition density.")
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must be a 1-d grid with at least 2 points, got shape {tuple(sigmas.shape)}.")
+    if sde_steps is not None and sde_steps < 0:
+        raise ValueError(f"sde_steps must be >= 0 or None (every step), got {sde_steps}.")
     batch = latents.shape[0]
     x = latents
     trajectory = [x] if return_trajectory else None
@@ -289,8 +296,10 @@ def sample_latents(
         if sampler == "euler":
             x = euler_step(x, v, sigma, sigma_next)
         else:
+            # a = 0 after the SDE window: the step is Euler's (std 0, log-prob 0)
+            a = noise_level if sde_steps is None or k < sde_steps else 0.0
             x, log_prob, _, _ = sde_step(
-                x, v, sigma, sigma_next, noise_level=noise_level, generator=generator,
+                x, v, sigma, sigma_next, noise_level=a, generator=generator,
                 log_prob_reduction=log_prob_reduction,
             )
             if log_probs is not None:

@@ -84,10 +84,15 @@ class ACFlowConfig:
     prompts: str = "shapes"  # "shapes" (train split of flowalign.shapes) or a text file, one prompt a line
     prompts_per_iteration: int = 8  # P, identical on all ranks
     images_per_prompt: int = 8  # G, split across ranks (must be divisible by the number of processes)
+    initial_noises: int | None = None  # distinct starting noises x_1 per prompt: the G images branch from them
+    #   (G / initial_noises SDE branches each) and are shaped within (prompt, x_1) groups, so the advantage
+    #   holds only what the policy's own noise did; None = G (every image its own x_1)
     sample_steps: int = 16  # sampling steps of the rollouts
     guidance_scale: float | None = None  # CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5
     sampler: str = "sde"  # "euler" | "sde" (grpo always uses "sde"; fm_states="trajectory" needs "sde")
     noise_level: float = 0.7  # SDE noise level a
+    sde_steps_fraction: float = 1.0  # SDE noise on this fraction of the earliest (highest-noise) steps, Euler on
+    #   the rest (MixGRPO's window): exploration and credit where the layout is decided; the actor trains on them
     # --- reward --------------------------------------------------------------------------------
     reward: str = "shapes"  # a flowalign.rewards spec, or a list of "name=weight" for a mixture
     reward_normalize: str | None = None  # mixture normalisation: None | "zscore"
@@ -157,6 +162,12 @@ class ACFlowConfig:
             raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
                              "velocities are the CFG-guided field's, so the loss must fit that field; set "
                              "guided_loss=True, or fm_states='noised'.")
+        if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and self.algorithm != "grpo")):
+            raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
+                             "(branches of one starting noise differ only by the SDE noise); or set it to None.")
+        if not 0.0 < self.sde_steps_fraction <= 1.0:
+            raise ValueError(f"ACFlowConfig.sde_steps_fraction={self.sde_steps_fraction} must be in (0, 1]: the "
+                             "fraction of the earliest sampling steps that inject SDE noise (1.0 = every step).")
         if self.weighting not in O.WEIGHTINGS:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(O.WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
@@ -284,6 +295,11 @@ class ACFlowTrainer:
                 f"({acc.num_processes}): each rank samples images_per_prompt / num_processes images of every prompt."
             )
         self.local_g = cfg.images_per_prompt // acc.num_processes
+        n_init = cfg.initial_noises or cfg.images_per_prompt
+        if cfg.images_per_prompt % n_init:
+            raise ValueError(f"images_per_prompt={cfg.images_per_prompt} must be divisible by initial_noises={n_init}: "
+                             "every starting noise gets the same number of SDE branches.")
+        self.branches = cfg.images_per_prompt // n_init  # images per (prompt, x_1) group
         self.output_dir = Path(cfg.output_dir)
 
         # Pipeline: frozen text encoders and VAE; the transformer is the policy.
@@ -335,6 +351,7 @@ class ACFlowTrainer:
             self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.latent_shape = latent_shape
+        self.sde_steps = max(1, round(cfg.sde_steps_fraction * cfg.sample_steps))  # the noisy (trainable) steps
 
         # Reward(s).
         from flowalign import rewards as R
@@ -438,20 +455,24 @@ class ACFlowTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator, sampler: str, model=None,
-                steps: int | None = None) -> dict[str, torch.Tensor]:
-        """Sample one image per entry of ``prompts`` with the frozen current policy (or ``model``)."""
+                steps: int | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Sample one image per entry of ``prompts`` with the frozen current policy (or ``model``), from
+        ``noise`` (drawn from ``generator`` when None; the SDE noise always comes from ``generator``)."""
         cfg = self.config
         model = model if model is not None else self.unwrapped
         was_training = model.training
         model.eval()
         embeds, pooled = self.encode(prompts)
         neg_embeds, neg_pooled = self.encode([""] * len(prompts))
-        noise = torch.randn((len(prompts), *self.latent_shape), generator=generator).to(self.device)
+        if noise is None:
+            noise = torch.randn((len(prompts), *self.latent_shape), generator=generator)
+        noise = noise.to(self.device)
         sigmas = flow_sigmas(self.pipe.scheduler, steps or cfg.sample_steps, self.device)
         with self.accelerator.autocast():
             out = sample_latents(
                 lambda x, s: self.cfg_velocity(model, x, s, embeds, pooled, neg_embeds, neg_pooled),
                 noise, sigmas, sampler=sampler, noise_level=cfg.noise_level,
+                sde_steps=self.sde_steps if steps is None or steps == cfg.sample_steps else None,
                 generator=generator if sampler == "sde" else None,
                 return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
                 return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
@@ -489,8 +510,15 @@ class ACFlowTrainer:
         pick = torch.randint(len(self.train_prompts), (cfg.prompts_per_iteration,), generator=pg).tolist()
         prompts = [self.train_prompts[i] for i in pick for _ in range(self.local_g)]
         group = torch.tensor([j for j in range(cfg.prompts_per_iteration) for _ in range(self.local_g)], device=self.device)
+        noise = None
+        if cfg.initial_noises:  # branches of one x_1 (seeded by prompt slot and branch group, the same on every rank)
+            branch = (rank * self.local_g + torch.arange(self.local_g)) // self.branches  # global image index -> x_1
+            starts = {(j, b): torch.randn(self.latent_shape, generator=_generator(cfg.seed, it, j, b, 4))
+                      for j in range(cfg.prompts_per_iteration) for b in branch.unique().tolist()}
+            noise = torch.stack([starts[j, b] for j in range(cfg.prompts_per_iteration) for b in branch.tolist()])
+            group = group * cfg.initial_noises + branch.repeat(cfg.prompts_per_iteration).to(self.device)
         sampler = "sde" if cfg.algorithm == "grpo" else cfg.sampler
-        roll = self.rollout(prompts, _generator(cfg.seed, it, rank + 1, 1), sampler)
+        roll = self.rollout(prompts, _generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
         t1 = time.perf_counter()
 
         # 2. Reward of the decoded images; gather across ranks for group statistics.
@@ -542,7 +570,7 @@ class ACFlowTrainer:
 
         # Shaping (acflow): r~ = clip((r - mean_c) / (std_c + eps), -k, k), statistics over all ranks.
         if cfg.algorithm == "acflow" and cfg.shaping:
-            if self.local_g * self.accelerator.num_processes >= 2:
+            if self.branches >= 2:
                 targets_all = O.shape_rewards(all_rewards, all_groups, clip=cfg.shaping_clip)
             else:  # G = 1: running statistics (identical on every rank: fed with the gathered rewards)
                 targets_all = O.shape_rewards(all_rewards, None, clip=cfg.shaping_clip, running=self.running)
@@ -567,7 +595,7 @@ class ACFlowTrainer:
                 tgt = targets[idx]
                 if cfg.fm_states == "trajectory":  # a random step k of each rollout: x_k -> x_{k+1}
                     traj, grid = roll["trajectory"], roll["sigmas"]
-                    k = torch.randint(traj.shape[1] - 1, (idx.numel(),), generator=gen).to(self.device)
+                    k = torch.randint(self.sde_steps, (idx.numel(),), generator=gen).to(self.device)
                     x_s, sigma = traj[idx, k], grid[k]
                     # u = (x_{k+1} - c_x x_k) / c_v: the velocity whose SDE mean hits the realised next state;
                     # fm_scale = |c_v| / std puts the residual in units of the step noise (weighted log-likelihood)
@@ -636,8 +664,8 @@ class ACFlowTrainer:
         n, steps = traj.shape[0], old_logp.shape[1]
         neg_embeds, neg_pooled = self.encode([""] * n)
         gen = _generator(cfg.seed, self.iteration, acc.process_index + 1, 3)
-        k_train = max(1, round(cfg.grpo_train_fraction * steps))
-        chosen = torch.randperm(steps, generator=gen)[:k_train].sort().values.tolist()
+        k_train = max(1, round(cfg.grpo_train_fraction * self.sde_steps))  # among the noisy steps
+        chosen = torch.randperm(self.sde_steps, generator=gen)[:k_train].sort().values.tolist()
         sums = {"policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
         self.transformer.train()
         for start in range(0, n, cfg.minibatch_size):

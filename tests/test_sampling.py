@@ -206,6 +206,26 @@ def test_sample_latents_sde_trajectory_and_log_probs():
     assert torch.equal(ode.latents, sample_latents(toy_velocity, x0, sigmas).latents)
 
 
+def test_sde_window_is_sde_then_euler():
+    """sde_steps=m: the first m steps are the full SDE run's (same generator), the rest Euler steps."""
+    sigmas = flow_sigmas(FlowMatchEulerDiscreteScheduler(shift=3.0), 6)
+    x0, _ = _xv(batch=3)
+    kw = dict(sampler="sde", return_trajectory=True, return_log_probs=True)
+    full = sample_latents(toy_velocity, x0, sigmas, generator=torch.Generator().manual_seed(5), **kw)
+    win = sample_latents(toy_velocity, x0, sigmas, generator=torch.Generator().manual_seed(5), sde_steps=2, **kw)
+    assert torch.equal(win.trajectory[:, :3], full.trajectory[:, :3])
+    assert not torch.allclose(win.latents, full.latents)
+    assert torch.equal(win.log_probs[:, :2], full.log_probs[:, :2]) and (win.log_probs[:, 2:] == 0).all()
+    x = win.trajectory[:, 2]
+    for k in range(2, 6):  # the rest: deterministic Euler from the state the window left
+        x = euler_step(x, toy_velocity(x, sigmas[k].expand(3)), sigmas[k], sigmas[k + 1])
+        torch.testing.assert_close(win.trajectory[:, k + 1], x)
+    zero = sample_latents(toy_velocity, x0, sigmas, sampler="sde", generator=torch.Generator(), sde_steps=0)
+    assert torch.equal(zero.latents, sample_latents(toy_velocity, x0, sigmas).latents)
+    with pytest.raises(ValueError, match="sde_steps"):
+        sample_latents(toy_velocity, x0, sigmas, sampler="sde", sde_steps=-1)
+
+
 def test_sample_latents_rejects_bad_arguments():
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     x0, _ = _xv(batch=1)

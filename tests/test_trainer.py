@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowalign import objectives as O
 from flowalign.tiny import build_tiny_sd3_pipeline
 from flowalign.trainer import ACFlowConfig, ACFlowTrainer, diversity, parse_override
 
@@ -113,6 +114,51 @@ def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_
     noised = make_trainer(tmp_path / "noised", algorithm="orw", beta=0.0, w2_weight=0.0, prompts_per_iteration=4,
                           images_per_prompt=4, minibatch_size=16, sample_steps=4, fm_states="noised").step()
     assert abs(noised["fm_loss"] - 1.0) > 0.2  # the noised-state regression has another scale: eps - x0
+
+
+def test_sde_window_rollouts_and_trajectory_states(tmp_path):
+    """sde_steps_fraction=0.5: rollouts inject noise on the first half of the steps only, and the trajectory-state
+    loss draws its states there (a deterministic step has no step noise: its scaled residual would be inf)."""
+    with pytest.raises(ValueError, match="sde_steps_fraction=0.0 must be in"):
+        ACFlowConfig(sde_steps_fraction=0.0)
+    trainer = make_trainer(tmp_path, algorithm="orw", beta=0.0, w2_weight=0.0, centered_weights=False,
+                           sde_steps_fraction=0.5, prompts_per_iteration=4, images_per_prompt=4, minibatch_size=16,
+                           sample_steps=4)
+    assert trainer.sde_steps == 2
+    roll = trainer.rollout(["a red circle"] * 3, torch.Generator().manual_seed(0), "sde")
+    assert (roll["log_probs"][:, :2] != 0).all() and (roll["log_probs"][:, 2:] == 0).all()
+    m = trainer.step()
+    assert m["fm_loss"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_initial_noises_branch_and_group(tmp_path, monkeypatch):
+    """initial_noises=2, G=4: each prompt's images branch in pairs from 2 starting noises, shaped per pair."""
+    with pytest.raises(ValueError, match="initial_noises=2 needs"):
+        ACFlowConfig(initial_noises=2, sampler="euler", fm_states="noised")
+    with pytest.raises(ValueError, match="divisible by initial_noises=3"):
+        make_trainer(tmp_path / "bad", images_per_prompt=4, initial_noises=3)
+    trainer = make_trainer(tmp_path, images_per_prompt=4, initial_noises=2, critic_warmup_iterations=5)
+    seen = {}
+    rollout, shape = trainer.rollout, O.shape_rewards
+
+    def spy_rollout(prompts, generator, sampler, **kw):
+        seen["noise"] = kw["noise"]
+        out = rollout(prompts, generator, sampler, **kw)
+        seen["final"] = out["latents"]
+        return out
+
+    def spy_shape(rewards, groups, **kw):
+        seen["groups"] = groups.tolist()
+        return shape(rewards, groups, **kw)
+
+    monkeypatch.setattr(trainer, "rollout", spy_rollout)
+    monkeypatch.setattr(O, "shape_rewards", spy_shape)
+    trainer.step()
+    x1, final = seen["noise"], seen["final"]
+    assert x1.shape[0] == 8 and seen["groups"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for a in range(0, 8, 2):  # a pair shares x_1 and the SDE noise tells its branches apart
+        assert torch.equal(x1[a], x1[a + 1]) and not torch.allclose(final[a], final[a + 1])
+    assert not torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[4])
 
 
 def test_critic_is_a_small_fraction_of_the_transformer(tmp_path):
