@@ -353,6 +353,12 @@ def acflow_actor_loss(
     removed; ``w = 1`` (no reward information) gives no update at all. Per sample the quadratic keeps the
     coefficient ``w_i > 0``, so the loss stays bounded below.
 
+    With ``fm_scale`` the W2 term is scaled the same way, ``||fm_scale (v_theta - v_ref)||^2``: on trajectory
+    states that is twice the per-dimension ``KL(p_theta(x_{k+1} | x_k) || p_ref(x_{k+1} | x_k))`` (the two
+    step kernels share their std), so both terms weigh every step alike. In velocity units instead, the
+    regulariser would outweigh the reward term by ``1 / fm_scale^2`` (~1000 at the first steps of a shift-3
+    grid, where the layout is decided) and pin the early steps to the reference.
+
     Returns ``(loss, metrics)``; metrics are detached scalars: ``fm_loss`` (weighted), ``w2``, ``ess``,
     ``weight_max``, ``weight_min``.
 
@@ -368,7 +374,10 @@ def acflow_actor_loss(
     if v_old is not None:  # centred weights + proximal term: same expected gradient, no pure-noise part
         fm = fm - weighted_flow_matching_loss(v_pred.float() * scale, target.float() * scale, torch.ones_like(weights))
         fm = fm + per_sample_mse(v_pred.float() * scale, v_old.float() * scale).mean()
-    w2 = w2_regulariser(v_pred, v_ref) if v_ref is not None else torch.zeros((), device=fm.device)
+    # With fm_scale the W2 term is measured in the same units: on trajectory states ||s (v - v_ref)||^2 is twice
+    # the per-dimension KL between the policy's and the reference's step kernels (Flow-GRPO's KL term).
+    w2 = (w2_regulariser(v_pred.float() * scale, v_ref.float() * scale) if v_ref is not None
+          else torch.zeros((), device=fm.device))
     loss = fm + w2_weight * w2 if w2_weight != 0.0 else fm
     metrics = {
         "fm_loss": fm.detach(),

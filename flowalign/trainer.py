@@ -107,8 +107,8 @@ class ACFlowConfig:
     # --- actor update (acflow, orw) ------------------------------------------------------------
     weighting: str = "exp"  # see flowalign.objectives.WEIGHTINGS
     beta: float = 1.0  # temperature of the weighting (ORW-CFM-W2 uses 0.5 on raw rewards)
-    w2_weight: float = 0.03  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2, velocity units (ORW-CFM-W2
-    #   uses 1.0 with fm_states="noised"; on trajectory states the regression is in units of the step noise)
+    w2_weight: float = 0.03  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2 (ORW-CFM-W2 uses 1.0 with
+    #   fm_states="noised"); on trajectory states both terms are in units of the step noise (W2 = 2 KL per step)
     learning_rate: float = 3e-4
     adam_weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -192,6 +192,9 @@ def test_acflow_actor_loss_hand_value_and_metrics():
     assert float(metrics["weight_max"]) == pytest.approx(1.5) and float(metrics["weight_min"]) == pytest.approx(0.5)
     loss.backward()
     assert v.grad is not None
+    # fm_scale scales both terms: fm x 4, w2 x 4 (the W2 term in the units of the regression)
+    _, scaled = acflow_actor_loss(v, u, adv, beta=1.0, v_ref=v_ref, w2_weight=0.5, fm_scale=torch.tensor(2.0))
+    assert float(scaled["fm_loss"]) == pytest.approx(4 * 1.625) and float(scaled["w2"]) == pytest.approx(4 * 1.5)
     with pytest.raises(ValueError, match="v_ref"):
         acflow_actor_loss(v, u, adv, w2_weight=1.0)
     with pytest.raises(ValueError, match="softmax"):
@@ -372,3 +375,17 @@ def test_centred_weights_keep_the_expected_gradient_and_drop_the_noise():
     # w = 1 (beta = 0): the loss is the proximal term alone, zero at v = v_old
     loss, _ = acflow_actor_loss(v_old.clone(), v_old + draws[0], adv, beta=0.0, v_old=v_old)
     assert loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_scaled_w2_is_twice_the_step_kl_to_the_reference():
+    """On a trajectory step, ||s (v - v_ref)||^2 with s = |c_v| / std equals 2 KL(p_theta || p_ref) per dimension."""
+    from flowalign.sampling import sde_step, sde_step_velocity
+
+    g = torch.Generator().manual_seed(0)
+    x, v, v_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    x_next, _, mean, std = sde_step(x, v, 0.95, 0.9, noise_level=0.7, generator=g)
+    _, _, ref_mean, _ = sde_step(x, v_ref, 0.95, 0.9, noise_level=0.7, noise=torch.zeros_like(x))
+    u, scale = sde_step_velocity(x, x_next, 0.95, 0.9, noise_level=0.7)
+    _, m = acflow_actor_loss(v, u, torch.zeros(3), v_ref=v_ref, w2_weight=1.0, fm_scale=scale)
+    kl = gaussian_kl_to_reference(mean, ref_mean, std, reduction="mean").mean()
+    assert float(m["w2"]) == pytest.approx(2 * float(kl), rel=1e-4)
