@@ -161,6 +161,23 @@ def test_initial_noises_branch_and_group(tmp_path, monkeypatch):
     assert not torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[4])
 
 
+@pytest.mark.parametrize("algorithm", ["acflow", "orw", "grpo"])
+def test_training_raises_the_reward(tmp_path, algorithm):
+    """The point of it all: 15 iterations on the redness reward make fresh samples redder (fixed seeds, Euler)."""
+    trainer = make_trainer(tmp_path, algorithm=algorithm, prompts_per_iteration=2, images_per_prompt=8, sample_steps=4,
+                           minibatch_size=16, critic_warmup_iterations=0, learning_rate=1e-2, grpo_learning_rate=1e-2,
+                           grpo_clip_range=1e-2, w2_weight=0.0)
+
+    def fresh_redness():
+        roll = trainer.rollout(["a red circle"] * 64, torch.Generator().manual_seed(123), "euler")
+        return redness(trainer.decode(roll["latents"]), None).mean().item()
+
+    before = fresh_redness()
+    rollout_rewards = [trainer.step()["reward_mean"] for _ in range(15)]
+    assert fresh_redness() > before + 0.01  # measured: +0.036 acflow, +0.017 orw, +0.032 grpo
+    assert sum(rollout_rewards[-3:]) > sum(rollout_rewards[:3]) + 0.03
+
+
 def test_critic_is_a_small_fraction_of_the_transformer(tmp_path):
     info = make_trainer(tmp_path).parameter_counts()
     assert info["critic"] > 0 and info["trainable"] < info["transformer"]  # LoRA: a few trainable weights
