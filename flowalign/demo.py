@@ -31,8 +31,8 @@ SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 # AC-Flow settings of the demo (the full run); --quick shrinks them.
 DEMO_TRAINING = dict(
     algorithm="acflow", prompts="shapes", reward="shapes", prompts_per_iteration=8, images_per_prompt=8,
-    sample_steps=16, guidance_scale=2.0, sampler="sde", fm_states="trajectory", iterations=48,
-    critic_warmup_iterations=3, advantage_clip=2.0, beta=1.0, w2_weight=0.03, learning_rate=3e-3,
+    sample_steps=16, guidance_scale=2.0, sampler="sde", sde_steps_fraction=0.25, fm_states="trajectory", iterations=48,
+    critic_warmup_iterations=3, advantage_clip=2.0, beta=1.0, w2_weight=30.0, learning_rate=3e-3,
     eval_prompts=0, checkpoint_every=0,
 )  # = samples/configs/acflow_shapes.yaml, fewer iterations (tests/test_demo.py checks they agree)
 QUICK_TRAINING = dict(DEMO_TRAINING, prompts_per_iteration=2, images_per_prompt=4, sample_steps=6, iterations=3,

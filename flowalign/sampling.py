@@ -266,8 +266,8 @@ def sample_latents(
     transformer) and must return the final velocity (CFG / RLG mixing already applied by the caller).
 
     ``sde_steps``: with ``sampler="sde"``, only the first ``sde_steps`` steps (the high-noise ones that lay out
-    the image) inject noise; the rest are Euler steps (a = 0: std 0, log-prob 0), as MixGRPO's SDE window.
-    None = every step.
+    the image) inject noise; the rest are Euler steps (a = 0: std 0, log-prob 0). A fixed SDE window at the
+    start (MixGRPO, arXiv 2507.21802, slides one along the trajectory). None = every step.
 
     Example::
 

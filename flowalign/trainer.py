@@ -92,7 +92,8 @@ class ACFlowConfig:
     sampler: str = "sde"  # "euler" | "sde" (grpo always uses "sde"; fm_states="trajectory" needs "sde")
     noise_level: float = 0.7  # SDE noise level a
     sde_steps_fraction: float = 1.0  # SDE noise on this fraction of the earliest (highest-noise) steps, Euler on
-    #   the rest (MixGRPO's window): exploration and credit where the layout is decided; the actor trains on them
+    #   the rest (a fixed window; MixGRPO, arXiv 2507.21802, slides one): exploration and credit where the layout
+    #   is decided; the actor trains on those steps only
     # --- reward --------------------------------------------------------------------------------
     reward: str = "shapes"  # a flowalign.rewards spec, or a list of "name=weight" for a mixture
     reward_normalize: str | None = None  # mixture normalisation: None | "zscore"
@@ -467,12 +468,13 @@ class ACFlowTrainer:
         if noise is None:
             noise = torch.randn((len(prompts), *self.latent_shape), generator=generator)
         noise = noise.to(self.device)
-        sigmas = flow_sigmas(self.pipe.scheduler, steps or cfg.sample_steps, self.device)
+        n_steps = steps or cfg.sample_steps
+        sigmas = flow_sigmas(self.pipe.scheduler, n_steps, self.device)
         with self.accelerator.autocast():
             out = sample_latents(
                 lambda x, s: self.cfg_velocity(model, x, s, embeds, pooled, neg_embeds, neg_pooled),
                 noise, sigmas, sampler=sampler, noise_level=cfg.noise_level,
-                sde_steps=self.sde_steps if steps is None or steps == cfg.sample_steps else None,
+                sde_steps=max(1, round(cfg.sde_steps_fraction * n_steps)),  # = self.sde_steps for the rollouts
                 generator=generator if sampler == "sde" else None,
                 return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
                 return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
