@@ -166,6 +166,10 @@ class ACFlowConfig:
         if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and self.algorithm != "grpo")):
             raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
                              "(branches of one starting noise differ only by the SDE noise); or set it to None.")
+        if self.initial_noises and self.images_per_prompt % self.initial_noises:
+            raise ValueError(f"ACFlowConfig.images_per_prompt={self.images_per_prompt} must be divisible by "
+                             f"initial_noises={self.initial_noises}: every starting noise gets the same number of "
+                             "SDE branches.")
         if not 0.0 < self.sde_steps_fraction <= 1.0:
             raise ValueError(f"ACFlowConfig.sde_steps_fraction={self.sde_steps_fraction} must be in (0, 1]: the "
                              "fraction of the earliest sampling steps that inject SDE noise (1.0 = every step).")
@@ -175,6 +179,10 @@ class ACFlowConfig:
                     "inner_epochs", "noise_draws"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
+
+    def sde_steps(self, steps: int) -> int:
+        """How many of ``steps`` sampling steps inject SDE noise (the first ones): ``sde_steps_fraction`` of them."""
+        return max(1, round(self.sde_steps_fraction * steps))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ACFlowConfig":
@@ -296,11 +304,7 @@ class ACFlowTrainer:
                 f"({acc.num_processes}): each rank samples images_per_prompt / num_processes images of every prompt."
             )
         self.local_g = cfg.images_per_prompt // acc.num_processes
-        n_init = cfg.initial_noises or cfg.images_per_prompt
-        if cfg.images_per_prompt % n_init:
-            raise ValueError(f"images_per_prompt={cfg.images_per_prompt} must be divisible by initial_noises={n_init}: "
-                             "every starting noise gets the same number of SDE branches.")
-        self.branches = cfg.images_per_prompt // n_init  # images per (prompt, x_1) group
+        self.branches = cfg.images_per_prompt // (cfg.initial_noises or cfg.images_per_prompt)  # per (prompt, x_1)
         self.output_dir = Path(cfg.output_dir)
 
         # Pipeline: frozen text encoders and VAE; the transformer is the policy.
@@ -352,7 +356,7 @@ class ACFlowTrainer:
             self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.latent_shape = latent_shape
-        self.sde_steps = max(1, round(cfg.sde_steps_fraction * cfg.sample_steps))  # the noisy (trainable) steps
+        self.sde_steps = cfg.sde_steps(cfg.sample_steps)  # the rollouts' noisy (trainable) steps
 
         # Reward(s).
         from flowalign import rewards as R
@@ -474,7 +478,7 @@ class ACFlowTrainer:
             out = sample_latents(
                 lambda x, s: self.cfg_velocity(model, x, s, embeds, pooled, neg_embeds, neg_pooled),
                 noise, sigmas, sampler=sampler, noise_level=cfg.noise_level,
-                sde_steps=max(1, round(cfg.sde_steps_fraction * n_steps)),  # = self.sde_steps for the rollouts
+                sde_steps=cfg.sde_steps(n_steps),
                 generator=generator if sampler == "sde" else None,
                 return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
                 return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
@@ -663,7 +667,7 @@ class ACFlowTrainer:
         cfg, acc = self.config, self.accelerator
         traj, old_logp, sigmas = roll["trajectory"], roll["log_probs"], roll["sigmas"]
         embeds, pooled = roll["embeds"], roll["pooled"]
-        n, steps = traj.shape[0], old_logp.shape[1]
+        n = traj.shape[0]
         neg_embeds, neg_pooled = self.encode([""] * n)
         gen = _generator(cfg.seed, self.iteration, acc.process_index + 1, 3)
         k_train = max(1, round(cfg.grpo_train_fraction * self.sde_steps))  # among the noisy steps
