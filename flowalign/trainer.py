@@ -81,7 +81,8 @@ class ACFlowConfig:
     cache_prompt_embeddings: bool = True  # encode each distinct prompt once (frozen text encoders)
     max_sequence_length: int | None = None  # T5 tokens; None = 1 for the tiny model (no T5), else 256
     # --- prompts and rollouts -------------------------------------------------------------------
-    prompts: str = "shapes"  # "shapes" (train split of flowalign.shapes) or a text file, one prompt a line
+    prompts: str = "shapes"  # "shapes" (train split of flowalign.shapes, families balanced as the world draws them)
+    #   or a text file, one prompt a line (drawn uniformly)
     prompts_per_iteration: int = 8  # P, identical on all ranks
     images_per_prompt: int = 8  # G, split across ranks (must be divisible by the number of processes)
     initial_noises: int | None = None  # distinct starting noises x_1 per prompt: the G images branch from them
@@ -366,6 +367,7 @@ class ACFlowTrainer:
 
         # Prompts, and their embeddings (cached).
         self.train_prompts = self._read_prompts(cfg.prompts, split="train")
+        self.prompt_weights = self._prompt_weights(cfg.prompts, self.train_prompts)
         self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.running = O.RunningMeanStd()
         self.iteration = 0
@@ -399,6 +401,20 @@ class ACFlowTrainer:
         if not prompts:
             raise ValueError(f"prompts file {source} has no prompts.")
         return prompts
+
+    @staticmethod
+    def _prompt_weights(source: str, prompts: list[str]) -> torch.Tensor:
+        """Sampling weight of each training prompt: uniform over a prompt file; for ``prompts: shapes`` the
+        shapes world's own distribution (a family uniformly, then one of its prompts: ``shapes.sample_prompt``),
+        the one the base model was pretrained on and the held-out evaluation is balanced by. Uniform over the
+        list instead would give color_attr 54 of the 97 prompts and two_objects 6."""
+        if source != "shapes":
+            return torch.full((len(prompts),), 1.0 / len(prompts), dtype=torch.float64)
+        from flowalign import shapes
+
+        families = [shapes.family_of(p) for p in prompts]
+        sizes = {f: families.count(f) for f in set(families)}
+        return torch.tensor([1.0 / (len(sizes) * sizes[f]) for f in families], dtype=torch.float64)
 
     @property
     def is_main(self) -> bool:
@@ -505,6 +521,12 @@ class ACFlowTrainer:
         return torch.as_tensor(r, dtype=torch.float32, device=self.device).flatten()
 
     # -- one iteration ---------------------------------------------------------------------------
+    def iteration_prompts(self, iteration: int) -> list[str]:
+        """The P prompts of an iteration (the same on every rank), drawn with ``self.prompt_weights``."""
+        pg = _generator(self.config.seed, iteration, 0)
+        pick = torch.multinomial(self.prompt_weights, self.config.prompts_per_iteration, replacement=True, generator=pg)
+        return [self.train_prompts[i] for i in pick.tolist()]
+
     def step(self) -> dict[str, float]:
         """One outer iteration: rollout, reward, (critic,) actor. Returns its metrics."""
         cfg, acc = self.config, self.accelerator
@@ -512,9 +534,7 @@ class ACFlowTrainer:
         t0 = time.perf_counter()
 
         # 1. Prompts: the same P prompts on every rank; this rank draws G / world images of each.
-        pg = _generator(cfg.seed, it, 0)
-        pick = torch.randint(len(self.train_prompts), (cfg.prompts_per_iteration,), generator=pg).tolist()
-        prompts = [self.train_prompts[i] for i in pick for _ in range(self.local_g)]
+        prompts = [p for p in self.iteration_prompts(it) for _ in range(self.local_g)]
         group = torch.tensor([j for j in range(cfg.prompts_per_iteration) for _ in range(self.local_g)], device=self.device)
         noise = None
         if cfg.initial_noises:  # branches of one x_1 (seeded by prompt slot and branch group, the same on every rank)

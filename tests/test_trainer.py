@@ -74,6 +74,22 @@ def test_diversity_metric():
     assert diversity(b, [0, 0]) == pytest.approx(1.0)  # RMS distance of all-zeros vs all-ones
 
 
+def test_shapes_prompts_are_drawn_family_balanced(tmp_path):
+    from flowalign import shapes
+
+    train = shapes.all_prompts("train")
+    weights = ACFlowTrainer._prompt_weights("shapes", train)
+    per_family = {}
+    for prompt, w in zip(train, weights.tolist()):
+        per_family[shapes.family_of(prompt)] = per_family.get(shapes.family_of(prompt), 0.0) + w
+    assert per_family == pytest.approx({f: 1 / 6 for f in shapes.FAMILIES})  # not 54/97 for color_attr
+    assert ACFlowTrainer._prompt_weights("file.txt", ["a", "b"]).tolist() == [0.5, 0.5]
+    # the trainer draws with these weights: over many iterations every family comes up about equally
+    trainer = make_trainer(tmp_path, prompts="shapes", prompts_per_iteration=8)
+    drawn = [shapes.family_of(p) for it in range(75) for p in trainer.iteration_prompts(it)]
+    counts = {f: drawn.count(f) for f in shapes.FAMILIES}  # 600 draws, 100 expected per family
+    assert all(70 <= c <= 130 for c in counts.values()), counts
+
 # --- algorithms --------------------------------------------------------------------------------
 def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
     trainer = make_trainer(tmp_path, critic_warmup_iterations=1)
