@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     result = demo(out=args.out, quick=args.quick, seed=args.seed, scales=args.scales, n_prompts=args.prompts,
                   images_per_prompt=args.images_per_prompt, iterations=args.iterations)
     print(result["table"])
+    s = result["settings"]
+    print("\n" + describe_reading(result["reading"], s["held_out_prompts"] * s["images_per_prompt"]))
     print(f"\nWrote {result['out']}/report.md, grid.png, plot.png, results.csv")
     return 0
 
@@ -94,13 +96,14 @@ def demo(out: str = "samples/demo", quick: bool = False, seed: int = 0, scales=S
     groups = [i for i in range(len(base_prompts)) for _ in range(k)]
     train_reward, unseen = rewards.load("shapes"), {"verifier (binary)": rewards.load("shapes_binary"),
                                                       "JPEG size (kB)": rewards.load("jpeg_incompressibility")}
-    rows, images_by_scale = [], {}
+    rows, images_by_scale, per_image = [], {}, {}
     from tqdm.auto import tqdm
 
     for w in tqdm(list(scales), desc="[2/3] RLG sweep"):
         images = generate(pipe, prompts, seed=seed, steps=steps, cfg=cfg_scale, progress=False, rlg_scale=float(w))
         images_by_scale[w] = images
-        row = {"rlg_scale": w, "reward (verifier, dense)": train_reward(images, prompts).mean().item()}
+        per_image[w] = train_reward(images, prompts).flatten().float()
+        row = {"rlg_scale": w, "reward (verifier, dense)": per_image[w].mean().item()}
         for name, r in unseen.items():
             row[name] = r(images, prompts).mean().item()
         row["diversity"] = diversity(images, groups)
@@ -121,8 +124,29 @@ def demo(out: str = "samples/demo", quick: bool = False, seed: int = 0, scales=S
                 "images_per_prompt": k, "steps": steps, "cfg": cfg_scale, "training": training,
                 "seconds": {name: round(v, 1) for name, v in timings.items()}}
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
-    _report(out / "report.md", table, settings, rows)
-    return {"rows": rows, "table": table, "out": out, "settings": settings}
+    reading = trade_off_reading(per_image)
+    _report(out / "report.md", table, settings, rows, reading)
+    return {"rows": rows, "table": table, "out": out, "settings": settings, "reading": reading}
+
+
+def trade_off_reading(per_image: dict[float, torch.Tensor]) -> dict:
+    """What the sweep says about the training reward between w = 0 and w = 1, noise included.
+
+    ``per_image[w]`` holds the training reward of every image at scale w (the same seeds and prompts at every w,
+    so differences are paired). Returns ``non_decreasing`` (over the swept scales in [0, 1]), and the change from
+    w = 0 to w = 1: ``delta`` (mean of the per-image differences), ``se`` (their standard error, std / sqrt(n))
+    and ``beyond_noise`` (|delta| > 2 se).
+
+    Example: ``trade_off_reading({0.0: tensor([0., 0.]), 1.0: tensor([1., 0.])})`` -> delta 0.5, se 0.5.
+    """
+    inside = sorted(w for w in per_image if 0.0 <= w <= 1.0)
+    means = [per_image[w].mean().item() for w in inside]
+    reading = {"scales": inside, "non_decreasing": all(b >= a for a, b in zip(means, means[1:]))}
+    if 0.0 in per_image and 1.0 in per_image:
+        d = (per_image[1.0] - per_image[0.0]).double()
+        se = d.std().item() / d.numel() ** 0.5 if d.numel() > 1 else float("nan")
+        reading.update(delta=d.mean().item(), se=se, beyond_noise=abs(d.mean().item()) > 2 * se)
+    return reading
 
 
 def _grid(images_by_scale: dict, prompts: list[str], k: int, path: Path, max_rows: int = 8) -> None:
@@ -170,8 +194,21 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(path: Path, table: str, settings: dict, rows: list[dict]) -> None:
+def describe_reading(reading: dict, n_images: int) -> str:
+    """One sentence for :func:`trade_off_reading`'s result (the report and the console print it)."""
+    scales = ", ".join(f"{w:g}" for w in reading["scales"])
+    text = f"The training reward is {'' if reading['non_decreasing'] else 'not '}non-decreasing over w = {scales}"
+    if "delta" not in reading:
+        return text + "."
+    return text + (f"; from w = 0 to w = 1 it changes by {reading['delta']:+.3f} ± {reading['se']:.3f} (paired "
+                   f"standard error over {n_images} images, the same prompts and seeds at every w): "
+                   + ("more than two standard errors." if reading["beyond_noise"] else
+                      "within two standard errors, so this sweep does not show a real change."))
+
+
+def _report(path: Path, table: str, settings: dict, rows: list[dict], reading: dict) -> None:
     base, ft = rows[0], next((r for r in rows if r["rlg_scale"] == 1.0), rows[-1])
+    trend = describe_reading(reading, settings["held_out_prompts"] * settings["images_per_prompt"])
     text = f"""# flowalign demo report
 
 AC-Flow fine-tuned a LoRA of the embedded tiny SD3 base model on the dense shapes-verifier reward
@@ -188,6 +225,7 @@ AC-Flow fine-tuned a LoRA of the embedded tiny SD3 base model on the dense shape
 
 From w = 0 to w = 1 the training reward goes from {base['reward (verifier, dense)']:.3f} to
 {ft['reward (verifier, dense)']:.3f} and diversity from {base['diversity']:.3f} to {ft['diversity']:.3f}.
+{trend}
 "Verifier (binary)" is the fraction of images whose every constraint holds (not trained on);
 "JPEG size" is an unseen, prompt-free reward. Timings (s): {settings['seconds']}.
 Reproduce: `flowalign demo{' --quick' if settings['quick'] else ''} --seed {settings['seed']}`.
