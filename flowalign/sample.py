@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--finetuned",
         required=True,
-        help="Fine-tuned model: PEFT adapter folder, diffusers LoRA file/folder, or transformer folder.",
+        help="Fine-tuned model: PEFT adapter folder, diffusers LoRA file/folder, transformer folder, or a flowalign "
+        "training run (its output_dir, checkpoints/latest or a checkpoint folder).",
     )
     parser.add_argument(
         "--prompts",
@@ -138,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     pipe = _load_pipeline(args.base, device, DTYPES[dtype_name])
-    pipe.load_finetuned(args.finetuned, mode=args.mode)
+    from flowalign.trainer import resolve_checkpoint
+
+    pipe.load_finetuned(resolve_checkpoint(args.finetuned), mode=args.mode)
     max_sequence_length = args.max_sequence_length or (MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256)
     height = args.height or pipe.default_sample_size * pipe.vae_scale_factor
     width = args.width or pipe.default_sample_size * pipe.vae_scale_factor

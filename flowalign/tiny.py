@@ -459,7 +459,8 @@ each, {result['steps']} Euler steps, CFG {result['cfg']}. Reproduce with
 def add_arguments(parser) -> None:
     """``flowalign eval``: per-family accuracies of a pipeline on held-out shapes prompts."""
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the embedded base model).")
-    parser.add_argument("--lora", default=None, help="A LoRA to load on top (diffusers format, e.g. a training checkpoint).")
+    parser.add_argument("--lora", default=None, help="A LoRA to load on top (diffusers format: a training checkpoint folder, its "
+                        "checkpoints/latest pointer or the run's output_dir).")
     parser.add_argument("--n-prompts", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=EVAL_STEPS)
@@ -471,7 +472,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     pipe = load_base_pipeline(args.model)
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        from flowalign.trainer import resolve_checkpoint
+
+        pipe.load_lora_weights(resolve_checkpoint(args.lora))
     result = evaluate(pipe, n_prompts=args.n_prompts, seed=args.seed, steps=args.steps, cfg=args.cfg,
                       batch_size=args.batch_size)
     print(json.dumps(result, indent=1) if args.json else format_accuracy_table(result))

@@ -242,6 +242,24 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """A training checkpoint folder from what a user may pass: the folder itself (``.../iter-000072``), the
+    ``.../checkpoints/latest`` pointer file, or a run's ``output_dir`` (its latest checkpoint). Anything else
+    (another folder, a file, a hub id) comes back unchanged.
+
+    Example: ``resolve_checkpoint("runs/acflow_shapes")`` -> ``"runs/acflow_shapes/checkpoints/iter-000072"``.
+    """
+    p = Path(path)
+    pointer = p / "checkpoints" / "latest" if p.is_dir() else p
+    if pointer.is_file() and pointer.name == "latest":
+        folder = pointer.parent / pointer.read_text().strip()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{pointer} names {folder.name!r}, which is not a folder beside it; "
+                                    f"pass a checkpoint folder (iter-N) instead.")
+        return str(folder)
+    return str(path)
+
+
 def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` then rename ``tmp`` to ``target``: a crash leaves the previous folder intact."""
     tmp = target.with_name(target.name + ".tmp")
@@ -837,12 +855,10 @@ class ACFlowTrainer:
         self.history, self.eval_history = state["history"], state["eval_history"]
 
     def latest_checkpoint(self) -> Path | None:
-        pointer = self.output_dir / "checkpoints" / "latest"
-        if pointer.exists():
-            folder = pointer.parent / pointer.read_text().strip()
-            if (folder / "trainer_state.pt").exists():
-                return folder
-        return None
+        if not (self.output_dir / "checkpoints" / "latest").exists():
+            return None
+        folder = Path(resolve_checkpoint(self.output_dir))
+        return folder if (folder / "trainer_state.pt").exists() else None
 
     def parameter_counts(self) -> dict[str, float]:
         """Parameters of the transformer (all / trainable) and of the critic, and the critic's fraction."""

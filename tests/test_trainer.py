@@ -312,6 +312,23 @@ def test_checkpoint_is_a_diffusers_lora_file(tmp_path):
                                    trainer.velocity(trainer.unwrapped, x, s, e, p))
 
 
+def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path):
+    from flowalign.trainer import resolve_checkpoint
+
+    trainer = make_trainer(tmp_path / "run", algorithm="orw")
+    trainer.step()
+    folder = trainer.save_checkpoint()
+    assert resolve_checkpoint(tmp_path / "run") == str(folder)  # the run's output_dir
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints" / "latest") == str(folder)  # the pointer file
+    assert resolve_checkpoint(folder) == str(folder)
+    assert resolve_checkpoint("org/some-lora") == "org/some-lora"  # a hub id passes through
+    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe.load_lora_weights(resolve_checkpoint(tmp_path / "run" / "checkpoints" / "latest"))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter-999999")
+    with pytest.raises(FileNotFoundError, match="iter-999999"):
+        resolve_checkpoint(tmp_path / "run")
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     full = make_trainer(tmp_path / "full", iterations=3, critic_warmup_iterations=1)
     full.train()
