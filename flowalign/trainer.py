@@ -855,9 +855,13 @@ class ACFlowTrainer:
         self.history, self.eval_history = state["history"], state["eval_history"]
 
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``checkpoints/latest`` names, or None (no pointer, or it names no complete checkpoint)."""
         if not (self.output_dir / "checkpoints" / "latest").exists():
             return None
-        folder = Path(resolve_checkpoint(self.output_dir))
+        try:
+            folder = Path(resolve_checkpoint(self.output_dir))
+        except FileNotFoundError:
+            return None
         return folder if (folder / "trainer_state.pt").exists() else None
 
     def parameter_counts(self) -> dict[str, float]:

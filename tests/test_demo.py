@@ -3,7 +3,6 @@
 import csv
 
 import pytest
-
 import torch
 
 from flowalign.demo import demo, describe_reading, trade_off_reading

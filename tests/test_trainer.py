@@ -90,6 +90,7 @@ def test_shapes_prompts_are_drawn_family_balanced(tmp_path):
     counts = {f: drawn.count(f) for f in shapes.FAMILIES}  # 600 draws, 100 expected per family
     assert all(70 <= c <= 130 for c in counts.values()), counts
 
+
 # --- algorithms --------------------------------------------------------------------------------
 def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
     trainer = make_trainer(tmp_path, critic_warmup_iterations=1)
