@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     result = demo(out=args.out, quick=args.quick, seed=args.seed, scales=args.scales, n_prompts=args.prompts,
                   images_per_prompt=args.images_per_prompt, iterations=args.iterations)
     print(result["table"])
-    s = result["settings"]
-    print("\n" + describe_reading(result["reading"], s["held_out_prompts"] * s["images_per_prompt"]))
+    print("\n" + describe_reading(result["reading"]))
     print(f"\nWrote {result['out']}/report.md, grid.png, plot.png, results.csv")
     return 0
 
@@ -134,8 +133,8 @@ def trade_off_reading(per_image: dict[float, torch.Tensor]) -> dict:
 
     ``per_image[w]`` holds the training reward of every image at scale w (the same seeds and prompts at every w,
     so differences are paired). Returns ``non_decreasing`` (over the swept scales in [0, 1]), and the change from
-    w = 0 to w = 1: ``delta`` (mean of the per-image differences), ``se`` (their standard error, std / sqrt(n))
-    and ``beyond_noise`` (|delta| > 2 se).
+    w = 0 to w = 1: ``n`` (paired images), ``delta`` (mean of the per-image differences), ``se`` (their standard
+    error, std / sqrt(n)) and ``beyond_noise`` (|delta| > 2 se).
 
     Example: ``trade_off_reading({0.0: tensor([0., 0.]), 1.0: tensor([1., 0.])})`` -> delta 0.5, se 0.5.
     """
@@ -145,7 +144,7 @@ def trade_off_reading(per_image: dict[float, torch.Tensor]) -> dict:
     if 0.0 in per_image and 1.0 in per_image:
         d = (per_image[1.0] - per_image[0.0]).double()
         se = d.std().item() / d.numel() ** 0.5 if d.numel() > 1 else float("nan")
-        reading.update(delta=d.mean().item(), se=se, beyond_noise=abs(d.mean().item()) > 2 * se)
+        reading.update(n=d.numel(), delta=d.mean().item(), se=se, beyond_noise=abs(d.mean().item()) > 2 * se)
     return reading
 
 
@@ -194,21 +193,21 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def describe_reading(reading: dict, n_images: int) -> str:
+def describe_reading(reading: dict) -> str:
     """One sentence for :func:`trade_off_reading`'s result (the report and the console print it)."""
     scales = ", ".join(f"{w:g}" for w in reading["scales"])
     text = f"The training reward is {'' if reading['non_decreasing'] else 'not '}non-decreasing over w = {scales}"
     if "delta" not in reading:
         return text + "."
     return text + (f"; from w = 0 to w = 1 it changes by {reading['delta']:+.3f} ± {reading['se']:.3f} (paired "
-                   f"standard error over {n_images} images, the same prompts and seeds at every w): "
+                   f"standard error over {reading['n']} images, the same prompts and seeds at every w): "
                    + ("more than two standard errors." if reading["beyond_noise"] else
                       "within two standard errors, so this sweep does not show a real change."))
 
 
 def _report(path: Path, table: str, settings: dict, rows: list[dict], reading: dict) -> None:
     base, ft = rows[0], next((r for r in rows if r["rlg_scale"] == 1.0), rows[-1])
-    trend = describe_reading(reading, settings["held_out_prompts"] * settings["images_per_prompt"])
+    trend = describe_reading(reading)
     text = f"""# flowalign demo report
 
 AC-Flow fine-tuned a LoRA of the embedded tiny SD3 base model on the dense shapes-verifier reward

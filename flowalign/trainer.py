@@ -856,9 +856,7 @@ class ACFlowTrainer:
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint ``checkpoints/latest`` names, or None (no pointer, or it names no complete checkpoint)."""
-        if not (self.output_dir / "checkpoints" / "latest").exists():
-            return None
-        try:
+        try:  # with no pointer, resolve_checkpoint returns output_dir itself, which holds no trainer_state.pt
             folder = Path(resolve_checkpoint(self.output_dir))
         except FileNotFoundError:
             return None

@@ -27,7 +27,7 @@ def test_quick_demo_writes_report_and_is_reproducible(tmp_path):
     reading = first["reading"]
     assert reading["non_decreasing"] == (float(rows[1]["reward (verifier, dense)"]) >= float(rows[0]["reward (verifier, dense)"]))
     assert reading["delta"] == pytest.approx(float(rows[1]["reward (verifier, dense)"]) - float(rows[0]["reward (verifier, dense)"]), abs=1e-6)
-    assert describe_reading(reading, 12) in report
+    assert reading["n"] == 12 and describe_reading(reading) in report
     second = demo(out=str(tmp_path / "b"), quick=True, seed=0, scales=[0.0, 1.0, 2.0])
     assert second["rows"] == first["rows"]
 
@@ -51,12 +51,12 @@ def test_demo_training_settings_are_the_shipped_config_with_fewer_iterations():
 def test_trade_off_reading_pairs_the_images_and_states_the_noise():
     flat = {0.0: torch.tensor([0.2, 0.4, 0.6, 0.8]), 1.0: torch.tensor([0.3, 0.3, 0.7, 0.7])}
     r = trade_off_reading(flat)  # differences +0.1, -0.1, +0.1, -0.1: mean 0, se 0.1 / sqrt(4) * sqrt(4/3)
-    assert r["non_decreasing"] and r["delta"] == pytest.approx(0.0, abs=1e-7)
+    assert r["non_decreasing"] and r["n"] == 4 and r["delta"] == pytest.approx(0.0, abs=1e-7)
     assert r["se"] == pytest.approx(torch.tensor([0.1, -0.1, 0.1, -0.1]).std().item() / 2, rel=1e-5)
-    assert not r["beyond_noise"] and "does not show a real change" in describe_reading(r, 4)
+    assert not r["beyond_noise"] and "does not show a real change" in describe_reading(r)
     up = {0.0: torch.tensor([0.2, 0.4, 0.6]), 0.5: torch.tensor([0.1, 0.3, 0.5]),
           1.0: torch.tensor([0.5, 0.7, 0.9]), 2.0: torch.tensor([0.0, 0.0, 0.0])}
     r = trade_off_reading(up)  # a dip at 0.5; w = 2 is outside [0, 1] and does not count
     assert r["scales"] == [0.0, 0.5, 1.0] and not r["non_decreasing"]
     assert r["delta"] == pytest.approx(0.3) and r["se"] == pytest.approx(0.0, abs=1e-7) and r["beyond_noise"]
-    assert describe_reading(r, 3).startswith("The training reward is not non-decreasing over w = 0, 0.5, 1")
+    assert describe_reading(r).startswith("The training reward is not non-decreasing over w = 0, 0.5, 1")
