@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,8 +37,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from flowalign import shapes
+from flowalign.checkpoints import atomic_write_dir, load_state, save_state
 from flowalign.objectives import sample_sigmas
-from flowalign.tiny import EVAL_CFG, EVAL_STEPS
+from flowalign.tiny import (EVAL_CFG, EVAL_STEPS, build_tiny_sd3_pipeline, evaluate, format_accuracy_table,
+                            load_base_pipeline)
+from flowalign.tiny import encode_prompts  # noqa: F401  (kept for flowalign.trainer until it imports it from flowalign.tiny)
 
 
 @dataclass
@@ -70,55 +73,19 @@ class PretrainConfig:
     checkpoint: str = "runs/pretrain/checkpoint.pt"  # optimiser + EMA state, written every few minutes
 
 
-def _atomic_save_dir(write, target: Path) -> None:
-    """Write a folder via ``write(tmp_dir)`` then swap it in, so a crash never leaves half a folder."""
-    target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _lr_factor(step: int, warmup: int, progress: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch_size: int = 256, max_sequence_length: int | None = None,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings exactly as the stock pipeline computes them, in chunks of ``batch_size``.
-
-    ``max_sequence_length`` is the number of T5 tokens (default: the tiny model's one zero token).
-    """
-    from flowalign.tiny import MAX_SEQUENCE_LENGTH
-
-    embeds, pooled = [], []
-    for i in range(0, len(prompts), batch_size):
-        pe, _, pp, _ = pipe.encode_prompt(
-            prompt=prompts[i : i + batch_size],
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length or MAX_SEQUENCE_LENGTH,
-        )
-        embeds.append(pe)
-        pooled.append(pp)
-    return torch.cat(embeds), torch.cat(pooled)
-
-
 def pretrain(cfg: PretrainConfig) -> Path:
-    from flowalign import shapes
-    from flowalign.tiny import build_tiny_sd3_pipeline
+    """Run the pretraining that ``cfg`` describes; returns the saved pipeline folder ``cfg.out``.
 
+    Example::
+
+        out = pretrain(PretrainConfig(out="runs/tiny", checkpoint="runs/tiny-ckpt.pt", minutes=1))
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -164,7 +131,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, elapsed_before, losses = 0, 0.0, []
     if cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_state(ckpt_path)
         transformer.load_state_dict(state["transformer"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -178,9 +145,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "generator": gen.get_state(), "step": step, "elapsed": elapsed, "losses": losses,
             "config": asdict(cfg),
         }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
+        save_state(ckpt_path, state)
 
     # 3. Flow-matching training loop, budgeted in wall-clock minutes.
     budget = cfg.minutes * 60.0
@@ -234,9 +199,64 @@ def pretrain(cfg: PretrainConfig) -> Path:
         pipe.save_pretrained(tmp)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
 
-    _atomic_save_dir(write, out)
+    atomic_write_dir(out, write)
     print(f"[pretrain] {step} steps in {elapsed / 60:.1f} min; saved {out}", flush=True)
     return out
+
+
+def write_model_card(folder: str | os.PathLike, result: dict, command: str | None = None) -> Path:
+    """Write ``README.md`` (the model card) and ``eval.json`` into a pretrained pipeline folder.
+
+    ``result`` is a ``flowalign.tiny.evaluate`` result; the training facts come from the folder's
+    ``training_log.json`` (written by ``pretrain``); ``command`` is the command line that made it.
+
+    Example::
+
+        out = pretrain(PretrainConfig(out="runs/tiny", minutes=1))
+        write_model_card(out, evaluate(load_base_pipeline(out), n_prompts=60), command="flowalign pretrain ...")
+    """
+    folder = Path(folder)
+    log = json.loads((folder / "training_log.json").read_text()) if (folder / "training_log.json").exists() else {}
+    cfg = log.get("config", {})
+    text = f"""# tiny-sd3-shapes: the embedded base model of flowalign
+
+A tiny `StableDiffusion3Pipeline` (stock diffusers format) pretrained from scratch on the
+procedural shapes world of `flowalign.shapes`, made by `flowalign.pretrain`. It exists so that
+every feature of flowalign runs and is tested on a CPU with no download.
+
+- Transformer: `SD3Transformer2DModel`, {log.get('num_params', '2.3M')} parameters (4 joint blocks, width 128,
+  patch 4 on 3x32x32 latents). Text: two random, frozen 64-wide CLIP text encoders with the real
+  CLIP BPE tokenizer (padded to 16 tokens), no T5. VAE: a lossless hand-set `AutoencoderKL`
+  (`flowalign.tiny.build_lossless_vae`), latent shift {log.get('latent_shift', float('nan')):.4f}, scale
+  {log.get('latent_scale', float('nan')):.4f}. Scheduler: `FlowMatchEulerDiscreteScheduler`, shift 3.0.
+- Training: flow matching, logit-normal noise levels (mean {cfg.get('logit_normal_mean')}, std
+  {cfg.get('logit_normal_std')}) shifted like the sampler's grid (shift {cfg.get('noise_shift', 1.0)}), CFG dropout
+  {cfg.get('cfg_dropout')}, AdamW lr {cfg.get('lr')} (warm-up, cosine to 10%),
+  batch {cfg.get('batch_size')}, EMA {cfg.get('ema_decay')}; {log.get('steps')} steps in
+  {log.get('train_seconds', 0) / 60:.1f} minutes, seed {cfg.get('seed')}, on {torch.get_num_threads()} CPU threads.
+- Command: `{command or 'flowalign pretrain --out ' + str(cfg.get('out', folder))}`
+
+Load it with stock diffusers (T5 absent, one zero T5 token):
+
+```python
+from diffusers import StableDiffusion3Pipeline
+pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+image = pipe("a photo of a red circle", guidance_scale={result['cfg']}, num_inference_steps={result['steps']},
+             max_sequence_length=1).images[0]
+```
+
+## Held-out accuracy (shapes verifier)
+
+{result['n_prompts']} held-out prompts (`flowalign.shapes.heldout_prompts(n, seed={result['seed']})`), one image
+each, {result['steps']} Euler steps, CFG {result['cfg']}. Reproduce with
+`flowalign eval --n-prompts {result['n_prompts']} --seed {result['seed']} --steps {result['steps']} --cfg {result['cfg']}`.
+
+{format_accuracy_table(result)}
+"""
+    path = folder / "README.md"
+    path.write_text(text)
+    (folder / "eval.json").write_text(json.dumps(result, indent=1))
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,8 +273,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     out = pretrain(cfg)
     if not args.no_eval and cfg.eval_prompts:
-        from flowalign.tiny import evaluate, load_base_pipeline, write_model_card
-
         pipe = load_base_pipeline(out)
         result = evaluate(pipe, n_prompts=cfg.eval_prompts, seed=0, steps=cfg.eval_steps, cfg=cfg.eval_cfg)
         command = "flowalign pretrain " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["pretrain"] else None

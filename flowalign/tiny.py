@@ -8,6 +8,7 @@ Everything here is a stock diffusers / transformers object, only small:
   (patch 4 on 3x32x32 latents = 64 image tokens), two ``CLIPTextModelWithProjection`` encoders,
   no T5, ``FlowMatchEulerDiscreteScheduler`` (shift 3.0, as SD3) and a *lossless*
   ``AutoencoderKL`` (see ``build_lossless_vae``).
+- ``encode_prompts``: prompt embeddings exactly as the stock pipeline computes them, in chunks.
 - ``load_base_pipeline``: the embedded base model, pretrained on the shapes world by
   ``flowalign pretrain`` and shipped inside the package (``flowalign/assets/tiny-sd3-shapes``).
 - ``evaluate``: per-family verifier accuracies on held-out shapes prompts (``flowalign eval``).
@@ -41,6 +42,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from flowalign.checkpoints import resolve_checkpoint
 
 MAX_SEQUENCE_LENGTH = 1
 """Number of (zero) T5 tokens the tiny model is trained and sampled with."""
@@ -346,6 +349,33 @@ def load_base_pipeline(
     return pipe
 
 
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 256, max_sequence_length: int | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings exactly as the stock pipeline computes them, in chunks of ``batch_size``.
+
+    ``max_sequence_length`` is the number of T5 tokens (default: the tiny model's one zero token,
+    ``MAX_SEQUENCE_LENGTH``). Returns ``(prompt_embeds [N, L, D], pooled_prompt_embeds [N, P])``.
+
+    >>> embeds, pooled = encode_prompts(build_tiny_sd3_pipeline(num_layers=1), ["a red circle", ""])
+    >>> embeds.shape[0], pooled.shape
+    (2, torch.Size([2, 128]))
+    """
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        pe, _, pp, _ = pipe.encode_prompt(
+            prompt=prompts[i : i + batch_size],
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length or MAX_SEQUENCE_LENGTH,
+        )
+        embeds.append(pe)
+        pooled.append(pp)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation on held-out shapes prompts
 # --------------------------------------------------------------------------------------------
@@ -410,52 +440,6 @@ def format_accuracy_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def write_model_card(folder: str | os.PathLike, result: dict, command: str | None = None) -> Path:
-    """Write ``README.md`` (the model card) into a pretrained pipeline folder."""
-    folder = Path(folder)
-    log = json.loads((folder / "training_log.json").read_text()) if (folder / "training_log.json").exists() else {}
-    cfg = log.get("config", {})
-    text = f"""# tiny-sd3-shapes: the embedded base model of flowalign
-
-A tiny `StableDiffusion3Pipeline` (stock diffusers format) pretrained from scratch on the
-procedural shapes world of `flowalign.shapes`, made by `flowalign.pretrain`. It exists so that
-every feature of flowalign runs and is tested on a CPU with no download.
-
-- Transformer: `SD3Transformer2DModel`, {log.get('num_params', '2.3M')} parameters (4 joint blocks, width 128,
-  patch 4 on 3x32x32 latents). Text: two random, frozen 64-wide CLIP text encoders with the real
-  CLIP BPE tokenizer (padded to 16 tokens), no T5. VAE: a lossless hand-set `AutoencoderKL`
-  (`flowalign.tiny.build_lossless_vae`), latent shift {log.get('latent_shift', float('nan')):.4f}, scale
-  {log.get('latent_scale', float('nan')):.4f}. Scheduler: `FlowMatchEulerDiscreteScheduler`, shift 3.0.
-- Training: flow matching, logit-normal noise levels (mean {cfg.get('logit_normal_mean')}, std
-  {cfg.get('logit_normal_std')}) shifted like the sampler's grid (shift {cfg.get('noise_shift', 1.0)}), CFG dropout
-  {cfg.get('cfg_dropout')}, AdamW lr {cfg.get('lr')} (warm-up, cosine to 10%),
-  batch {cfg.get('batch_size')}, EMA {cfg.get('ema_decay')}; {log.get('steps')} steps in
-  {log.get('train_seconds', 0) / 60:.1f} minutes, seed {cfg.get('seed')}, on {torch.get_num_threads()} CPU threads.
-- Command: `{command or 'flowalign pretrain --out ' + str(cfg.get('out', folder))}`
-
-Load it with stock diffusers (T5 absent, one zero T5 token):
-
-```python
-from diffusers import StableDiffusion3Pipeline
-pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
-image = pipe("a photo of a red circle", guidance_scale={result['cfg']}, num_inference_steps={result['steps']},
-             max_sequence_length=1).images[0]
-```
-
-## Held-out accuracy (shapes verifier)
-
-{result['n_prompts']} held-out prompts (`flowalign.shapes.heldout_prompts(n, seed={result['seed']})`), one image
-each, {result['steps']} Euler steps, CFG {result['cfg']}. Reproduce with
-`flowalign eval --n-prompts {result['n_prompts']} --seed {result['seed']} --steps {result['steps']} --cfg {result['cfg']}`.
-
-{format_accuracy_table(result)}
-"""
-    path = folder / "README.md"
-    path.write_text(text)
-    (folder / "eval.json").write_text(json.dumps(result, indent=1))
-    return path
-
-
 def add_arguments(parser) -> None:
     """``flowalign eval``: per-family accuracies of a pipeline on held-out shapes prompts."""
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the embedded base model).")
@@ -472,8 +456,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     pipe = load_base_pipeline(args.model)
     if args.lora:
-        from flowalign.trainer import resolve_checkpoint
-
         pipe.load_lora_weights(resolve_checkpoint(args.lora))
     result = evaluate(pipe, n_prompts=args.n_prompts, seed=args.seed, steps=args.steps, cfg=args.cfg,
                       batch_size=args.batch_size)
