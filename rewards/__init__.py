@@ -43,11 +43,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flowalign.rewards.base import FunctionReward, NonFiniteRewardError, Reward, as_reward
+from flowalign.rewards.base import FunctionReward, NonFiniteRewardError, Reward
 from flowalign.rewards.hub import CheckpointNotFoundError
-from flowalign.rewards.mixture import Mixture, combine, zscore
+from flowalign.rewards.mixture import Mixture, combine, load_mixture, zscore
 from flowalign.rewards.preprocess import ImagePreprocess
-from flowalign.rewards.registry import RewardSpec, available, load, load_mixture, parse_reward_spec, register
+from flowalign.rewards.registry import RewardSpec, as_reward, available, load, parse_reward_spec, register
 
 # Built-in reward classes import transformers / open_clip: loaded on first access.
 _LAZY = {

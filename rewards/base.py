@@ -17,8 +17,9 @@ A reward maps a batch of images and their prompts to one float per image::
   and the scores come back in the images' dtype;
 - a NaN score is an error, never a silent training signal.
 
-Any plain callable ``f(images, prompts) -> scores`` is a reward too: :func:`as_reward` wraps it in a
-:class:`FunctionReward` wherever flowalign accepts a reward.
+Any plain callable ``f(images, prompts) -> scores`` is a reward too: ``flowalign.rewards.as_reward``
+(defined in :mod:`flowalign.rewards.registry`, since it also resolves registered names) wraps it in a
+:class:`FunctionReward` wherever flowalign accepts a reward. This module imports no other reward module.
 
 Example::
 
@@ -269,26 +270,3 @@ class FunctionReward(Reward):
 
 
 RewardLike = Reward | Callable[[Tensor, list[str]], Any] | str
-
-
-def as_reward(obj: RewardLike, **kwargs: Any) -> Reward:
-    """Accept a :class:`Reward`, a registered name (``"pickscore"``), or any callable
-    ``f(images, prompts) -> scores`` (wrapped in :class:`FunctionReward` with ``kwargs``).
-
-    Example::
-
-        reward = as_reward(lambda images, prompts: images.mean(dim=(1, 2, 3)), requires_prompts=False)
-    """
-    if isinstance(obj, Reward):
-        if kwargs:
-            raise TypeError(f"as_reward: options {sorted(kwargs)} apply to plain callables, not to a Reward.")
-        return obj
-    if isinstance(obj, str):
-        from flowalign.rewards.registry import load
-
-        return load(obj, **kwargs)
-    if callable(obj):
-        return FunctionReward(obj, **kwargs)
-    raise TypeError(
-        f"Expected a Reward, a registered reward name or a callable f(images, prompts); got {type(obj).__name__}."
-    )

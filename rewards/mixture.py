@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from flowalign.rewards.base import Reward, RewardLike, as_reward
+from flowalign.rewards.base import Reward, RewardLike
+from flowalign.rewards.registry import RewardSpec, as_reward, load, parse_reward_spec
 from torch import Tensor, nn
 
 NORMALIZATIONS = (None, "zscore")
@@ -115,3 +116,17 @@ def _unique(names: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return out
+
+
+def load_mixture(specs: Sequence[str | RewardSpec], normalize: str | None = None, **common: Any):
+    """Load a :class:`Mixture` from spec strings (``common`` kwargs, e.g. ``batch_size``, go to every
+    loader that the spec does not already configure).
+
+    Example::
+
+        mixture = load_mixture(["pickscore=0.7", "aesthetic=0.3"], normalize="zscore")
+    """
+    parsed = [parse_reward_spec(s) if isinstance(s, str) else s for s in specs]
+    if not parsed:
+        raise ValueError("load_mixture needs at least one reward spec.")
+    return Mixture([(load(p.name, **{**common, **p.kwargs}), p.weight) for p in parsed], normalize=normalize)

@@ -1,4 +1,5 @@
-"""Rewards by name: ``load("pickscore")``, ``register("mine", factory)``, ``available()``.
+"""Rewards by name: ``load("pickscore")``, ``register("mine", factory)``, ``available()``, and
+``as_reward`` (a Reward, a registered name or a plain callable -> a Reward).
 
 Built-ins are registered by import path, so importing :mod:`flowalign.rewards` imports neither
 transformers nor open_clip; a reward's module is imported when it is first loaded.
@@ -25,11 +26,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowalign.rewards.base import Reward, as_reward
+from flowalign.rewards.base import FunctionReward, Reward, RewardLike
 
 # name -> (import path "module:attribute", default keyword arguments)
 _BUILTINS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -84,6 +85,27 @@ def register(name: str, factory: Callable[..., Any] | Reward, overwrite: bool = 
 def available() -> list[str]:
     """Names accepted by :func:`load` (built-ins and user registrations), sorted."""
     return sorted(set(_BUILTINS) | set(_USER))
+
+
+def as_reward(obj: RewardLike, **kwargs: Any) -> Reward:
+    """Accept a :class:`Reward`, a registered name (``"pickscore"``), or any callable
+    ``f(images, prompts) -> scores`` (wrapped in :class:`FunctionReward` with ``kwargs``).
+
+    Example::
+
+        reward = as_reward(lambda images, prompts: images.mean(dim=(1, 2, 3)), requires_prompts=False)
+    """
+    if isinstance(obj, Reward):
+        if kwargs:
+            raise TypeError(f"as_reward: options {sorted(kwargs)} apply to plain callables, not to a Reward.")
+        return obj
+    if isinstance(obj, str):
+        return load(obj, **kwargs)
+    if callable(obj):
+        return FunctionReward(obj, **kwargs)
+    raise TypeError(
+        f"Expected a Reward, a registered reward name or a callable f(images, prompts); got {type(obj).__name__}."
+    )
 
 
 def _import(path: str) -> Callable[..., Any]:
@@ -180,14 +202,3 @@ def parse_reward_spec(spec: str) -> RewardSpec:
         except ValueError:
             raise ValueError(f"Reward spec {spec!r}: weight {match['weight']!r} is not a number.") from None
     return RewardSpec(name=match["name"], weight=weight, kwargs=kwargs)
-
-
-def load_mixture(specs: Sequence[str | RewardSpec], normalize: str | None = None, **common: Any):
-    """Load a :class:`~flowalign.rewards.mixture.Mixture` from spec strings (``common`` kwargs, e.g.
-    ``batch_size``, go to every loader that the spec does not already configure)."""
-    from flowalign.rewards.mixture import Mixture
-
-    parsed = [parse_reward_spec(s) if isinstance(s, str) else s for s in specs]
-    if not parsed:
-        raise ValueError("load_mixture needs at least one reward spec.")
-    return Mixture([(load(p.name, **{**common, **p.kwargs}), p.weight) for p in parsed], normalize=normalize)

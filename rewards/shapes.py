@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 from flowalign.rewards.base import Reward
+from flowalign.shapes import verify_batch
 from torch import Tensor
 
 
@@ -37,8 +38,6 @@ class ShapesVerifier(Reward):
         self.name = "shapes_binary" if self.binary else "shapes"
 
     def score_chunk(self, images: Tensor, prompts: list[str]) -> Tensor:
-        from flowalign.shapes import verify_batch  # lazy: the shapes world is only needed here
-
         fraction, all_satisfied = verify_batch(images, prompts)
         scores = all_satisfied if self.binary else fraction
         return scores.to(device=images.device, dtype=images.dtype).reshape(-1)

@@ -37,6 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flowalign.rewards.aesthetic import AestheticHead
+from flowalign.rewards.hps import CHECKPOINT_FILES
+from flowalign.rewards.image_reward import text_config_from_med_config
+from flowalign.tiny import clip_tokenizer
+from safetensors.torch import save_file
 from torch import nn
 
 TINY_IMAGE_SIZE = 32
@@ -47,9 +52,7 @@ SHAPES_WORDS = (
 
 
 def _tiny_clip_processor_files(directory: Path, image_size: int = TINY_IMAGE_SIZE) -> None:
-    from transformers import CLIPImageProcessor, CLIPProcessor
-
-    from flowalign.tiny import clip_tokenizer
+    from transformers import CLIPImageProcessor, CLIPProcessor  # heavy: only when a tiny CLIP checkpoint is built
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -61,7 +64,7 @@ def _tiny_clip_processor_files(directory: Path, image_size: int = TINY_IMAGE_SIZ
 
 
 def _tiny_hf_clip(projection_dim: int, seed: int):
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel  # heavy: only when a tiny CLIP checkpoint is built
 
     torch.manual_seed(seed)
     config = CLIPConfig(
@@ -105,8 +108,6 @@ def _spread_out(head: nn.Module) -> nn.Module:
 def save_tiny_aesthetic(root: str | os.PathLike, head: str | None = None, seed: int = 0) -> dict[str, str]:
     """Tiny CLIP (768-d projection, as ViT-L/14) plus a random head in the LAION layout, or the real
     head file ``head`` if given; returns ``AestheticScore.from_pretrained`` kwargs."""
-    from flowalign.rewards.aesthetic import AestheticHead
-
     root = Path(root)
     _tiny_hf_clip(projection_dim=768, seed=seed).save_pretrained(root / "clip")
     _tiny_clip_processor_files(root / "clip")
@@ -125,7 +126,7 @@ TINY_OPEN_CLIP_CONFIG = {
 
 
 def _tiny_open_clip(directory: Path, seed: int):
-    import open_clip
+    import open_clip  # heavy: only when a tiny open_clip checkpoint is built
 
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "open_clip_config.json", "w") as f:
@@ -136,8 +137,6 @@ def _tiny_open_clip(directory: Path, seed: int):
 
 def save_tiny_clipscore(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
     """Tiny open_clip model in open_clip's hub layout; returns ``CLIPScore.from_pretrained`` kwargs."""
-    from safetensors.torch import save_file
-
     root = Path(root)
     model = _tiny_open_clip(root, seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "open_clip_model.safetensors")
@@ -146,8 +145,6 @@ def save_tiny_clipscore(root: str | os.PathLike, seed: int = 0) -> dict[str, str
 
 def save_tiny_hps(root: str | os.PathLike, version: str = "v2.1", seed: int = 0) -> dict[str, str]:
     """Tiny HPS checkpoint ``{"state_dict": ...}`` under the official file name of ``version``."""
-    from flowalign.rewards.hps import CHECKPOINT_FILES
-
     root = Path(root)
     model = _tiny_open_clip(root / "architecture", seed)
     torch.save({"state_dict": model.state_dict()}, root / CHECKPOINT_FILES[version])
@@ -180,7 +177,7 @@ def _tiny_bert_tokenizer_files(directory: Path) -> int:
 def tiny_blip_vit(seed: int = 0, image_size: int = TINY_IMAGE_SIZE, width: int = 128, depth: int = 2, heads: int = 2):
     """BLIP's vision transformer at toy size, as a timm ``VisionTransformer`` (the same module and key
     layout as BLIP's ``vit.py``: ``cls_token``, ``pos_embed``, ``blocks.i.attn.qkv``, ..., LayerNorm eps 1e-6)."""
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer  # heavy, and only ImageReward's tests need timm
 
     torch.manual_seed(seed)
     vit = VisionTransformer(
@@ -203,9 +200,7 @@ def tiny_blip_vit(seed: int = 0, image_size: int = TINY_IMAGE_SIZE, width: int =
 
 def save_tiny_image_reward(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
     """Tiny ImageReward with the official ``ImageReward.pt`` keys and ``med_config.json``."""
-    from flowalign.rewards.aesthetic import AestheticHead
-    from flowalign.rewards.image_reward import text_config_from_med_config
-    from transformers import BlipTextModel
+    from transformers import BlipTextModel  # heavy: only when a tiny ImageReward checkpoint is built
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from flowalign.rewards import FunctionReward, Mixture, Reward, as_reward, combin
 from flowalign.rewards.registry import parse_reward_spec
 from PIL import Image
 
-from flowalign import rewards
+from flowalign import rewards, shapes
 
 
 class Brightness(Reward):
@@ -288,7 +288,6 @@ def test_jpeg_sizes_match_pil_and_order_images_by_detail():
 
 
 def test_shapes_verifier_dense_and_binary_wrap_verify_batch():
-    shapes = pytest.importorskip("flowalign.shapes")
     prompts = shapes.heldout_prompts(6)
     rng = np.random.default_rng(0)
     images = torch.stack([torch.from_numpy(shapes.render_prompt(p, rng)).permute(2, 0, 1) / 255 for p in prompts])
@@ -300,3 +299,16 @@ def test_shapes_verifier_dense_and_binary_wrap_verify_batch():
     torch.testing.assert_close(binary(images, prompts), torch.ones(6))  # rendered images satisfy their prompts
     assert dense(images, wrong).mean() < 1.0
     torch.testing.assert_close(rewards.ShapesVerifier(batch_size=4)(images, wrong), fraction)
+
+
+def test_as_reward_and_mixture_resolve_registered_names():
+    """``as_reward`` (now beside ``load`` in the registry) still turns a registered name into that reward."""
+    rewards.register("test_half", lambda: as_reward(lambda x, p: x.mean(dim=(1, 2, 3)) / 2, requires_prompts=False),
+                     overwrite=True)
+    images = torch.rand(3, 3, 4, 4)
+    by_name = as_reward("test_half")
+    assert by_name.name == "test_half"
+    torch.testing.assert_close(by_name(images, None), images.mean(dim=(1, 2, 3)) / 2)
+    torch.testing.assert_close(Mixture([("test_half", 2.0)])(images, None), images.mean(dim=(1, 2, 3)))
+    with pytest.raises(KeyError, match="Unknown reward 'test_halff'. Did you mean test_half"):
+        as_reward("test_halff")

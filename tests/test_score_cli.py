@@ -13,10 +13,9 @@ from flowalign.rewards import combine, load
 from flowalign.rewards.jpeg import jpeg_size_kb
 from PIL import Image
 
-from flowalign import cli
+from flowalign import cli, shapes
+from flowalign.pipelines import lora_utils
 from flowalign.score import read_entries, summarize
-
-shapes = pytest.importorskip("flowalign.shapes")
 
 
 @pytest.fixture
@@ -158,8 +157,6 @@ def test_summary_means_and_stds_by_group():
 
 def test_score_a_folder_written_by_flowalign_sample(tmp_path, capsys):
     """End to end: ``flowalign sample`` (tiny random base + LoRA) writes the folder, ``flowalign score`` reads it."""
-    lora_utils = pytest.importorskip("flowalign.pipelines.lora_utils")
-    pytest.importorskip("flowalign.sample")
     from flowalign.tiny import build_tiny_sd3_pipeline
 
     pipe = build_tiny_sd3_pipeline(seed=0)
