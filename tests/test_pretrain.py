@@ -1,18 +1,27 @@
 """The pretraining script (a few steps) and the committed, pretrained base model."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file
 
+from flowalign import pretrain as pretrain_module
 from flowalign import shapes
-from flowalign.pretrain import PretrainConfig, pretrain
+from flowalign.checkpoints import load_state
+from flowalign.objectives import sample_sigmas
+from flowalign.pretrain import PretrainConfig, pretrain, write_model_card
 from flowalign.tiny import (BASE_MODEL_DIR, EVAL_CFG, EVAL_STEPS, MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline,
                             evaluate, generate, load_base_pipeline)
 
 
-def test_pretrain_a_few_steps_writes_a_stock_pipeline(tmp_path):
+def _transformer_weights(folder):
+    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_pretrain_a_few_steps_writes_a_stock_pipeline_and_resumes(tmp_path, monkeypatch):
     cfg = PretrainConfig(out=str(tmp_path / "model"), checkpoint=str(tmp_path / "ckpt.pt"), dataset_size=64,
                          max_steps=3, batch_size=8, minutes=10, eval_prompts=0, ema_decay=0.5)
     out = pretrain(cfg)
@@ -24,10 +33,41 @@ def test_pretrain_a_few_steps_writes_a_stock_pipeline(tmp_path):
     # The VAE normalisation was measured on the data: unit variance latents.
     assert pipe.vae.config.shift_factor == pytest.approx(log["latent_shift"])
     assert 1.0 < pipe.vae.config.scaling_factor < 5.0
-    # Resume continues from the checkpoint rather than starting over.
+    after_3 = _transformer_weights(out)
+    assert load_state(cfg.checkpoint)["step"] == 3  # the checkpoint loads with weights_only=True
+
+    # Resume continues from the checkpoint rather than starting over: it runs the 2 remaining steps
+    # (one noise-level draw each) and ends where an uninterrupted 5-step run ends.
+    draws = []
+    monkeypatch.setattr(pretrain_module, "sample_sigmas", lambda *a, **k: draws.append(1) or sample_sigmas(*a, **k))
     cfg.max_steps, cfg.resume = 5, True
     log = json.loads((pretrain(cfg) / "training_log.json").read_text())
-    assert log["steps"] == 5
+    assert log["steps"] == 5 and len(draws) == 2
+    resumed = _transformer_weights(out)
+    whole = _transformer_weights(pretrain(PretrainConfig(**{**asdict(cfg), "resume": False, "out": str(tmp_path / "whole"),
+                                                           "checkpoint": str(tmp_path / "whole.pt")})))
+    assert len(draws) == 7  # the uninterrupted run: 5 steps
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole), "the resumed run differs from the uninterrupted one"
+    assert not torch.equal(resumed["proj_out.weight"], after_3["proj_out.weight"])  # and it did train on
+
+
+def test_write_model_card_reports_the_training_log_and_the_evaluation(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "training_log.json").write_text(json.dumps({
+        "config": {"seed": 4, "lr": 0.002, "batch_size": 64, "out": "x"}, "steps": 1234, "train_seconds": 600.0,
+        "latent_shift": 0.25, "latent_scale": 2.5}))
+    result = {"n_prompts": 6, "seed": 1, "steps": 28, "cfg": 2.0,
+              "families": {"single_object": {"n": 6, "all_satisfied": 0.5, "fraction": 0.75}},
+              "overall": {"n": 6, "all_satisfied": 0.5, "fraction": 0.75}}
+    path = write_model_card(folder, result, command="flowalign pretrain --seed 4")
+    text = path.read_text()
+    assert path == folder / "README.md"
+    assert "1234 steps in\n  10.0 minutes, seed 4" in text and "latent shift 0.2500" in text
+    assert "- Command: `flowalign pretrain --seed 4`" in text
+    assert "`flowalign eval --n-prompts 6 --seed 1 --steps 28 --cfg 2.0`" in text
+    assert "| single_object | 6 | 50.0% | 75.0% |" in text and "| **all** | 6 | 50.0% | 75.0% |" in text
+    assert json.loads((folder / "eval.json").read_text()) == result
 
 
 def _single_object_sample(pipe, card):
