@@ -9,6 +9,7 @@
   count of steps / iterations / prompts is shrunk so the block runs in seconds.
 """
 
+import os
 import re
 import shlex
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -101,13 +103,27 @@ def test_readme_test_command_is_what_ci_runs():
     assert demo_cmd.split(" && flowalign demo")[0].replace("pip install -e .", "") in test_cmd
 
 
+def _checkout_runs() -> set[Path]:
+    """Everything under the checkout's ``runs/``, where the README's relative output folders would land."""
+    return set((ROOT / "runs").rglob("*"))
+
+
+def local_paths(code):
+    """Repository-relative inputs (``samples/...``) become absolute, so that a block runs in a temporary folder
+    and its outputs (``runs/...``) land there, never in the checkout."""
+    return code.replace("samples/", f"{ROOT / 'samples'}/")
+
+
 @pytest.mark.slow
 def test_readme_python_blocks_run(tiny_world, tmp_path, monkeypatch):
     """The python blocks run in order in one namespace, as a reader would paste them into one session."""
     monkeypatch.chdir(tmp_path)
+    before = _checkout_runs()
     namespace = {"__name__": "__readme__"}
     for index, code in enumerate(blocks("python")):
-        exec(compile(substitute(code, tiny_world), f"README.md python block {index}", "exec"), namespace)
+        exec(compile(local_paths(substitute(code, tiny_world)), f"README.md python block {index}", "exec"), namespace)
+    assert (tmp_path / "runs" / "readme" / "checkpoints" / "latest").is_file()  # the training block's run, here
+    assert _checkout_runs() == before
 
 
 CLI_BLOCKS = [c for c in blocks("bash") if "pip install" not in c and c.strip().startswith(("flowalign", "accelerate"))]
@@ -116,13 +132,20 @@ CLI_BLOCKS = [c for c in blocks("bash") if "pip install" not in c and c.strip().
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(CLI_BLOCKS)))
 def test_readme_cli_blocks_run(index, tiny_world, tmp_path):
-    code = substitute(CLI_BLOCKS[index], tiny_world)
+    code = local_paths(substitute(CLI_BLOCKS[index], tiny_world))
+    before = _checkout_runs()
     for line in [l for l in code.replace("\\\n", " ").splitlines() if l.strip() and not l.startswith("#")]:
         args = shlex.split(line)
         if args[0] == "accelerate":  # two CPU processes, as the README says for a CPU machine
             cmd = [sys.executable, "-m", "accelerate.commands.launch", *args[2:]]
         else:
             cmd = [sys.executable, "-m", "flowalign.cli", *args[1:]]
-        proc = subprocess.run(cmd, cwd=ROOT if "samples/" in line else tmp_path, capture_output=True, text=True,
-                              timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
+        if "train" in args:  # the documented effect: a checkpoint of the run in its output_dir (relative: here)
+            output_dir = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())["output_dir"]
+            assert (tmp_path / output_dir / "checkpoints" / "latest").is_file(), proc.stdout[-2000:]
+        if args[:2] == ["flowalign", "eval"]:  # the documented output: the accuracy table
+            assert "| **all** |" in proc.stdout, proc.stdout[-2000:]
+    assert _checkout_runs() == before, "a README block wrote into the checkout"
