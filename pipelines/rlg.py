@@ -15,33 +15,40 @@ Because ``v_rlg`` depends on (x, s, prompt) only, RLG lives at the *model* level
 every row of its batch, so any stock diffusers flow pipeline applies CFG and stepping unchanged
 (RLG with CFG is then exactly ``(1 - w) * CFG(base) + w * CFG(ft)``).
 
+Every row of a batch has its own w. A row whose w is 0 needs the base model only, a row whose w is
+1 the fine-tuned model only (the stock CFG cost): those rows skip the other model. This gives the
+free end points ``w = 0`` / ``w = 1`` (per step, so schedules get it too) and the *sweep*: one call
+samples a list of scales for every prompt from the same initial noise, the rows of every scale that
+need a model batched into one forward of that model per step.
+
 What is in this file, top to bottom:
 
 1. Schedules of w over the sampling steps (constant, linear ramp, "fine-tuned only for the first
-   k steps", any callable) and :func:`resolve_rlg_scales`.
-2. LoRA plumbing: checking that a LoRA fits the base (:func:`check_lora_fits`), loading a PEFT
-   adapter directory (:func:`load_peft_adapter`), and the *gate* on each LoRA branch that lets one
-   forward pass evaluate base rows (LoRA skipped) and fine-tuned rows (LoRA on) together.
+   k steps", any callable), their validation (:func:`check_rlg_scale`, :func:`check_rlg_sweep`: one
+   owner for each check) and :func:`resolve_rlg_scales`.
+2. The *gate* on each LoRA branch that lets one forward pass evaluate base rows (LoRA skipped) and
+   fine-tuned rows (LoRA on) together. Loading adapters lives in :mod:`flowalign.pipelines.lora_utils`
+   (its names are re-exported here).
 3. :class:`RLGTransformer`, the model-level wrapper, with its evaluation modes.
-4. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned`` and
-   ``rlg_scale``; it runs the stock ``__call__`` with the wrapper swapped in.
+4. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned``,
+   ``rlg_scale`` and ``rlg_sweep``; it runs the stock ``__call__`` with the wrapper swapped in.
 
-Evaluation modes (``mode=``), four model evaluations per step with CFG unless said otherwise:
+Evaluation modes (``mode=``); model evaluations per step with CFG at 0 < w != 1 (2 at w = 0 or 1):
 
 ==================  =====  ==========================================================================
 mode                exact  how
 ==================  =====  ==========================================================================
 ``exact``           yes    the fastest exact mode available (by measurement, ``flowalign bench rlg``):
                            ``exact_batched`` for a LoRA fine-tune, ``exact_two_pass`` for a full one
-``exact_batched``   yes    LoRA only: ONE forward on the doubled batch ``[x; x]``; the LoRA branch is
-                           computed for the second half only (fine-tuned), not the first (base), with
-                           PEFT's mixed-batch ``adapter_names`` (``"__base__"`` rows)
-``exact_two_pass``  yes    two forwards per call: base, then fine-tuned
+``exact_batched``   yes    LoRA only: ONE forward on the rows of both models; the LoRA branch is
+                           computed for the fine-tuned rows only, with PEFT's mixed-batch
+                           ``adapter_names`` (``"__base__"`` rows); 4 evaluations
+``exact_two_pass``  yes    one forward per model: base rows, then fine-tuned rows; 4 evaluations
 ``lora_scaled``     no     LoRA only: ONE forward of the base with the LoRA scaled by w
-                           (``W + w * B A``); exact at w = 0 and w = 1 only; 2 evaluations per step
-``shared_uncond``   no     the unconditional CFG half uses the base model only (3 evaluations instead
-                           of 4): ``v = v_base(u) + g * (v_rlg(c) - v_base(u))``; needs the CFG batch
-                           layout ``[uncond; cond]`` (``cfg_batch=True``, set by the RLG pipeline)
+                           (``W + w * B A``); exact at w = 0 and w = 1 only; 2 evaluations
+``shared_uncond``   no     the unconditional CFG half uses the base model only (3 evaluations):
+                           ``v = v_base(u) + g * (v_rlg(c) - v_base(u))``; needs the CFG batch layout
+                           ``[uncond; cond]`` (``cfg_batch=True``, set by the RLG pipeline)
 ==================  =====  ==========================================================================
 
 Example::
@@ -54,10 +61,12 @@ Example::
     pipe.load_finetuned("path/to/flow-grpo-lora")      # PEFT dir, diffusers LoRA file or full transformer
     image = pipe("a photo of a cat", rlg_scale=1.6, guidance_scale=4.5).images[0]
     ramp = pipe("a photo of a cat", rlg_scale=linear_schedule(0.0, 2.0)).images[0]
+    sweep = pipe("a photo of a cat", rlg_sweep=[0, 0.5, 1, 1.5, 2]).images   # one image per scale
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -67,9 +76,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+from PIL import Image
 from torch import nn
 from transformers import (
     CLIPTextModelWithProjection,
@@ -78,6 +90,15 @@ from transformers import (
     SiglipVisionModel,
     T5EncoderModel,
     T5TokenizerFast,
+)
+
+from flowalign.pipelines.lora_utils import (
+    check_lora_fits,
+    check_same_architecture,
+    load_finetuned_model,
+    load_peft_adapter,
+    save_peft_adapter,
+    tuner_layers,
 )
 
 __all__ = [
@@ -89,6 +110,8 @@ __all__ = [
     "RLGStableDiffusion3Pipeline",
     "RLGTransformer",
     "check_lora_fits",
+    "check_rlg_scale",
+    "check_rlg_sweep",
     "check_same_architecture",
     "constant_schedule",
     "finetuned_first_schedule",
@@ -103,13 +126,14 @@ APPROXIMATE_MODES: tuple[str, ...] = ("lora_scaled", "shared_uncond")
 
 
 # =============================================================================================
-# 1. Schedules of the RLG scale w over the sampling steps
+# 1. Schedules of the RLG scale w over the sampling steps, and their validation
 # =============================================================================================
 class RLGSchedule:
-    """Base class of the built-in schedules: w for every step of one sampling run.
+    """Base class of schedules: w for every step of one sampling run.
 
-    Subclasses implement ``scales(timesteps) -> list[float]`` where ``timesteps`` are the
-    scheduler's timesteps of the run (SD3: ``1000 * sigma``, from ~1000 down to ~0).
+    Subclasses implement ``scales(timesteps) -> list[float]`` with exactly one finite value per
+    timestep, where ``timesteps`` are the scheduler's timesteps of the run (SD3: ``1000 * sigma``, from
+    ~1000 down to ~0). The pipeline checks the count and the values before the first step.
     """
 
     def scales(self, timesteps: Sequence[float]) -> list[float]:
@@ -145,21 +169,23 @@ class FinetunedFirstSchedule(RLGSchedule):
     """The fine-tuned model alone (w = 1) for the first ``num_steps`` steps, then ``scale``.
 
     This is the public reference's option of letting the fine-tuned model lay out the image
-    before guiding.
+    before guiding (those steps cost what the stock pipeline costs: only the fine-tuned model runs).
     """
 
     num_steps: int
     scale: float
 
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, numbers.Integral) or self.num_steps < 0:
+            raise ValueError(f"FinetunedFirstSchedule.num_steps must be an integer >= 0, got {self.num_steps!r}.")
+
     def scales(self, timesteps: Sequence[float]) -> list[float]:
-        if self.num_steps < 0:
-            raise ValueError(f"FinetunedFirstSchedule.num_steps must be >= 0, got {self.num_steps}.")
         return [1.0 if i < self.num_steps else float(self.scale) for i in range(len(timesteps))]
 
 
 def constant_schedule(scale: float) -> ConstantSchedule:
     """w = ``scale`` at every step. Example: ``pipe(prompt, rlg_scale=constant_schedule(1.6))``."""
-    return ConstantSchedule(scale)
+    return ConstantSchedule(_as_scale(scale, "constant_schedule(scale)"))
 
 
 def linear_schedule(start: float, end: float) -> LinearSchedule:
@@ -167,7 +193,7 @@ def linear_schedule(start: float, end: float) -> LinearSchedule:
 
     Example: ``pipe(prompt, rlg_scale=linear_schedule(0.0, 2.0))``.
     """
-    return LinearSchedule(start, end)
+    return LinearSchedule(_as_scale(start, "linear_schedule(start)"), _as_scale(end, "linear_schedule(end)"))
 
 
 def finetuned_first_schedule(num_steps: int, scale: float) -> FinetunedFirstSchedule:
@@ -175,18 +201,111 @@ def finetuned_first_schedule(num_steps: int, scale: float) -> FinetunedFirstSche
 
     Example: ``pipe(prompt, rlg_scale=finetuned_first_schedule(5, 1.6))``.
     """
-    return FinetunedFirstSchedule(num_steps, scale)
+    return FinetunedFirstSchedule(num_steps, _as_scale(scale, "finetuned_first_schedule(scale)"))
 
 
 RLGScale = Union[float, Sequence[float], Callable[[int, float], float], RLGSchedule]
 
 
+def _as_scale(value: Any, where: str) -> float:
+    """THE check of one w value (every other check calls it): a real number, finite. Returns it as a float."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{where} must be a real number, got {value!r} ({type(value).__name__}); use a finite scale such as 1.5."
+        )
+    w = float(value)
+    if not math.isfinite(w):
+        raise ValueError(f"{where} must be finite, got {w}; use a finite scale (e.g. 0 to 3).")
+    return w
+
+
+def _scale_kind(rlg_scale: Any) -> str:
+    """``'number' | 'schedule' | 'callable' | 'sequence'``; a ``TypeError`` naming the value otherwise."""
+    if isinstance(rlg_scale, (bool, str, bytes)) or rlg_scale is None:
+        raise TypeError(
+            f"rlg_scale must be a number, a per-step sequence, an RLGSchedule or a callable "
+            f"(step_index, timestep) -> float; got {rlg_scale!r}."
+        )
+    if isinstance(rlg_scale, numbers.Real) or (isinstance(rlg_scale, torch.Tensor) and rlg_scale.ndim == 0):
+        return "number"
+    if isinstance(rlg_scale, RLGSchedule):
+        return "schedule"
+    if callable(rlg_scale):
+        return "callable"
+    if isinstance(rlg_scale, (Sequence, torch.Tensor)) or hasattr(rlg_scale, "__len__"):
+        return "sequence"
+    raise TypeError(
+        f"rlg_scale must be a number, a per-step sequence, an RLGSchedule or a callable "
+        f"(step_index, timestep) -> float; got {type(rlg_scale).__name__}."
+    )
+
+
+def _check_count(values: Any, num_steps: int, source: str) -> list:
+    """THE check of a per-step list's length: exactly one value per sampling step."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{source} must give a list of numbers (one per sampling step), got {values!r}.")
+    values = list(values)
+    if len(values) != num_steps:
+        raise ValueError(
+            f"{source} has {len(values)} values but this run has {num_steps} sampling steps; give exactly one value "
+            "per step (or a number, a schedule such as linear_schedule(0, 2), or a callable)."
+        )
+    return values
+
+
+def check_rlg_scale(rlg_scale: RLGScale, num_steps: int | None = None) -> None:
+    """Check an ``rlg_scale`` before sampling: its type, its values and (with ``num_steps``) its length.
+
+    Schedules and callables are checked where their values exist, in :func:`resolve_rlg_scales` (the
+    RLG pipeline calls it before the first denoising step).
+
+    >>> check_rlg_scale([1.0, float("nan")])
+    Traceback (most recent call last):
+    ...
+    ValueError: rlg_scale[1] must be finite, got nan; use a finite scale (e.g. 0 to 3).
+    """
+    kind = _scale_kind(rlg_scale)
+    if kind == "number":
+        _as_scale(rlg_scale, "rlg_scale")
+    elif kind == "sequence":
+        values = list(rlg_scale)
+        for i, w in enumerate(values):
+            _as_scale(w, f"rlg_scale[{i}]")
+        if num_steps is not None:
+            _check_count(values, num_steps, "rlg_scale")
+
+
+def check_rlg_sweep(rlg_sweep: Sequence[RLGScale], num_steps: int | None = None) -> list[RLGScale]:
+    """Check a sweep (a non-empty list of scales, each anything ``rlg_scale`` accepts); returns it as a list.
+
+    >>> check_rlg_sweep([0, 0.5, 1])
+    [0, 0.5, 1]
+    """
+    if isinstance(rlg_sweep, (str, bytes, numbers.Real, RLGSchedule)) or callable(rlg_sweep) or rlg_sweep is None:
+        raise TypeError(
+            f"rlg_sweep must be a list of scales (e.g. [0, 0.5, 1, 1.5, 2]), got {rlg_sweep!r}; for a single scale "
+            "or per-step values use rlg_scale."
+        )
+    entries = list(rlg_sweep)
+    if not entries:
+        raise ValueError("rlg_sweep is empty; give at least one scale, e.g. rlg_sweep=[0, 1, 2].")
+    for k, entry in enumerate(entries):
+        try:
+            check_rlg_scale(entry, num_steps)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"rlg_sweep[{k}]: {error}") from None
+    return entries
+
+
 def resolve_rlg_scales(rlg_scale: RLGScale, timesteps: Sequence[float]) -> list[float]:
     """Turn any accepted ``rlg_scale`` into one finite float per sampling step.
 
-    Accepted: a number (constant), a sequence with one value per step, a built-in
-    :class:`RLGSchedule`, or a callable ``f(step_index, timestep) -> float`` (``timestep`` as the
-    scheduler gives it, a float in [0, 1000] for SD3).
+    Accepted: a number (constant), a sequence with one value per step, an :class:`RLGSchedule`
+    (``scales(timesteps)`` must return one value per timestep), or a callable
+    ``f(step_index, timestep) -> float`` (``timestep`` as the scheduler gives it, a float in
+    [0, 1000] for SD3). Wrong counts, non-numeric and non-finite values raise, naming the value.
 
     >>> resolve_rlg_scales(1.5, [1000.0, 500.0])
     [1.5, 1.5]
@@ -195,187 +314,22 @@ def resolve_rlg_scales(rlg_scale: RLGScale, timesteps: Sequence[float]) -> list[
     """
     timesteps = [float(t) for t in timesteps]
     n = len(timesteps)
-    if isinstance(rlg_scale, (bool, str, bytes)):
-        raise TypeError(
-            f"rlg_scale must be a number, a per-step sequence, a schedule or a callable, not {rlg_scale!r}."
-        )
-    if isinstance(rlg_scale, numbers.Real):
-        scales = [float(rlg_scale)] * n
-    elif isinstance(rlg_scale, torch.Tensor) and rlg_scale.ndim == 0:
-        scales = [float(rlg_scale)] * n
-    elif isinstance(rlg_scale, RLGSchedule):
-        scales = [float(w) for w in rlg_scale.scales(timesteps)]
-    elif callable(rlg_scale):
-        scales = [float(rlg_scale(i, t)) for i, t in enumerate(timesteps)]
-    elif isinstance(rlg_scale, (Sequence, torch.Tensor)) or hasattr(rlg_scale, "__len__"):
-        scales = [float(w) for w in rlg_scale]
-        if len(scales) != n:
-            raise ValueError(
-                f"rlg_scale has {len(scales)} values but this run has {n} sampling steps; give exactly one "
-                f"value per step (or a number, a schedule such as linear_schedule(0, 2), or a callable)."
-            )
-    else:
-        raise TypeError(
-            f"rlg_scale must be a number, a per-step sequence, an RLGSchedule or a callable "
-            f"(step_index, timestep) -> float; got {type(rlg_scale).__name__}."
-        )
-    for i, w in enumerate(scales):
-        if not math.isfinite(w):
-            raise ValueError(f"rlg_scale must be finite, got {w} at step {i}; use a finite scale (e.g. 0 to 3).")
-    return scales
-
-
-def _check_finite_scale(rlg_scale: Any) -> None:
-    """Early check of the values we can see before sampling (numbers and sequences)."""
-    if isinstance(rlg_scale, bool) or rlg_scale is None:
-        raise TypeError(
-            f"rlg_scale must be a number, a per-step sequence, a schedule or a callable, got {rlg_scale!r}."
-        )
-    values = []
-    if isinstance(rlg_scale, numbers.Real):
-        values = [float(rlg_scale)]
-    elif isinstance(rlg_scale, (list, tuple)):
-        values = [float(w) for w in rlg_scale]
-    for w in values:
-        if not math.isfinite(w):
-            raise ValueError(f"rlg_scale must be finite, got {w}; use a finite scale (e.g. 0 to 3).")
+    kind = _scale_kind(rlg_scale)
+    if kind == "number":
+        return [_as_scale(rlg_scale, "rlg_scale")] * n
+    if kind == "schedule":
+        name = f"{type(rlg_scale).__name__}.scales()"
+        values = _check_count(rlg_scale.scales(timesteps), n, name)
+        return [_as_scale(w, f"{name}[{i}]") for i, w in enumerate(values)]
+    if kind == "callable":
+        return [_as_scale(rlg_scale(i, t), f"rlg_scale({i}, {t:g}) (the callable's value at step {i})") for i, t in enumerate(timesteps)]
+    values = _check_count(rlg_scale, n, "rlg_scale")
+    return [_as_scale(w, f"rlg_scale[{i}]") for i, w in enumerate(values)]
 
 
 # =============================================================================================
-# 2. LoRA plumbing
+# 2. The LoRA gate
 # =============================================================================================
-def _lora_module_name(key: str) -> tuple[str, str] | None:
-    """``'a.b.lora_A.weight'`` -> ``('a.b', 'lora_A')``; ``None`` for keys that are not LoRA A/B weights."""
-    for part in (".lora_A.", ".lora_B."):
-        if part in key:
-            module, _, _ = key.partition(part)
-            return module, part.strip(".")
-    return None
-
-
-def _strip_lora_prefix(key: str) -> str:
-    """Drop the container prefixes of the two file formats (diffusers ``transformer.``, PEFT ``base_model.model.``)."""
-    for prefix in ("base_model.model.", "transformer."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
-
-
-def check_lora_fits(
-    transformer: nn.Module, state_dict: dict[str, torch.Tensor], target_modules: Sequence[str] | str | None = None
-) -> None:
-    """Raise a ``ValueError`` naming the module if a LoRA does not fit ``transformer``.
-
-    Checks every ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` of ``state_dict`` (keys may
-    carry the ``transformer.`` or ``base_model.model.`` prefix): the module must exist, be a
-    Linear/Conv layer, and ``lora_A`` must read its ``in_features`` while ``lora_B`` writes its
-    ``out_features``. With ``target_modules`` (a PEFT config's list), each name must match a module.
-
-    Example: ``check_lora_fits(pipe.transformer, safetensors.torch.load_file("lora.safetensors"))``.
-    """
-    cls = type(transformer).__name__
-    modules = dict(transformer.named_modules())
-    if isinstance(target_modules, (list, tuple, set)):
-        for target in target_modules:
-            if not any(name == target or name.endswith("." + target) for name in modules):
-                raise ValueError(
-                    f"The LoRA config targets module {target!r}, which does not exist in {cls}. "
-                    "This adapter was trained for another architecture; load it on the matching base model."
-                )
-    for key, tensor in state_dict.items():
-        parsed = _lora_module_name(_strip_lora_prefix(key))
-        if parsed is None or not key.endswith(".weight"):
-            continue
-        name, which = parsed
-        if name not in modules:
-            raise ValueError(
-                f"LoRA weight {key!r} targets module {name!r}, which does not exist in {cls}. "
-                "This LoRA was trained for another architecture; load it on the matching base model."
-            )
-        module = modules[name]
-        base = getattr(module, "base_layer", module)  # a module that already carries LoRA layers
-        weight = getattr(base, "weight", None)
-        if weight is None or weight.ndim < 2:
-            raise ValueError(
-                f"LoRA weight {key!r} targets module {name!r} ({type(base).__name__}), which has no 2-d weight."
-            )
-        if which == "lora_A" and tensor.shape[1] != weight.shape[1]:
-            raise ValueError(
-                f"LoRA weight {key!r} has shape {tuple(tensor.shape)}: it reads {tensor.shape[1]} features, but module "
-                f"{name!r} ({type(base).__name__}, weight {tuple(weight.shape)}) takes {weight.shape[1]}. "
-                "The LoRA was trained for a base model of another size."
-            )
-        if which == "lora_B" and tensor.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"LoRA weight {key!r} has shape {tuple(tensor.shape)}: it writes {tensor.shape[0]} features, but module "
-                f"{name!r} ({type(base).__name__}, weight {tuple(weight.shape)}) outputs {weight.shape[0]}. "
-                "The LoRA was trained for a base model of another size."
-            )
-
-
-def load_peft_adapter(transformer: nn.Module, path: str | os.PathLike, adapter_name: str = "rlg") -> None:
-    """Load a PEFT LoRA adapter directory into a diffusers transformer, in place.
-
-    The directory holds ``adapter_config.json`` + ``adapter_model.safetensors`` (what
-    ``PeftModel.save_pretrained`` writes; the format of Flow-GRPO and the public RLG release). The
-    result is what ``PeftModel.from_pretrained(transformer, path)`` injects, without wrapping the
-    transformer in a ``PeftModel``: it stays a diffusers model (``enable_lora``/``disable_lora`` work).
-
-    Example: ``load_peft_adapter(pipe.transformer, "flow-grpo-lora/", adapter_name="rlg")``.
-    """
-    from peft import LoraConfig, PeftConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    peft_type = PeftConfig.from_pretrained(str(path)).peft_type
-    if str(peft_type) not in ("LORA", "PeftType.LORA"):
-        raise ValueError(f"{path} holds a {peft_type} adapter; RLG supports LoRA adapters only.")
-    config = LoraConfig.from_pretrained(str(path))
-    if config.use_dora:
-        raise ValueError(f"{path} is a DoRA adapter; RLG supports plain LoRA only (DoRA is not linear in its scale).")
-    weights = path / "adapter_model.safetensors"
-    if weights.exists():
-        state_dict = load_file(str(weights))
-    elif (path / "adapter_model.bin").exists():
-        state_dict = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} has adapter_config.json but no adapter_model.safetensors (or .bin).")
-    state_dict = {_strip_lora_prefix(k): v for k, v in state_dict.items()}
-    check_lora_fits(transformer, state_dict, target_modules=config.target_modules)
-
-    if adapter_name in getattr(transformer, "peft_config", {}):
-        raise ValueError(f"The transformer already has an adapter named {adapter_name!r}; pick another adapter_name.")
-    transformer.add_adapter(
-        config, adapter_name=adapter_name
-    )  # diffusers PeftAdapterMixin -> peft.inject_adapter_in_model
-    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    expected = {
-        name
-        for name, _ in transformer.named_parameters()
-        if f".{adapter_name}." in name and ("lora_A" in name or "lora_B" in name)
-    }
-    loaded = {f"{k.rsplit('.', 1)[0]}.{adapter_name}.{k.rsplit('.', 1)[1]}" for k in state_dict if _lora_module_name(k)}
-    missing = sorted(expected - loaded)
-    if unexpected or missing:
-        transformer.delete_adapters(adapter_name)
-        if not getattr(transformer, "peft_config", None):
-            transformer.unload_lora()
-        raise ValueError(
-            f"The adapter in {path} does not match its own config: "
-            f"{len(missing)} LoRA weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})."
-        )
-
-
-def _tuner_layers(transformer: nn.Module, adapter_name: str) -> list[nn.Module]:
-    """The PEFT LoRA layers of ``transformer`` that carry ``adapter_name``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [
-        m for m in transformer.modules() if isinstance(m, BaseTunerLayer) and adapter_name in getattr(m, "lora_B", {})
-    ]
-
-
 class _LoRAGate:
     """Controls the LoRA branch of one adapter per forward pass, without replacing any module.
 
@@ -384,10 +338,11 @@ class _LoRAGate:
     - ``adapter_names``: one name per row of the batch, passed to every LoRA layer as PEFT's
       mixed-batch argument (what ``PeftModel.forward(..., adapter_names=...)`` does): rows named
       ``"__base__"`` get no LoRA (it is not computed for them), the other rows get the adapter.
-      ``["__base__"] * n + [adapter] * n`` evaluates base and fine-tuned model in one pass, with the
+      ``["__base__"] * n + [adapter] * m`` evaluates base and fine-tuned rows in one pass, with the
       matmuls of the two separate passes; ``["__base__"] * n`` is the base model.
-    - ``scale``: a 0-d tensor multiplying the adapter's ``lora_B`` output (``W + w * B A``: weight-space
-      scaling of the LoRA, as a tensor so that changing w does not recompile under torch.compile).
+    - ``scale``: a tensor multiplying the adapter's ``lora_B`` output (``W + w * B A``: weight-space
+      scaling of the LoRA), 0-d or one value per row; a tensor so that changing w does not recompile
+      under torch.compile.
     """
 
     def __init__(self, layers: list[nn.Module], adapter_name: str):
@@ -409,7 +364,10 @@ class _LoRAGate:
     def _after_lora_b(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
         if self.scale is None:
             return None
-        return output * self.scale.to(output.dtype)
+        scale = self.scale.to(output.dtype)
+        if scale.ndim == 1:  # one w per row: (n,) -> (n, 1, ..., 1)
+            scale = scale.view(-1, *([1] * (output.ndim - 1)))
+        return output * scale
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -417,50 +375,23 @@ class _LoRAGate:
         self.handles = []
 
 
-def check_same_architecture(base: nn.Module, finetuned: nn.Module) -> None:
-    """Raise a ``ValueError`` if ``finetuned`` is not the same architecture as ``base``.
-
-    Same class, same architecture config (keys starting with ``_`` ignored) and same parameter shapes.
-    Example: ``check_same_architecture(pipe.transformer, SD3Transformer2DModel.from_pretrained(path))``.
-    """
-    if type(finetuned) is not type(base):
-        raise ValueError(
-            f"The fine-tuned transformer is a {type(finetuned).__name__} but the base is a {type(base).__name__}; "
-            "RLG mixes two versions of the same model: load a fine-tune of this base."
-        )
-    base_config, ft_config = getattr(base, "config", {}), getattr(finetuned, "config", {})
-    keys = sorted({k for k in list(base_config) + list(ft_config) if not k.startswith("_")})
-    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
-    diffs = [
-        f"{k}: base={base_config.get(k)!r}, fine-tuned={ft_config.get(k)!r}"
-        for k in keys
-        if as_list(base_config.get(k)) != as_list(ft_config.get(k))
-    ]
-    if diffs:
-        raise ValueError(
-            f"The fine-tuned {type(base).__name__} has another architecture than the base ({'; '.join(diffs)}); "
-            "load a fine-tune of this base."
-        )
-    ft_shapes = {k: v.shape for k, v in finetuned.state_dict().items()}
-    for k, v in base.state_dict().items():
-        if ".lora_" in k or ".base_layer." in k:
-            continue
-        if k in ft_shapes and ft_shapes[k] != v.shape:
-            raise ValueError(
-                f"Parameter {k!r} has shape {tuple(ft_shapes[k])} in the fine-tuned model, {tuple(v.shape)} in the base."
-            )
-
-
 # =============================================================================================
 # 3. The model-level wrapper
 # =============================================================================================
 class RLGTransformer(nn.Module):
-    """A flow transformer that returns the RLG velocity ``v_base + w * (v_ft - v_base)``.
+    """A flow transformer that returns the RLG velocity ``v_base + w * (v_ft - v_base)`` for every row.
 
     Drop it in as ``pipe.transformer`` of a stock diffusers flow pipeline (SD3 / SD3.5, FLUX, ...): it
     takes the wrapped transformer's forward arguments (``hidden_states``, ``encoder_hidden_states``,
     ``pooled_projections``, ``timestep``, ``img_ids``, ``joint_attention_kwargs``, ``return_dict``, ...)
     and exposes its ``config``, ``dtype``, ``device`` and other attributes.
+
+    w per row: :meth:`set_rlg_scale` (one w for all rows) or :meth:`set_row_scales` (a pattern that
+    repeats over the rows, e.g. one w per image of a sweep). When w is given as numbers, a row with
+    w = 0 runs the base model only and a row with w = 1 the fine-tuned model only, and the output of
+    an all-0 / all-1 batch is exactly the base / fine-tuned model's. A w given as a tensor
+    (``set_rlg_scale(tensor)``) is not read on the host: every row runs both models (no host sync,
+    one graph under torch.compile).
 
     Args:
         transformer: the base transformer. For a LoRA fine-tune it carries the adapter
@@ -469,8 +400,8 @@ class RLGTransformer(nn.Module):
         finetuned: a full fine-tuned transformer of the same architecture, or ``None`` for a LoRA.
         adapter_name: the LoRA adapter that makes the fine-tuned model (LoRA only).
         mode: one of ``RLG_MODES`` (see the module docstring); ``"exact"`` by default.
-        rlg_scale: the initial w (0-d float32 buffer; change it with :meth:`set_rlg_scale` or
-            :meth:`follow_schedule`).
+        rlg_scale: the initial w.
+        max_rows: the most rows one forward of a model takes (a memory bound; ``None``: no bound).
 
     Example (any pipeline)::
 
@@ -489,6 +420,7 @@ class RLGTransformer(nn.Module):
         adapter_name: str | None = None,
         mode: RLGMode = "exact",
         rlg_scale: float = 1.0,
+        max_rows: int | None = None,
     ):
         super().__init__()
         self.base = transformer
@@ -496,6 +428,7 @@ class RLGTransformer(nn.Module):
         self.adapter_name = adapter_name
         self.cfg_batch = False  # True when rows are [uncond; cond] halves (SD3 CFG); needed by shared_uncond
         self.register_buffer("rlg_scale", torch.tensor(0.0, dtype=torch.float32), persistent=False)
+        self.row_scales: list[float] | None = None  # w on the host, repeating over the rows; None: tensor only
         self._gate: _LoRAGate | None = None
         if finetuned is not None:
             if adapter_name is not None:
@@ -509,7 +442,7 @@ class RLGTransformer(nn.Module):
                     "RLGTransformer needs the fine-tuned model: pass finetuned=<transformer> or the adapter_name "
                     "of a LoRA loaded into the transformer (e.g. pipe.load_lora_weights(path, adapter_name='rlg'))."
                 )
-            layers = _tuner_layers(transformer, adapter_name)
+            layers = tuner_layers(transformer, adapter_name)
             if not layers:
                 loaded = sorted(getattr(transformer, "peft_config", {}) or {})
                 raise ValueError(f"The transformer has no LoRA adapter named {adapter_name!r} (loaded: {loaded}).")
@@ -517,6 +450,7 @@ class RLGTransformer(nn.Module):
             self.check_lora_state()
             self._gate = _LoRAGate(layers, adapter_name)
         self.mode = mode
+        self.max_rows = max_rows
         self.set_rlg_scale(rlg_scale)
 
     # ---- what pipelines read from their transformer --------------------------------------------
@@ -556,6 +490,16 @@ class RLGTransformer(nn.Module):
         self._mode = mode
 
     @property
+    def max_rows(self) -> int | None:
+        return self._max_rows
+
+    @max_rows.setter
+    def max_rows(self, max_rows: int | None) -> None:
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be None (no bound) or an integer >= 1, got {max_rows!r}.")
+        self._max_rows = max_rows
+
+    @property
     def resolved_mode(self) -> str:
         """The mode actually run: ``exact`` resolves to the fastest exact mode for this fine-tune."""
         if self._mode == "exact":
@@ -567,14 +511,31 @@ class RLGTransformer(nn.Module):
         return self._mode not in APPROXIMATE_MODES
 
     def set_rlg_scale(self, rlg_scale: float | torch.Tensor) -> None:
-        """Set w for the next forward calls (in place, no host sync for a tensor on the same device)."""
+        """Set one w for every row of the next forward calls.
+
+        A number enables the w = 0 / w = 1 shortcuts; a tensor is copied in place (no host sync on
+        its device) and every row runs both models.
+        """
         if isinstance(rlg_scale, torch.Tensor):
             self.rlg_scale.copy_(rlg_scale.reshape(()))
+            self.row_scales = None
             return
-        w = float(rlg_scale)
-        if not math.isfinite(w):
-            raise ValueError(f"rlg_scale must be finite, got {w}; use a finite scale (e.g. 0 to 3).")
+        w = _as_scale(rlg_scale, "rlg_scale")
         self.rlg_scale.fill_(w)
+        self.row_scales = [w]
+
+    def set_row_scales(self, scales: Sequence[float]) -> None:
+        """Set w per row: row r of a forward batch gets ``scales[r % len(scales)]``.
+
+        For a sweep of K scales over B images with CFG, ``[w_1] * B + ... + [w_K] * B``: the pattern repeats
+        over the unconditional and the conditional half.
+        """
+        values = [_as_scale(w, f"row scale {i}") for i, w in enumerate(scales)]
+        if not values:
+            raise ValueError("set_row_scales needs at least one scale.")
+        self.row_scales = values
+        if len(set(values)) == 1:
+            self.rlg_scale.fill_(values[0])
 
     def check_lora_state(self) -> None:
         """Raise if the LoRA cannot be switched per pass: fused, disabled, a variant (DoRA), or not the only active one."""
@@ -613,21 +574,109 @@ class RLGTransformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
-        mode = self.resolved_mode
         n = hidden_states.shape[0]
-        w = self.rlg_scale.to(hidden_states.device)
-        # Inputs nested in containers (e.g. IP-adapter embeddings in joint_attention_kwargs) cannot be row-stacked.
+        # Inputs nested in containers (e.g. IP-adapter embeddings in joint_attention_kwargs) cannot be row-sliced.
         stackable = not any(_has_nested_tensor(v) for v in (*args, *kwargs.values()))
+        inputs = (hidden_states, args, kwargs)
+        if self.row_scales is None:
+            out = self._forward_tensor_scale(inputs, n, stackable)
+        else:
+            out = self._forward_host_scales(inputs, n, stackable, self._scales_of_rows(n))
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
 
+    def _scales_of_rows(self, n: int) -> list[float]:
+        """w of each of the n rows (the pattern repeated; 0 on the unconditional half in shared_uncond)."""
+        pattern = self.row_scales
+        if n % len(pattern):
+            raise RuntimeError(
+                f"The batch has {n} rows, not a multiple of the {len(pattern)} per-row scales set with set_row_scales."
+            )
+        scales = pattern * (n // len(pattern))
+        if self._mode == "shared_uncond":
+            if not self.cfg_batch or n % 2:
+                raise RuntimeError(
+                    "mode='shared_uncond' needs the CFG batch layout [uncond; cond] (set cfg_batch=True; the RLG "
+                    "pipeline does it when guidance_scale > 1)."
+                )
+            scales[: n // 2] = [0.0] * (n // 2)  # unconditional rows: the base model only
+        return scales
+
+    def _forward_host_scales(self, inputs, n: int, stackable: bool, scales: list[float]) -> torch.Tensor:
+        """w known per row on the host: rows with w = 0 skip the fine-tuned model, rows with w = 1 the base."""
+        hidden_states = inputs[0]
+        base_rows = [r for r, w in enumerate(scales) if w != 1.0]  # rows that need v_base
+        ft_rows = [r for r, w in enumerate(scales) if w != 0.0]  # rows that need v_ft
+        if not stackable:  # cannot evaluate a subset of rows: every model on every row it is needed for
+            base_rows = list(range(n)) if base_rows else []
+            ft_rows = list(range(n)) if ft_rows else []
+        if self.resolved_mode == "lora_scaled" and base_rows and ft_rows:
+            # Approximate: f(W + w * BA) instead of f(W) + w * (f(W + BA) - f(W)); exact at w = 0 and 1.
+            w = torch.tensor(scales if len(set(scales)) > 1 else scales[0], device=hidden_states.device)
+            return self._run_chunked(self.base, inputs, n, list(range(n)), None, scale=w)
+        v_base, v_ft = self._evaluate(inputs, n, base_rows, ft_rows)
+        if not ft_rows:
+            return v_base  # w = 0 on every row: the base model's output, untouched
+        if not base_rows:
+            return v_ft  # w = 1 on every row: the fine-tuned model's output, untouched
+        if len(base_rows) < n:  # rows with w = 1 have no v_base: zeros, which lerp ignores at weight 1
+            v_base = v_base.new_zeros((n, *v_base.shape[1:])).index_copy_(0, _index(base_rows, v_base), v_base)
+        if len(ft_rows) < n:  # rows with w = 0 have no v_ft: zeros, which lerp ignores at weight 0
+            v_ft = v_ft.new_zeros((n, *v_ft.shape[1:])).index_copy_(0, _index(ft_rows, v_ft), v_ft)
+        if len(set(scales)) == 1:
+            w = torch.tensor(scales[0], dtype=torch.float32, device=v_base.device)
+        else:
+            w = torch.tensor(scales, dtype=torch.float32, device=v_base.device).view(n, *([1] * (v_base.ndim - 1)))
+        return _mix(v_base, v_ft, w)
+
+    def _evaluate(self, inputs, n: int, base_rows: list[int], ft_rows: list[int]):
+        """``(v_base on base_rows, v_ft on ft_rows)``: one forward per model, or ONE for both (exact_batched LoRA)."""
+        batched = self.resolved_mode in ("exact_batched", "shared_uncond")
+        if self.adapter_name is not None and batched and base_rows and ft_rows:
+            # LoRA off for the base rows, on for the fine-tuned rows, in the same pass: [x_base_rows; x_ft_rows].
+            names = ["__base__"] * len(base_rows) + [self.adapter_name] * len(ft_rows)
+            both = self._run_chunked(self.base, inputs, n, base_rows + ft_rows, names)
+            return both[: len(base_rows)], both[len(base_rows) :]
+        v_base = v_ft = None
+        if base_rows:
+            if self.finetuned is not None:
+                v_base = self._run_chunked(self.base, inputs, n, base_rows, None)
+            else:  # every row "__base__": the LoRA is not computed, the base model
+                v_base = self._run_chunked(self.base, inputs, n, base_rows, ["__base__"] * len(base_rows))
+        if ft_rows:
+            model = self.finetuned if self.finetuned is not None else self.base
+            v_ft = self._run_chunked(model, inputs, n, ft_rows, None)  # the LoRA as loaded: the fine-tuned model
+        return v_base, v_ft
+
+    def _run_chunked(self, model, inputs, n: int, rows: list[int], names: list[str] | None, scale=None):
+        """Forward ``model`` on the given rows of ``inputs`` (at most ``max_rows`` per forward), outputs in row order."""
+        step = self._max_rows or len(rows)
+        outs = []
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            h, a, k = _take_rows(self.unbatched_inputs, n, chunk, *inputs)
+            chunk_scale = scale[start : start + step] if scale is not None and scale.ndim == 1 else scale
+            outs.append(
+                self._run(model, h, *a, adapter_names=None if names is None else names[start : start + step],
+                          scale=chunk_scale, **k)
+            )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _forward_tensor_scale(self, inputs, n: int, stackable: bool) -> torch.Tensor:
+        """w as a 0-d tensor (not read on the host): both models on every row, no data-dependent branching."""
+        hidden_states, args, kwargs = inputs
+        mode = self.resolved_mode
+        w = self.rlg_scale.to(hidden_states.device)
         if mode == "lora_scaled":
             # Approximate: f(W + w * BA) instead of f(W) + w * (f(W + BA) - f(W)); exact at w = 0 and 1.
-            out = self._run(self.base, hidden_states, *args, scale=w, **kwargs)
-        elif mode == "exact_batched" and stackable:
+            return self._run(self.base, hidden_states, *args, scale=w, **kwargs)
+        if mode == "exact_batched" and stackable:
             # One pass on [x; x]: LoRA off for the first n rows (base), on for the last n (fine-tuned).
             rows = _stack_rows(self.unbatched_inputs, n, hidden_states, args, kwargs, 2)
-            both = self._run(self.base, rows[0], *rows[1], lora_rows=(n, n), **rows[2])
-            out = _mix(both[:n], both[n:], w)
-        elif mode == "shared_uncond":
+            both = self._run(self.base, rows[0], *rows[1], adapter_names=self._names(n, n), **rows[2])
+            return _mix(both[:n], both[n:], w)
+        if mode == "shared_uncond":
             if not self.cfg_batch or n % 2:
                 raise RuntimeError(
                     "mode='shared_uncond' needs the CFG batch layout [uncond; cond] (set cfg_batch=True; the RLG "
@@ -638,34 +687,36 @@ class RLGTransformer(nn.Module):
             if self.adapter_name is not None and stackable:
                 # One pass on [x_uncond; x_cond; x_cond], LoRA on for the last m rows only: 3 evaluations.
                 rows = _concat_rows(self.unbatched_inputs, n, (hidden_states, args, kwargs), cond)
-                out3 = self._run(self.base, rows[0], *rows[1], lora_rows=(n, m), **rows[2])
+                out3 = self._run(self.base, rows[0], *rows[1], adapter_names=self._names(n, m), **rows[2])
                 v_base, v_ft_cond = out3[:n], out3[n:]
             else:
                 v_base = self._eval_base(hidden_states, *args, **kwargs)
                 v_ft_cond = self._eval_finetuned(cond[0], *cond[1], **cond[2])
             # uncond rows: base only; cond rows: the RLG mix
-            out = torch.cat([v_base[:m], _mix(v_base[m:], v_ft_cond, w)], dim=0)
-        else:  # exact_two_pass (or exact_batched with inputs that cannot be stacked)
-            v_base = self._eval_base(hidden_states, *args, **kwargs)
-            v_ft = self._eval_finetuned(hidden_states, *args, **kwargs)
-            out = _mix(v_base, v_ft, w)
+            return torch.cat([v_base[:m], _mix(v_base[m:], v_ft_cond, w)], dim=0)
+        # exact_two_pass (or exact_batched with inputs that cannot be stacked)
+        v_base = self._eval_base(hidden_states, *args, **kwargs)
+        v_ft = self._eval_finetuned(hidden_states, *args, **kwargs)
+        return _mix(v_base, v_ft, w)
 
-        if not return_dict:
-            return (out,)
-        return Transformer2DModelOutput(sample=out)
+    def _names(self, base: int, finetuned: int) -> list[str] | None:
+        if self.adapter_name is None:
+            return None
+        return ["__base__"] * base + [self.adapter_name] * finetuned
 
     def _run(
         self,
         model: nn.Module,
         *args: Any,
-        lora_rows: tuple[int, int] | None = None,
+        adapter_names: list[str] | None = None,
         scale: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """One forward of ``model``. ``lora_rows=(k, m)``: k base rows then m fine-tuned rows; ``scale``: LoRA times w."""
+        """One forward of ``model``; ``adapter_names``: PEFT's per-row adapters (``None``: as loaded); ``scale``: LoRA times w."""
         if self._gate is not None:
-            names = None if lora_rows is None else ["__base__"] * lora_rows[0] + [self.adapter_name] * lora_rows[1]
-            self._gate.set(adapter_names=names, scale=scale)
+            if adapter_names is not None and all(name == self.adapter_name for name in adapter_names):
+                adapter_names = None  # all rows fine-tuned: PEFT's plain forward, as the stock pipeline runs it
+            self._gate.set(adapter_names=adapter_names, scale=scale)
         try:
             return model(*args, return_dict=False, **kwargs)[0]
         finally:
@@ -673,10 +724,7 @@ class RLGTransformer(nn.Module):
                 self._gate.set()
 
     def _eval_base(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.finetuned is not None:
-            return self._run(self.base, hidden_states, *args, **kwargs)
-        # every row "__base__": the LoRA is not computed, the base model
-        return self._run(self.base, hidden_states, *args, lora_rows=(hidden_states.shape[0], 0), **kwargs)
+        return self._run(self.base, hidden_states, *args, adapter_names=self._names(hidden_states.shape[0], 0), **kwargs)
 
     def _eval_finetuned(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         model = self.finetuned if self.finetuned is not None else self.base
@@ -689,7 +737,7 @@ class RLGTransformer(nn.Module):
         Works with any stock pipeline whose scheduler exposes ``timesteps`` and ``step_index``
         (all diffusers flow-matching schedulers). At the first forward of a run, the schedule is
         resolved for all steps (errors come before any step is taken); at each later step w is
-        written into the buffer. Returns a handle: call ``.remove()`` after sampling.
+        set. Returns a handle: call ``.remove()`` after sampling.
 
         Example::
 
@@ -697,7 +745,18 @@ class RLGTransformer(nn.Module):
             image = pipe(prompt).images[0]
             handle.remove()
         """
-        _check_finite_scale(rlg_scale)
+        check_rlg_scale(rlg_scale)
+        return self.follow_sweep(scheduler, [rlg_scale], rows_per_scale=1)
+
+    def follow_sweep(
+        self, scheduler: Any, rlg_sweep: Sequence[RLGScale], rows_per_scale: int
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Like :meth:`follow_schedule` for a sweep: the batch holds ``len(rlg_sweep)`` blocks of ``rows_per_scale`` rows.
+
+        Block k (per CFG half) gets ``rlg_sweep[k]``, each entry anything ``rlg_scale`` accepts.
+        Example: ``rlg.follow_sweep(pipe.scheduler, [0.0, 1.0, 2.0], rows_per_scale=4)`` for 3 x 4 images.
+        """
+        entries = check_rlg_sweep(rlg_sweep)
         state: dict[str, Any] = {"scales": None, "step": None, "timesteps": None}
 
         def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -705,12 +764,22 @@ class RLGTransformer(nn.Module):
             index = scheduler.step_index
             step = 0 if index is None else int(index)
             if state["scales"] is None or state["timesteps"] is not timesteps:  # a new sampling run
-                state["scales"] = resolve_rlg_scales(rlg_scale, timesteps.tolist())
-                state["timesteps"], state["step"] = timesteps, None
+                values = timesteps.tolist()
+                resolved = []
+                for k, entry in enumerate(entries):
+                    try:
+                        resolved.append(resolve_rlg_scales(entry, values))
+                    except (TypeError, ValueError) as error:
+                        raise type(error)(f"rlg_sweep[{k}]: {error}" if len(entries) > 1 else str(error)) from None
+                state["scales"], state["timesteps"], state["step"] = resolved, timesteps, None
             if step != state["step"]:
-                if step >= len(state["scales"]):
-                    raise RuntimeError(f"Step {step} is beyond the {len(state['scales'])} steps of the RLG schedule.")
-                self.set_rlg_scale(state["scales"][step])
+                if step >= len(state["scales"][0]):
+                    raise RuntimeError(
+                        f"Step {step} is beyond the {len(state['scales'][0])} steps of the RLG schedule "
+                        "(a scheduler that evaluates the model more than once per step is not supported)."
+                    )
+                pattern = [scales[step] for scales in state["scales"] for _ in range(rows_per_scale)]
+                self.set_row_scales(pattern)
                 state["step"] = step
 
         return self.register_forward_pre_hook(before_forward, with_kwargs=True)
@@ -719,6 +788,10 @@ class RLGTransformer(nn.Module):
 def _mix(v_base: torch.Tensor, v_ft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``v_base + w * (v_ft - v_base)`` in float32, cast back (lerp: exact at w = 0 and w = 1)."""
     return torch.lerp(v_base.float(), v_ft.float(), w).to(v_base.dtype)
+
+
+def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=like.device)
 
 
 def _has_nested_tensor(value: Any) -> bool:
@@ -738,6 +811,16 @@ def _map_rows(unbatched, n, fn, hidden_states, args, kwargs):
     new_args = tuple(fn(a) if _is_row_tensor(None, a, n, unbatched) else a for a in args)
     new_kwargs = {k: fn(v) if _is_row_tensor(k, v, n, unbatched) else v for k, v in kwargs.items()}
     return fn(hidden_states), new_args, new_kwargs
+
+
+def _take_rows(unbatched, n, rows: list[int], hidden_states, args, kwargs):
+    """The inputs of the given rows (no copy for all rows in order; ``[x; x]`` for all rows twice)."""
+    if len(rows) == n and rows == list(range(n)):
+        return hidden_states, args, kwargs
+    if len(rows) == 2 * n and rows == list(range(n)) * 2:
+        return _stack_rows(unbatched, n, hidden_states, args, kwargs, 2)
+    index = _index(rows, hidden_states)
+    return _map_rows(unbatched, n, lambda t: t.index_select(0, index.to(t.device)), hidden_states, args, kwargs)
 
 
 def _stack_rows(unbatched, n, hidden_states, args, kwargs, copies: int):
@@ -762,51 +845,37 @@ def _concat_rows(unbatched, n, first, second):
 # =============================================================================================
 # 4. The pipeline
 # =============================================================================================
-def _detect_source(source: Any) -> tuple[str, Any]:
-    """Classify a fine-tuned source: ('module', nn.Module) | ('peft', dir) | ('full', dir) | ('lora', path)."""
-    if isinstance(source, nn.Module):
-        return "module", source
-    if isinstance(source, dict):
-        return "lora", source
-    path = Path(os.fspath(source))
-    if not path.exists():
-        if len(path.parts) == 2 and not str(source).startswith((".", "/")):  # "owner/name": a hub repo
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "transformer/*"]))
-        else:
-            raise FileNotFoundError(
-                f"Fine-tuned model {str(source)!r} not found (a path, hub id or module was expected)."
-            )
-    if path.is_file():
-        return "lora", path
-    if (path / "adapter_config.json").exists():
-        return "peft", path
-    if (path / "config.json").exists():
-        return "full", path
-    if (path / "model_index.json").exists() and (path / "transformer" / "config.json").exists():
-        return "full", path / "transformer"
-    if list(path.glob("*.safetensors")):
-        return "lora", path
-    raise ValueError(
-        f"Cannot tell what {path} holds: expected a PEFT adapter (adapter_config.json), a diffusers LoRA "
-        "(*.safetensors from save_lora_weights), or a transformer folder (config.json)."
-    )
+# The stock call's parameters, in order (the RLG call repeats them by name; tests/test_rlg.py checks
+# that they match the installed diffusers, name, kind and default).
+STOCK_CALL_PARAMETERS: tuple[str, ...] = tuple(inspect.signature(StableDiffusion3Pipeline.__call__).parameters)[1:]
+RLG_CALL_PARAMETERS: tuple[str, ...] = (
+    "rlg_scale", "rlg_sweep", "rlg_mode", "rlg_max_rows", "sampler", "sde_noise_level",
+)  # fmt: skip
+FINETUNED_LORA_FOLDER = "finetuned_lora"  # where save_pretrained puts a LoRA fine-tune (PEFT format)
+RLG_CONFIG_NAME = "rlg_config.json"  # adapter name and mode of the attached fine-tune
 
 
 class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` (SD3 / SD3.5) with RLG between a base and a fine-tuned transformer.
 
     Build it like the stock pipeline (``from_pretrained(base, ...)`` or ``from_pipe(pipe)``), attach the
-    fine-tuned model with :meth:`load_finetuned`, then call it with every stock argument plus
-    ``rlg_scale``. It returns the stock ``StableDiffusion3PipelineOutput``. The sampling loop *is* the
-    stock one: during the call ``self.transformer`` is an :class:`RLGTransformer`.
+    fine-tuned model with :meth:`load_finetuned` (or set ``pipe.finetuned_transformer`` to a full
+    fine-tuned transformer; ``None`` detaches any fine-tune), then call it with every stock argument plus
+    ``rlg_scale`` (one scale, possibly per step) or ``rlg_sweep`` (several scales in one call). It returns
+    the stock ``StableDiffusion3PipelineOutput``. The sampling loop *is* the stock one: during the call
+    ``self.transformer`` is an :class:`RLGTransformer`.
+
+    ``save_pretrained`` writes the stock folder plus the fine-tune (a full one as the
+    ``finetuned_transformer`` component, a LoRA as a PEFT adapter in ``finetuned_lora/``);
+    ``from_pretrained`` of that folder attaches it again.
 
     Example::
 
         pipe = RLGStableDiffusion3Pipeline.from_pipe(stock_pipe)
         pipe.load_finetuned("flow-grpo-lora/")          # adapter_config.json + adapter_model.safetensors
         images = pipe(["a red circle"], rlg_scale=1.6, num_inference_steps=28, guidance_scale=4.5).images
+        sweep = pipe(["a red circle"], rlg_sweep=[0, 1, 2], num_inference_steps=28).images  # 3 images
+        pipe.save_pretrained("rlg-pipeline/")
     """
 
     _optional_components = StableDiffusion3Pipeline._optional_components + ["finetuned_transformer"]
@@ -839,12 +908,43 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
-        self.register_modules(finetuned_transformer=finetuned_transformer)
         self.rlg_transformer: RLGTransformer | None = None
-        if finetuned_transformer is not None:  # e.g. a saved RLG pipeline with a full fine-tune
-            self.rlg_transformer = RLGTransformer(transformer, finetuned=finetuned_transformer)
+        self._rlg_ready = True  # from here on, setting finetuned_transformer attaches / detaches
+        self.register_modules(finetuned_transformer=finetuned_transformer)
 
     # ---- attaching the fine-tuned model ------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``pipe.finetuned_transformer = module`` attaches a full fine-tune, ``= None`` detaches any fine-tune
+        # (LoRA included); register_modules, from_pretrained and from_pipe go through here too.
+        if name == "finetuned_transformer" and self.__dict__.get("_rlg_ready", False):
+            current = self.__dict__.get("finetuned_transformer")
+            if value is not current or (value is None and self.__dict__.get("rlg_transformer") is not None):
+                if value is not None and not isinstance(value, nn.Module):
+                    raise TypeError(
+                        f"finetuned_transformer must be a transformer module or None, got {type(value).__name__}; "
+                        "for a path use pipe.load_finetuned(path)."
+                    )
+                self._detach_finetuned()
+                if value is not None:
+                    check_same_architecture(self.transformer, value)
+                    self.__dict__["rlg_transformer"] = RLGTransformer(self.transformer, finetuned=value)
+            super().__setattr__(name, value)
+            # (DiffusionPipeline.__setattr__ records (None, None) when the previous value was None.)
+            self.register_to_config(finetuned_transformer=(None, None) if value is None else _fetch_class_library_tuple(value))
+            return
+        super().__setattr__(name, value)
+
+    def _detach_finetuned(self) -> None:
+        rlg = self.__dict__.get("rlg_transformer")
+        if rlg is None:
+            return
+        rlg.remove_hooks()
+        if rlg.adapter_name is not None:
+            self.transformer.delete_adapters(rlg.adapter_name)
+            if not getattr(self.transformer, "peft_config", None):  # no adapter left: drop the empty LoRA wrappers too
+                self.transformer.unload_lora()
+        self.__dict__["rlg_transformer"] = None
+
     def load_finetuned(
         self,
         source: str | os.PathLike | nn.Module | dict,
@@ -852,7 +952,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         mode: RLGMode = "exact",
         **kwargs: Any,
     ) -> RLGTransformer:
-        """Attach the fine-tuned model; the source type is detected.
+        """Attach the fine-tuned model; the source type is detected (see ``lora_utils.load_finetuned_model``).
 
         Args:
             source: one of
@@ -862,130 +962,367 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                     published by Flow-GRPO and the public RLG release;
                 (c) a full fine-tuned transformer: a module, a transformer folder (``config.json``) or a
                     pipeline folder (its ``transformer/``).
-                A hub id is downloaded first. For (a) and (b) the base model is the same transformer
-                with the adapter skipped (no second copy of the weights).
+                A hub id ``owner/name`` that is not a local folder is downloaded; a missing local path
+                raises ``FileNotFoundError`` naming it. For (a) and (b) the base model is the same
+                transformer with the adapter skipped (no second copy of the weights).
             adapter_name: name of the LoRA adapter (a, b).
             mode: evaluation mode (see ``RLG_MODES``); can be overridden per call.
             kwargs: passed to ``lora_state_dict`` (a) or ``from_pretrained`` (c), e.g. ``weight_name``.
 
         Returns the :class:`RLGTransformer` (also ``self.rlg_transformer``).
+
+        Example: ``pipe.load_finetuned("runs/acflow/checkpoints/latest", mode="exact")``.
         """
         if self.rlg_transformer is not None:
             raise RuntimeError("A fine-tuned model is already attached; call unload_finetuned() first.")
-        kind, payload = _detect_source(source)
-        transformer = self.transformer
-        if kind in ("module", "full"):
-            if kind == "full":
-                config = json.loads((payload / "config.json").read_text())
-                class_name = config.get("_class_name")
-                if class_name not in (None, type(transformer).__name__):
-                    raise ValueError(
-                        f"{payload} holds a {class_name} but the base is a {type(transformer).__name__}; "
-                        "RLG mixes two versions of the same model: load a fine-tune of this base."
-                    )
-                kwargs.setdefault("torch_dtype", transformer.dtype)
-                payload = type(transformer).from_pretrained(str(payload), **kwargs).to(transformer.device)
-            check_same_architecture(transformer, payload)
-            self.register_modules(finetuned_transformer=payload)
-            self.rlg_transformer = RLGTransformer(transformer, finetuned=payload, mode=mode)
+        if mode not in RLG_MODES:
+            raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
+        finetuned = load_finetuned_model(self.transformer, source, adapter_name=adapter_name, pipeline=self, **kwargs)
+        if finetuned is not None:
+            self.finetuned_transformer = finetuned  # attaches (see __setattr__)
+            try:
+                self.rlg_transformer.mode = mode
+            except ValueError:
+                self.unload_finetuned()
+                raise
             return self.rlg_transformer
-
-        if kind == "peft":
-            load_peft_adapter(transformer, payload, adapter_name=adapter_name)
-        else:
-            state_dict, metadata = self.lora_state_dict(
-                payload if isinstance(payload, dict) else str(payload), return_lora_metadata=True, **kwargs
-            )
-            text_keys = [k for k in state_dict if k.startswith(("text_encoder", "te_", "lora_te"))]
-            if text_keys:
-                raise ValueError(
-                    f"This LoRA also changes the text encoders ({len(text_keys)} weights, e.g. {text_keys[0]!r}); RLG "
-                    "guides the transformer only. Save a LoRA of the transformer alone (transformer_lora_layers=...)."
-                )
-            check_lora_fits(transformer, state_dict)
-            # What load_lora_weights does for the transformer part (the only part here).
-            self.load_lora_into_transformer(
-                state_dict, transformer=transformer, adapter_name=adapter_name, metadata=metadata, _pipeline=self
-            )
-        self.rlg_transformer = RLGTransformer(transformer, adapter_name=adapter_name, mode=mode)
+        try:
+            self.rlg_transformer = RLGTransformer(self.transformer, adapter_name=adapter_name, mode=mode)
+        except (ValueError, RuntimeError):
+            self.transformer.delete_adapters(adapter_name)
+            if not getattr(self.transformer, "peft_config", None):
+                self.transformer.unload_lora()
+            raise
         return self.rlg_transformer
 
     def unload_finetuned(self) -> None:
-        """Detach the fine-tuned model (delete its LoRA adapter / drop the full transformer)."""
+        """Detach the fine-tuned model (delete its LoRA adapter / drop the full transformer).
+
+        The same as ``pipe.finetuned_transformer = None``.
+        """
+        self.finetuned_transformer = None
+
+    # ---- saving and loading -------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """The stock ``save_pretrained`` plus the fine-tune, so that ``from_pretrained`` attaches it again.
+
+        A full fine-tune is the ``finetuned_transformer`` component; a LoRA fine-tune is written as a PEFT
+        adapter to ``finetuned_lora/`` (the base ``transformer/`` is saved without it). The adapter name and
+        mode go to ``rlg_config.json``.
+
+        Example: ``pipe.save_pretrained("out/rlg"); again = RLGStableDiffusion3Pipeline.from_pretrained("out/rlg")``.
+        """
+        directory = Path(save_directory)
         rlg = self.rlg_transformer
-        if rlg is None:
+        if rlg is None or rlg.adapter_name is None:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            if rlg is not None:
+                (directory / RLG_CONFIG_NAME).write_text(json.dumps({"adapter_name": None, "mode": rlg.mode}) + "\n")
             return
-        rlg.remove_hooks()
-        if rlg.adapter_name is not None:
-            self.transformer.delete_adapters(rlg.adapter_name)
-            if not getattr(self.transformer, "peft_config", None):  # no adapter left: drop the empty LoRA wrappers too
-                self.transformer.unload_lora()
-        self.register_modules(finetuned_transformer=None)
-        self.rlg_transformer = None
+        adapter_name, mode, max_rows = rlg.adapter_name, rlg.mode, rlg.max_rows
+        directory.mkdir(parents=True, exist_ok=True)
+        save_peft_adapter(self.transformer, adapter_name, directory / FINETUNED_LORA_FOLDER)
+        self.unload_finetuned()  # the base transformer without LoRA layers
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.load_finetuned(directory / FINETUNED_LORA_FOLDER, adapter_name=adapter_name, mode=mode)
+            self.rlg_transformer.max_rows = max_rows
+        (directory / RLG_CONFIG_NAME).write_text(json.dumps({"adapter_name": adapter_name, "mode": mode}) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """The stock ``from_pretrained``; a folder written by :meth:`save_pretrained` comes back with its fine-tune.
+
+        Example: ``RLGStableDiffusion3Pipeline.from_pretrained("out/rlg", text_encoder_3=None, tokenizer_3=None)``.
+        """
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(os.fspath(pretrained_model_name_or_path)).expanduser()
+        config = json.loads((path / RLG_CONFIG_NAME).read_text()) if (path / RLG_CONFIG_NAME).is_file() else {}
+        if (path / FINETUNED_LORA_FOLDER / "adapter_config.json").is_file() and pipe.rlg_transformer is None:
+            pipe.load_finetuned(
+                path / FINETUNED_LORA_FOLDER,
+                adapter_name=config.get("adapter_name") or "rlg",
+                mode=config.get("mode", "exact"),
+            )
+        elif pipe.rlg_transformer is not None and config.get("mode"):
+            pipe.rlg_transformer.mode = config["mode"]
+        return pipe
+
+    # ---- input checks ------------------------------------------------------------------------------
+    def _check_rlg_call(self, call: dict, rlg: dict) -> list[RLGScale]:
+        """Every check that can run before sampling; returns the scales of the call (one entry without a sweep)."""
+        attached = self.rlg_transformer
+        if attached is None:
+            raise RuntimeError(
+                "No fine-tuned model attached: call pipe.load_finetuned(path_or_module) before sampling with RLG."
+            )
+        if rlg["sampler"] not in ("ode", "sde"):
+            raise ValueError(f"sampler must be 'ode' or 'sde', got {rlg['sampler']!r}.")
+        if rlg["sampler"] == "sde":
+            level = _as_scale(rlg["sde_noise_level"], "sde_noise_level")
+            if level < 0:
+                raise ValueError(f"sde_noise_level must be >= 0, got {level}; Flow-GRPO uses 0.7, 0 is the ODE.")
+        steps = call["num_inference_steps"]
+        if call["sigmas"] is not None:
+            steps = len(call["sigmas"])
+        elif isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}.")
+        if rlg["rlg_sweep"] is not None:
+            if rlg["rlg_scale"] is not None:
+                raise ValueError(
+                    "Give rlg_scale (one scale, or one value per step) or rlg_sweep (several scales in one call), "
+                    f"not both; got rlg_scale={rlg['rlg_scale']!r} and rlg_sweep={rlg['rlg_sweep']!r}."
+                )
+            entries = check_rlg_sweep(rlg["rlg_sweep"], steps)
+        else:
+            scale = 1.0 if rlg["rlg_scale"] is None else rlg["rlg_scale"]
+            check_rlg_scale(scale, steps)
+            entries = [scale]
+        mode = attached.mode if rlg["rlg_mode"] is None else rlg["rlg_mode"]
+        if mode not in RLG_MODES:
+            raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
+        if mode in ("exact_batched", "lora_scaled") and attached.adapter_name is None:
+            raise ValueError(
+                f"rlg_mode={mode!r} needs a LoRA fine-tune; with a full fine-tuned transformer use 'exact' or "
+                "'shared_uncond'."
+            )
+        if mode == "shared_uncond" and call["skip_guidance_layers"] is not None:
+            raise ValueError("rlg_mode='shared_uncond' cannot be combined with skip_guidance_layers; use an exact mode.")
+        if mode == "shared_uncond" and not call["guidance_scale"] > 1:
+            raise ValueError(
+                f"rlg_mode='shared_uncond' shares the unconditional CFG branch, but guidance_scale="
+                f"{call['guidance_scale']} turns CFG off; use guidance_scale > 1 or an exact mode."
+            )
+        max_rows = rlg["rlg_max_rows"]
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"rlg_max_rows must be None (no bound) or an integer >= 1, got {max_rows!r}.")
+        self._check_batch(call)
+        return entries
+
+    def _check_batch(self, call: dict) -> None:
+        """Batch sizes of prompts, negative prompts, embeddings, generators and latents must agree."""
+        prompt, embeds = call["prompt"], call["prompt_embeds"]
+        if prompt is None and embeds is None:
+            raise ValueError("Give prompt (a string or a list of strings) or prompt_embeds.")
+        if isinstance(prompt, str):
+            batch = 1
+        elif isinstance(prompt, list):
+            if not prompt or not all(isinstance(p, str) for p in prompt):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+            batch = len(prompt)
+        elif prompt is not None:
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
+        else:
+            batch = embeds.shape[0]
+        for name in ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+            value = call[name]
+            if isinstance(value, list) and len(value) != batch:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but there are {batch} prompts; give one per prompt (or one "
+                    "string for all)."
+                )
+        for name in ("pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+            value = call[name]
+            if value is not None and embeds is not None and value.shape[0] != embeds.shape[0]:
+                raise ValueError(
+                    f"{name} has {value.shape[0]} rows but prompt_embeds has {embeds.shape[0]}; give one row per prompt."
+                )
+        per_prompt = call["num_images_per_prompt"]
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}.")
+        images = batch * per_prompt
+        generator = call["generator"]
+        if isinstance(generator, list) and len(generator) != images:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but the call makes {images} images "
+                f"({batch} prompts x num_images_per_prompt={per_prompt}); give one generator per image, or one for all."
+            )
+        latents = call["latents"]
+        if latents is not None and latents.shape[0] != images:
+            raise ValueError(
+                f"latents has {latents.shape[0]} rows but the call makes {images} images ({batch} prompts x "
+                f"num_images_per_prompt={per_prompt}); give one latent per image (a sweep reuses them at every scale)."
+            )
 
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
-        *args: Any,
-        rlg_scale: RLGScale = 1.0,
+        prompt: str | list[str] = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: torch.FloatTensor | None = None,
+        negative_prompt_embeds: torch.FloatTensor | None = None,
+        pooled_prompt_embeds: torch.FloatTensor | None = None,
+        negative_pooled_prompt_embeds: torch.FloatTensor | None = None,
+        ip_adapter_image: Image.Image | Any | None = None,
+        ip_adapter_image_embeds: torch.Tensor | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  (the stock default)
+        max_sequence_length: int = 256,
+        skip_guidance_layers: list[int] = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
+        mu: float | None = None,
+        *,
+        rlg_scale: RLGScale | None = None,
+        rlg_sweep: Sequence[RLGScale] | None = None,
         rlg_mode: RLGMode | None = None,
+        rlg_max_rows: int | None = None,
         sampler: Literal["ode", "sde"] = "ode",
         sde_noise_level: float = 0.7,
-        **kwargs: Any,
     ):
-        """Stock ``StableDiffusion3Pipeline.__call__`` (every argument) plus RLG.
+        """Stock ``StableDiffusion3Pipeline.__call__`` (every argument, same meaning) plus RLG.
 
         Args:
-            rlg_scale: w; a number, one value per step, a schedule (:func:`linear_schedule`,
-                :func:`finetuned_first_schedule`) or a callable ``(step_index, timestep) -> float``.
+            rlg_scale: w for this call (default 1.0, the fine-tuned model): a number, a list with ONE VALUE
+                PER STEP, a schedule (:func:`linear_schedule`, :func:`finetuned_first_schedule`) or a
+                callable ``(step_index, timestep) -> float``. At a step where w = 0 only the base model runs,
+                where w = 1 only the fine-tuned model (the stock CFG cost; the stock pipeline's output).
+            rlg_sweep: several scales in one call (instead of ``rlg_scale``): a list whose every entry is
+                anything ``rlg_scale`` accepts. Every prompt is sampled at every scale from the same initial
+                noise (and, with ``sampler="sde"``, the same step noise), so results are paired and equal to
+                one call per scale. ``images`` holds ``len(rlg_sweep)`` blocks in sweep order, each block the
+                images of one ordinary call: image i at scale k is ``images[k * n_images + i]``.
             rlg_mode: evaluation mode for this call (default: the one given to ``load_finetuned``).
+            rlg_max_rows: the most rows (images x CFG branches x models) one transformer forward takes; a
+                memory bound for large sweeps (``None``: no bound).
             sampler: ``"ode"`` (Euler, the stock scheduler) or ``"sde"`` (the Flow-GRPO SDE of
                 ``flowalign.sampling.sde_step``; noise drawn from ``generator``).
             sde_noise_level: the SDE's ``a`` (Flow-GRPO uses 0.7).
 
+        Every input is checked before the first denoising step (schedules and callables when the
+        timesteps exist, before the first model evaluation); errors name the value and the fix.
+
         Returns the stock ``StableDiffusion3PipelineOutput`` (or a tuple with ``return_dict=False``).
 
-        Example: ``pipe("a red circle", rlg_scale=[2.0] * 10 + [1.0] * 18, num_inference_steps=28)``.
+        Examples::
+
+            pipe("a red circle", rlg_scale=[2.0] * 10 + [1.0] * 18, num_inference_steps=28)   # per step
+            out = pipe(["a red circle", "a square"], rlg_sweep=[0, 0.5, 1, 1.5, 2])            # 10 images
+            at_w2 = out.images[4 * 2 : 5 * 2]                                                  # scale 2
         """
+        arguments = dict(locals())  # first statement: exactly the call's arguments
+        call = {name: arguments[name] for name in STOCK_CALL_PARAMETERS}
+        options = {name: arguments[name] for name in RLG_CALL_PARAMETERS}
+        entries = self._check_rlg_call(call, options)
+        if height is None or width is None:
+            default = self.default_sample_size * self.vae_scale_factor
+            call["height"], call["width"] = height or default, width or default
+        self.check_inputs(  # the stock checks, now rather than after encoding
+            prompt, prompt_2, prompt_3, call["height"], call["width"],
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+
         rlg = self.rlg_transformer
-        if rlg is None:
-            raise RuntimeError(
-                "No fine-tuned model attached: call pipe.load_finetuned(path_or_module) before sampling with RLG."
-            )
-        if sampler not in ("ode", "sde"):
-            raise ValueError(f"sampler must be 'ode' or 'sde', got {sampler!r}.")
-        _check_finite_scale(rlg_scale)
-        mode = rlg.mode if rlg_mode is None else rlg_mode
-        if mode == "shared_uncond" and kwargs.get("skip_guidance_layers") is not None:
-            raise ValueError(
-                "rlg_mode='shared_uncond' cannot be combined with skip_guidance_layers; use an exact mode."
-            )
         rlg.check_lora_state()
-        rlg.place_buffers(self._execution_device)
+        device = self._execution_device
+        rlg.place_buffers(device)
+        sweep = len(entries)
+        rows_per_scale = 1
+        if options["rlg_sweep"] is not None:
+            call, rows_per_scale = self._tile_for_sweep(call, sweep, device)
 
         scheduler = self.scheduler
         if sampler == "sde":
             from flowalign.pipelines.scheduling_flow_match_sde import FlowMatchSDEScheduler
 
-            scheduler = FlowMatchSDEScheduler.from_scheduler(
-                scheduler, sde_noise_level, generator=kwargs.get("generator")
-            )
+            scheduler = FlowMatchSDEScheduler.from_scheduler(scheduler, sde_noise_level, generator=generator)
+            scheduler.noise_copies = sweep  # the K copies of an image get the same step noise (paired)
 
         def set_cfg_layout(module: nn.Module, args: Any, kw: Any) -> None:
             module.cfg_batch = self.do_classifier_free_guidance  # SD3 stacks [uncond; cond] when guidance_scale > 1
 
-        saved_mode, rlg.mode = rlg.mode, mode
+        mode = rlg.mode if rlg_mode is None else rlg_mode
+        saved = rlg.mode, rlg.max_rows
+        rlg.mode, rlg.max_rows = mode, rlg_max_rows
         handles = [
             rlg.register_forward_pre_hook(set_cfg_layout, with_kwargs=True),
-            rlg.follow_schedule(scheduler, rlg_scale),
+            rlg.follow_sweep(scheduler, entries, rows_per_scale=rows_per_scale),
         ]
         base_transformer, base_scheduler = self.transformer, self.scheduler
         try:
-            self.transformer, self.scheduler = rlg, scheduler
-            return super().__call__(*args, **kwargs)
+            # Swapped in place of the stock modules for this call only (object.__setattr__: the pipeline's
+            # config, which save_pretrained writes, keeps naming the stock components).
+            object.__setattr__(self, "transformer", rlg)
+            object.__setattr__(self, "scheduler", scheduler)
+            return super().__call__(**call)
         finally:
-            self.transformer, self.scheduler = base_transformer, base_scheduler
-            rlg.mode = saved_mode
+            object.__setattr__(self, "transformer", base_transformer)
+            object.__setattr__(self, "scheduler", base_scheduler)
+            rlg.mode, rlg.max_rows = saved
+            rlg.set_rlg_scale(1.0)
             for handle in handles:
                 handle.remove()
+
+    def _tile_for_sweep(self, call: dict, sweep: int, device: torch.device) -> tuple[dict, int]:
+        """Encode the prompts and draw the initial noise once (as the stock call would), then repeat both ``sweep`` times.
+
+        Returns the stock call's arguments for ``sweep * n_images`` rows (prompt embeddings and latents in
+        sweep-major order) and ``n_images``.
+        """
+        cfg = call["guidance_scale"] > 1  # the stock do_classifier_free_guidance
+        lora_scale = (call["joint_attention_kwargs"] or {}).get("scale")
+        self._clip_skip = call["clip_skip"]
+        pe, npe, ppe, nppe = self.encode_prompt(
+            prompt=call["prompt"],
+            prompt_2=call["prompt_2"],
+            prompt_3=call["prompt_3"],
+            negative_prompt=call["negative_prompt"],
+            negative_prompt_2=call["negative_prompt_2"],
+            negative_prompt_3=call["negative_prompt_3"],
+            do_classifier_free_guidance=cfg,
+            prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"],
+            pooled_prompt_embeds=call["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"],
+            device=device,
+            clip_skip=call["clip_skip"],
+            num_images_per_prompt=call["num_images_per_prompt"],
+            max_sequence_length=call["max_sequence_length"],
+            lora_scale=lora_scale,
+        )
+        n_images = pe.shape[0]
+        # The same initial noise at every scale: x_T of image i is drawn once, as the stock call draws it.
+        latents = self.prepare_latents(
+            n_images,
+            self.transformer.config.in_channels,
+            call["height"],
+            call["width"],
+            pe.dtype,
+            device,
+            call["generator"],
+            call["latents"],
+        )
+        tile = lambda t: None if t is None else torch.cat([t] * sweep, dim=0)  # noqa: E731  (sweep-major rows)
+        call = dict(
+            call,
+            prompt=None, prompt_2=None, prompt_3=None,
+            negative_prompt=None, negative_prompt_2=None, negative_prompt_3=None,
+            prompt_embeds=tile(pe), negative_prompt_embeds=tile(npe) if cfg else None,
+            pooled_prompt_embeds=tile(ppe), negative_pooled_prompt_embeds=tile(nppe) if cfg else None,
+            num_images_per_prompt=1, latents=tile(latents),
+        )  # fmt: skip
+        return call, n_images

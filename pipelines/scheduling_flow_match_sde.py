@@ -13,9 +13,12 @@ The log-probability of every transition is kept in ``last_log_prob`` (not accumu
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from flowalign.sampling import sde_step
 
@@ -25,14 +28,37 @@ __all__ = ["FlowMatchSDEScheduler"]
 class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
     """Flow-matching scheduler whose ``step`` is the Flow-GRPO SDE step (``noise_level`` = its ``a``).
 
+    Takes every argument of ``FlowMatchEulerDiscreteScheduler`` plus ``noise_level`` (default 0.7),
+    which is part of the config: ``save_pretrained`` / ``from_pretrained`` / ``from_config`` keep it.
+
     Attributes:
         generator: torch generator(s) for the Gaussian noise of each step (``None``: global RNG).
+        noise_copies: the batch is this many copies of the same images (an RLG sweep): one Gaussian draw
+            per image, shared by its copies, so each copy sees the noise a single run would (default 1).
         last_log_prob: ``[B]`` log p(x_next | x) of the last step (float32).
+
+    Example::
+
+        sde = FlowMatchSDEScheduler(shift=3.0, noise_level=0.5)
+        sde.save_pretrained("out/scheduler")
+        assert FlowMatchSDEScheduler.from_pretrained("out/scheduler").config.noise_level == 0.5
     """
 
-    noise_level: float = 0.7
     generator: torch.Generator | list[torch.Generator] | None = None
+    noise_copies: int = 1
     last_log_prob: torch.Tensor | None = None
+
+    def __init__(self, *args, noise_level: float = 0.7, **kwargs):
+        super().__init__(*args, **kwargs)  # the parent's @register_to_config records its own arguments
+        self.register_to_config(noise_level=_check_noise_level(noise_level))
+
+    @property
+    def noise_level(self) -> float:
+        return float(self.config.noise_level)
+
+    @noise_level.setter
+    def noise_level(self, value: float) -> None:
+        self.register_to_config(noise_level=_check_noise_level(value))
 
     @classmethod
     def from_scheduler(
@@ -42,10 +68,9 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> "FlowMatchSDEScheduler":
         """A new SDE scheduler with the timestep grid settings (``config``) of ``scheduler``."""
-        if not noise_level >= 0:
-            raise ValueError(f"noise_level must be a number >= 0, got {noise_level}.")
-        sde = cls.from_config(scheduler.config)
-        sde.noise_level, sde.generator = float(noise_level), generator
+        config = {k: v for k, v in scheduler.config.items() if k != "noise_level"}
+        sde = cls.from_config(config, noise_level=noise_level)
+        sde.generator = generator
         return sde
 
     def step(
@@ -61,6 +86,16 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index]
         sigma_next = self.sigmas[self.step_index + 1]
+        generator = generator if generator is not None else self.generator
+        noise = None
+        copies = int(self.noise_copies)
+        if copies > 1 and self.noise_level > 0:
+            if sample.shape[0] % copies:
+                raise ValueError(f"noise_copies={copies} does not divide the batch of {sample.shape[0]} rows.")
+            # z of each image drawn once (as a single run draws it), the same for all its copies
+            shape = (sample.shape[0] // copies, *sample.shape[1:])
+            z = randn_tensor(shape, generator=generator, device=sample.device, dtype=torch.float32)
+            noise = torch.cat([z] * copies, dim=0)
         # x_next = mean + sigma_t * sqrt(-dt) * z  (flowalign.sampling.sde_step; a = 0 is the Euler step)
         prev_sample, log_prob, _, _ = sde_step(
             sample,
@@ -68,7 +103,8 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
             sigma,
             sigma_next,
             noise_level=self.noise_level,
-            generator=generator if generator is not None else self.generator,
+            generator=generator,
+            noise=noise,
         )
         self.last_log_prob = log_prob
         self._step_index += 1
@@ -76,3 +112,20 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         if not return_dict:
             return (prev_sample,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+
+def _check_noise_level(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"noise_level must be a finite number >= 0 (Flow-GRPO uses 0.7; 0 is the ODE), got {value!r}.")
+    return float(value)
+
+
+# The config keys are read from the __init__ signature (ConfigMixin.from_config): the parent's arguments + noise_level.
+_parent = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__)
+FlowMatchSDEScheduler.__init__.__signature__ = _parent.replace(
+    parameters=[
+        *_parent.parameters.values(),
+        inspect.Parameter("noise_level", inspect.Parameter.KEYWORD_ONLY, default=0.7, annotation=float),
+    ]
+)
+del _parent

@@ -580,7 +580,11 @@ def test_float_edge_cases_of_schedule_errors():
         resolve_rlg_scales(True, [1.0])
     with pytest.raises(TypeError):
         resolve_rlg_scales("1.0", [1.0])
-    assert math.isfinite(resolve_rlg_scales(np.float32(1.25), [1.0])[0])
+    assert resolve_rlg_scales(np.float32(1.25), [1.0, 2.0]) == [1.25, 1.25]
+    assert resolve_rlg_scales(torch.tensor(0.5), [1.0]) == [0.5]
+    assert resolve_rlg_scales(np.array([0.5, -1e300]), [1.0, 2.0]) == [0.5, -1e300]
+    with pytest.raises(ValueError, match=r"rlg_scale must be finite, got inf"):
+        resolve_rlg_scales(np.float64("inf"), [1.0])
 
 
 @pytest.mark.slow
@@ -619,8 +623,8 @@ def test_wrapper_compiles_to_one_graph_and_w_changes_do_not_recompile():
         rlg.mode = mode
         compiled = torch.compile(rlg, backend="eager", fullgraph=True)
         with torch.no_grad():
-            for w in (0.5, 1.0, 2.0):
-                rlg.set_rlg_scale(w)
+            for w in (0.5, 1.0, 2.0):  # w as a tensor: not read on the host, so no shortcut and no recompile
+                rlg.set_rlg_scale(torch.tensor(w))
                 assert torch.allclose(compiled(x, **kw)[0], rlg(x, **kw)[0], atol=1e-6)
         assert counters["stats"]["unique_graphs"] == 1, (mode, dict(counters["stats"]))
     torch._dynamo.reset()
