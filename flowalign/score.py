@@ -27,13 +27,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from flowalign.rewards import available, combine, load, parse_reward_spec  # the reward models load only when used
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flowalign.rewards import available  # light: the reward modules load only when used
-
     parser.add_argument(
         "--reward",
         action="append",
@@ -129,9 +136,6 @@ def score_entries(
     folder: Path, entries: list[dict[str, Any]], rewards: Sequence, batch_size: int = 32, progress: bool = True
 ) -> dict[str, list[float]]:
     """Raw scores ``{reward name: [score per entry]}`` (images read ``batch_size`` at a time)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     names = [reward.name for reward in rewards]
     scores: dict[str, list[float]] = {name: [] for name in names}
     for batch in tqdm(list(_batches(entries, batch_size)), desc="scoring", unit="batch", disable=not progress):
@@ -175,8 +179,6 @@ def summarize(
 
     ``std`` is the sample standard deviation (``nan`` for a single image).
     """
-    import numpy as np
-
     def row(label: str, indices: list[int]) -> dict[str, Any]:
         out: dict[str, Any] = {"group": label, "n": len(indices)}
         for name, values in columns.items():
@@ -201,9 +203,6 @@ def summarize(
 
 
 def print_summary(rows: list[dict[str, Any]], names: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="Reward scores (mean ± std)")
     table.add_column("group", overflow="fold")
     table.add_column("n", justify="right")
@@ -226,10 +225,6 @@ def print_summary(rows: list[dict[str, Any]], names: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from flowalign.rewards import combine, load, parse_reward_spec
-
     folder, entries = read_entries(args.images, args.prompts)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     specs = [parse_reward_spec(spec) for spec in args.reward]

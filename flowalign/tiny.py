@@ -42,6 +42,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from flowalign.checkpoints import resolve_checkpoint
 
@@ -84,7 +87,7 @@ def _clip_vocab_dir() -> str:
     The construction is the one of OpenAI CLIP: 256 byte symbols, the same with ``</w>``, one
     token per merge (the first 48,894 merges), then the two special tokens (49406, 49407).
     """
-    import open_clip
+    import open_clip  # heavy (torchvision), and only its BPE vocabulary file is needed, once per process
 
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not bpe_path.exists():
@@ -113,8 +116,6 @@ def clip_tokenizer(model_max_length: int = 77):
     >>> tok("a red circle").input_ids[0], tok.eos_token_id
     (49406, 49407)
     """
-    from transformers import CLIPTokenizer
-
     # from_pretrained on a local folder works across transformers 4.x (slow) and 5.x (fast).
     return CLIPTokenizer.from_pretrained(
         _clip_vocab_dir(),
@@ -149,8 +150,6 @@ class TinySD3Config:
 
 
 def _tiny_clip_text_encoder(cfg: TinySD3Config):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=cfg.text_hidden_size,
@@ -187,8 +186,6 @@ def build_lossless_vae(shift: float = 0.0, scale: float = 1.0, big: float = 1000
 
     The encoder's log-variance is -30 (std 3e-7), so sampling the latent distribution is exact too.
     """
-    from diffusers import AutoencoderKL
-
     width = 12
     vae = AutoencoderKL(
         in_channels=3,
@@ -262,8 +259,6 @@ def build_tiny_sd3_pipeline(config: TinySD3Config | None = None, seed: int = 0, 
     >>> pipe.transformer.config.patch_size, pipe.vae_scale_factor
     (4, 1)
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     cfg = config or TinySD3Config()
     if overrides:
         unknown = set(overrides) - set(asdict(cfg))
@@ -311,8 +306,6 @@ def build_tiny_sd3_pipeline(config: TinySD3Config | None = None, seed: int = 0, 
 
 def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a (tiny or real) SD3 pipeline folder or hub id saved without T5, with stock diffusers."""
-    from diffusers import StableDiffusion3Pipeline
-
     kwargs = {}
     model_index = Path(path) / "model_index.json"
     if model_index.exists():
@@ -387,8 +380,6 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = EVAL_STEPS, c
     Image ``i`` depends only on ``(seed, i, prompts[i])``, never on the batch size.
     ``call_kwargs`` go to the pipeline call (e.g. ``rlg_scale`` for an RLG pipeline).
     """
-    from tqdm.auto import tqdm
-
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress, leave=False):
         chunk = prompts[start : start + batch_size]
@@ -411,7 +402,7 @@ def evaluate(pipe, n_prompts: int = 300, seed: int = 0, steps: int = EVAL_STEPS,
 
     >>> evaluate(load_base_pipeline(), n_prompts=60)["families"]["single_object"]  # doctest: +SKIP
     """
-    from flowalign import shapes
+    from flowalign import shapes  # the evaluation harness moves to flowalign.eval; tiny itself needs no shapes
 
     prompts = shapes.heldout_prompts(n_prompts, seed=seed)
     images = generate(pipe, prompts, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,

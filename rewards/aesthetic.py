@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from flowalign.rewards.base import Reward
 from flowalign.rewards.hub import hub_errors, resolve_file
 from flowalign.rewards.preprocess import ImagePreprocess
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -67,8 +68,6 @@ def load_head_state_dict(path: str) -> dict[str, Tensor]:
     """Read an aesthetic-head file (``torch.load(weights_only=True)`` or safetensors) and check its
     keys and shapes against the official layout; the error names what differs."""
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -99,6 +98,7 @@ def load_clip_vision(source: str, dtype: torch.dtype = torch.float32):
     reports the skipped text weights as "unexpected", so its report is silenced and the vision
     weights are checked here instead: any missing or mismatched one is an error.
     """
+    # heavy: transformers only when a CLIP model is built (AestheticHead alone needs torch)
     from transformers import AutoConfig, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
@@ -162,7 +162,7 @@ class AestheticScore(Reward):
         """Load the head from ``head`` (a ``.pth`` file, a folder holding ``head_filename``, or a hub repo
         id) and the CLIP vision tower + image processor from ``clip`` (hub id or transformers folder;
         ``processor`` overrides where the image-processor settings come from)."""
-        from transformers import CLIPImageProcessor
+        from transformers import CLIPImageProcessor  # heavy: only when the model is loaded
 
         how = (
             "AestheticScore.from_pretrained(head=PATH_TO_PTH, clip=CLIP_DIR), "

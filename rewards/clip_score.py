@@ -27,7 +27,7 @@ from torch import Tensor
 def create_open_clip_model(model: str, pretrained: str | None, what: str, how: str, dtype: torch.dtype = torch.float32):
     """``open_clip.create_model`` with hub failures turned into one clear error, the QuickGELU setting
     of the pretrained tag (OpenAI weights need it) and weights loaded with ``weights_only=True``."""
-    import open_clip
+    import open_clip  # heavy: only when a CLIP model is built
 
     force_quick_gelu = False
     remote = model.startswith("hf-hub:")

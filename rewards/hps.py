@@ -83,7 +83,7 @@ class HPSv2(CLIPScore):
         or a hub repo id. ``architecture`` is an open_clip model name or ``local-dir:DIR`` holding an
         ``open_clip_config.json``.
         """
-        import open_clip
+        import open_clip  # heavy: only when the HPS model is built
 
         if version not in CHECKPOINT_FILES:
             raise ValueError(f"HPS version must be one of {sorted(CHECKPOINT_FILES)}; got {version!r}.")

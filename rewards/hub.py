@@ -80,7 +80,7 @@ def resolve_file(source: str | os.PathLike, filename: str, what: str, how: str) 
         return str(candidate)
     if not _looks_like_repo_id(str(source)):
         raise FileNotFoundError(f"{what}: no file or folder at {path}, and {str(source)!r} is not a hub repo id.")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # only for hub downloads: `import flowalign.rewards` stays light
 
     try:
         return hf_hub_download(str(source), filename)

@@ -98,7 +98,7 @@ def vision_config_from_state_dict(vision: dict[str, Tensor], num_heads: int | No
 
     The head count is not in the shapes: BLIP's ViTs use 64-dimensional heads (ViT-L: 1024 / 16).
     """
-    from transformers import BlipVisionConfig
+    from transformers import BlipVisionConfig  # heavy: only when a BLIP model is built
 
     hidden = vision["embeddings.class_embedding"].shape[-1]
     patch = vision["embeddings.patch_embedding.weight"].shape[-1]
@@ -118,7 +118,7 @@ def vision_config_from_state_dict(vision: dict[str, Tensor], num_heads: int | No
 
 def text_config_from_med_config(med: dict, encoder_width: int):
     """``BlipTextConfig`` from BLIP's ``med_config.json`` (a BERT config with cross-attention)."""
-    from transformers import BlipTextConfig
+    from transformers import BlipTextConfig  # heavy: only when a BLIP model is built
 
     return BlipTextConfig(
         vocab_size=med["vocab_size"],
@@ -189,7 +189,7 @@ class ImageReward(Reward):
         """Load ``ImageReward.pt`` and ``med_config.json`` from ``checkpoint`` (a folder, the ``.pt``
         file with ``med_config.json`` beside it, or a hub repo id) and the BERT tokenizer from
         ``tokenizer`` (hub id or folder). Weights load with ``torch.load(weights_only=True)``."""
-        from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
+        from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel  # heavy: only when the model is loaded
 
         how = "ImageReward.from_pretrained(checkpoint=DIR_WITH_ImageReward.pt_AND_med_config.json, tokenizer=BERT_DIR)"
         weights = resolve_file(checkpoint, CHECKPOINT_FILE, "ImageReward", how)

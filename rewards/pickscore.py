@@ -69,7 +69,7 @@ class PickScore(Reward):
         ``model.safetensors``; ``tokenizer*`` + ``preprocessor_config.json``). Weights load with
         safetensors or ``torch.load(weights_only=True)``; remote code is never run.
         """
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel  # heavy: only when the model is loaded
 
         how = (
             "PickScore.from_pretrained(model=DIR, processor=PROCESSOR_DIR), "

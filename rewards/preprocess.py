@@ -123,7 +123,7 @@ class ImagePreprocess:
 
         ``resize_mode`` overrides the model's (HPS evaluates with ``"longest"``).
         """
-        import open_clip
+        import open_clip  # heavy, and `import flowalign.rewards` loads this module: only for open_clip presets
 
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg.get("size", 224)
