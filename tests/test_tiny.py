@@ -7,11 +7,13 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from flowalign import pretrain
 from flowalign.tiny import (
     MAX_SEQUENCE_LENGTH,
     build_lossless_vae,
     build_tiny_sd3_pipeline,
     clip_tokenizer,
+    encode_prompts,
     load_pipeline,
 )
 
@@ -91,3 +93,20 @@ def test_save_pretrained_then_stock_from_pretrained_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(_images(stock), reference)
     np.testing.assert_array_equal(_images(ours), reference)
     assert not np.array_equal(_images(stock, seed=1), reference)  # the seed matters
+
+
+def test_encode_prompts_matches_the_stock_pipeline_in_any_chunking():
+    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    prompts = ["a photo of a red circle", "", "two blue squares", "a photo of a triangle"]
+    embeds, pooled = encode_prompts(pipe, prompts)
+    stock_embeds, _, stock_pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                                          max_sequence_length=MAX_SEQUENCE_LENGTH)
+    assert embeds.shape == (4, 16 + MAX_SEQUENCE_LENGTH, 128) and pooled.shape == (4, 128)  # CLIP tokens + 1 T5 token
+    torch.testing.assert_close(embeds, stock_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, stock_pooled, rtol=0, atol=0)
+    chunked = encode_prompts(pipe, prompts, batch_size=3)
+    torch.testing.assert_close(chunked[0], embeds, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked[1], pooled, rtol=1e-6, atol=1e-6)
+    assert encode_prompts(pipe, prompts[:1], max_sequence_length=4)[0].shape == (1, 16 + 4, 128)
+    assert not torch.equal(embeds[0], embeds[1])  # the prompt matters
+    assert pretrain.encode_prompts is encode_prompts  # the old import path still works
