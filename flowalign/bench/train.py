@@ -246,6 +246,17 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _jsonable(value: Any) -> Any:
+    """NaN / inf -> None, recursively (``frontier.json`` is strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _eval_signature(cfg) -> dict:
     values = asdict(cfg)
     return {k: values[k] for k in EVAL_KEYS if k in values}
@@ -455,7 +466,9 @@ def run(args: argparse.Namespace) -> int:
         result["probe"] = probe_reward(ACFlowConfig.from_yaml(args.config, {**common, "algorithm": "grpo",
                                                                              "output_dir": str(out / "probe")}),
                                        batch=args.probe_batch)
+    result["wall_seconds"] = time.perf_counter() - t_start  # the sweep (runs re-used from result.json cost ~0)
     out.mkdir(parents=True, exist_ok=True)
+    result = _jsonable(result)  # strict JSON: NaN / inf (e.g. the SE over a single seed) are written as null
     _write_json_atomic(out / "frontier.json", result)
     plot_frontier(summary, out / "frontier.png", reward=str(base.reward))
     if args.json:

@@ -1,0 +1,309 @@
+"""``flowalign probe-reward``: is a reward learnable at a given batch? The split-half policy-gradient cosine.
+
+Sample a batch of N SDE rollouts of the current model (the embedded tiny base by default, ``--pretrained``
+or ``--lora`` otherwise), G images per prompt, with group z-scored advantages
+(:func:`flowalign.objectives.grpo_advantages`). Split every prompt group into two halves (the first G/2
+images and the rest) and compute each half's REINFORCE gradient over the trainable (LoRA) parameters::
+
+    g_h = sum_{i in h} A_i * grad_theta sum_k log p_theta(x_{k+1} | x_k)      (the SDE steps k of image i)
+
+``cos(g_1, g_2)`` measures how much of a half-batch gradient is signal: with ``n`` images per half and a
+per-image signal-to-noise ratio ``rho`` (signal variance over noise variance of one image's gradient),
+``E[g_h] = n mu`` and the noise has variance ``n s^2``, so ``cos ~ rho n / (1 + rho n)``. Inverting,
+``rho = cos / ((1 - cos) n)``, and a cosine ``c*`` (default 0.5) needs ``n* = c* / ((1 - c*) rho)`` images per
+half, a batch of ``2 c* / ((1 - c*) rho)``. A reward whose batch is far beyond the training budget cannot be
+learned there whatever the method (design notes: ~0.06 at 64 images for the shapes verifier).
+
+The rollouts, rewards and guided velocities are the trainer's own (an :class:`flowalign.trainer.ACFlowTrainer`
+with ``algorithm="grpo"``: ``rollout``, ``score``, ``cfg_velocity``); the log-probabilities are recomputed with
+gradients by :func:`flowalign.sampling.sde_step` on the stored trajectories.
+
+Example::
+
+    flowalign probe-reward --reward shapes --batch 64 --repeats 3
+    flowalign probe-reward --reward jpeg_compressibility --batch 64 --config samples/configs/acflow_shapes.yaml
+
+    from flowalign.probe import probe_reward
+    from flowalign.trainer import ACFlowConfig
+    result = probe_reward(ACFlowConfig(reward="shapes", algorithm="grpo"), batch=64, repeats=3)
+    result["cosine_mean"], result["implied_batch"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["add_arguments", "half_gradients", "implied_batch", "probe_reward", "run", "split_half_cosine"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arithmetic (pure; tested on constructed gradients)
+# ----------------------------------------------------------------------------------------------------------
+def split_half_cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
+    """``<g1, g2> / (|g1| |g2|)`` in float64; NaN when either gradient is zero (no signal to compare).
+
+    Example: ``split_half_cosine(torch.tensor([1., 0.]), torch.tensor([0., 2.]))`` -> ``0.0``.
+    """
+    a, b = g1.detach().double().flatten(), g2.detach().double().flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"split_half_cosine needs gradients of the same size, got {a.numel()} and {b.numel()}.")
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return float("nan")
+    return float((a @ b) / (na * nb))
+
+
+def implied_batch(cosine: float, half_size: int, target: float = 0.5) -> tuple[float, float]:
+    """``(rho, batch)``: the per-image signal-to-noise ratio and the batch whose split-half cosine is ``target``.
+
+    ``cos = rho n / (1 + rho n)`` with ``n = half_size`` images per half gives ``rho = cos / ((1 - cos) n)``; the
+    target ``c*`` needs ``n* = c* / ((1 - c*) rho)`` per half, a batch of ``2 n*``. A cosine <= 0 has no
+    measurable signal: ``rho = 0`` (negative values are clipped) and the batch is ``inf``; NaN stays NaN.
+
+    Example: ``implied_batch(0.2, 32)`` -> ``rho = 0.2 / (0.8 * 32) = 0.0078125``, batch ``2 * 0.5 / (0.5 * rho) = 256``.
+    """
+    if half_size < 1:
+        raise ValueError(f"half_size must be >= 1 image, got {half_size}.")
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"the target cosine must be in (0, 1), got {target}.")
+    if math.isnan(cosine):
+        return float("nan"), float("nan")
+    if cosine >= 1.0:
+        return float("inf"), 0.0
+    rho = max(cosine, 0.0) / ((1.0 - cosine) * half_size)  # rho = cos / ((1 - cos) n)
+    batch = 2.0 * target / ((1.0 - target) * rho) if rho > 0 else float("inf")  # 2 c* / ((1 - c*) rho)
+    return rho, batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients on the trainer's rollouts
+# ----------------------------------------------------------------------------------------------------------
+def half_gradients(trainer, roll: dict, advantages: torch.Tensor, halves: list[torch.Tensor],
+                   minibatch: int = 32) -> list[torch.Tensor]:
+    """For each index set ``h``: ``grad_theta sum_{i in h} A_i sum_k log p_theta(x_{k+1} | x_k)``, flattened.
+
+    ``k`` runs over the rollout's SDE steps (``trainer.sde_steps``; the Euler steps after them have no density),
+    ``log p`` is the exact Gaussian log-density (``sde_step(..., prev_sample=x_{k+1})``, summed over dimensions)
+    of the stored transition under the guided field ``trainer.cfg_velocity``; theta = the trainable parameters.
+    """
+    cfg = trainer.config
+    model = trainer.transformer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters (use_lora=False and a frozen transformer?).")
+    traj, sigmas = roll["trajectory"], roll["sigmas"]
+    embeds, pooled = roll["embeds"], roll["pooled"]
+    neg_embeds, neg_pooled = trainer.encode([""] * traj.shape[0])
+    from flowalign.sampling import sde_step
+
+    was_training = model.training
+    model.eval()  # the rollout's own field (no dropout), as trainer.rollout samples it
+    grads = []
+    try:
+        for idx in halves:
+            total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            for k in range(trainer.sde_steps):
+                for chunk in idx.split(minibatch):
+                    x, x_next = traj[chunk, k], traj[chunk, k + 1]
+                    with trainer.accelerator.autocast():
+                        v = trainer.cfg_velocity(model, x, sigmas[k].expand(chunk.numel()), embeds[chunk],
+                                                 pooled[chunk], neg_embeds[chunk], neg_pooled[chunk])
+                    _, log_prob, _, _ = sde_step(x, v, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
+                                                 prev_sample=x_next, log_prob_reduction="sum")
+                    objective = (advantages[chunk].detach().float() * log_prob).sum()  # sum_i A_i log p(x_{k+1}|x_k)
+                    for t, g in zip(total, torch.autograd.grad(objective, params, allow_unused=True)):
+                        if g is not None:
+                            t += g.float()
+            grads.append(torch.cat([t.flatten() for t in total]))
+    finally:
+        model.train(was_training)
+    return grads
+
+
+def _load_lora(trainer, path: str) -> None:
+    """Load a LoRA (a training checkpoint folder, its ``latest`` pointer or a run's output_dir) into the
+    trainer's adapter, as ``ACFlowTrainer.load_checkpoint`` does for its weights."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import set_peft_model_state_dict
+
+    from flowalign.checkpoints import resolve_checkpoint
+
+    if not trainer.config.use_lora:
+        raise ValueError("--lora needs use_lora=True (the probe's trainable parameters are the LoRA's).")
+    folder = resolve_checkpoint(path)
+    state = StableDiffusion3Pipeline.lora_state_dict(folder)
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    if not state:
+        raise ValueError(f"{folder} holds no transformer LoRA weights; pass a flowalign training checkpoint.")
+    result = set_peft_model_state_dict(trainer.unwrapped, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"LoRA {folder} has keys the model's adapter does not ({result.unexpected_keys[:3]}); "
+                         "set lora_rank / lora_target_modules (--set) to the LoRA's.")
+
+
+def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: int | None = None,
+                 target: float = 0.5, reward: Any = None, lora: str | None = None, progress: bool = False) -> dict:
+    """The split-half gradient cosine of ``config``'s reward on ``repeats`` fresh batches of ``batch`` rollouts.
+
+    ``images_per_prompt`` (G, even; default ``config.images_per_prompt``) images of each of ``batch / G``
+    prompts (the trainer's training prompts, drawn as an iteration draws them, a new draw every repeat).
+    ``reward`` overrides ``config.reward`` (any callable ``f(images, prompts) -> [B]``).
+
+    Returns a dict: ``cosines`` (one per repeat), ``cosine_mean``, ``cosine_se`` (SE over repeats), ``rho``
+    and ``implied_batch`` (from the mean cosine, for ``target_cosine``), ``reward_mean``,
+    ``reward_std_within_groups``, ``half_size``, the settings, ``seconds`` and a ``message`` when there is no
+    gradient (a reward constant within every group: cosine NaN).
+    """
+    from dataclasses import replace
+
+    from flowalign import objectives as O
+    from flowalign.eval import mean_se
+    from flowalign.trainer import ACFlowTrainer
+
+    g = images_per_prompt or config.images_per_prompt
+    if g < 2 or g % 2:
+        raise ValueError(f"images_per_prompt must be even and >= 2 (each prompt group is split in two halves), got {g}.")
+    if batch < g or batch % g:
+        raise ValueError(f"batch={batch} must be a multiple of images_per_prompt={g} (whole prompt groups).")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    cfg = replace(config, algorithm="grpo", images_per_prompt=g, prompts_per_iteration=batch // g,
+                  initial_noises=None, progress=False)
+    start = time.perf_counter()
+    trainer = ACFlowTrainer(cfg, reward=reward)
+    if lora:
+        _load_lora(trainer, lora)
+    prompts_n = batch // g
+    group = torch.arange(prompts_n).repeat_interleave(g)
+    first = (torch.arange(batch) % g) < g // 2  # the first G/2 images of every group, then the rest
+    halves = [torch.nonzero(first).flatten(), torch.nonzero(~first).flatten()]
+    cosines, reward_means, within_std = [], [], []
+    message = None
+    from tqdm.auto import tqdm
+
+    for r in tqdm(range(repeats), desc="probe-reward", disable=not progress):
+        prompts = [p for p in trainer.iteration_prompts(r) for _ in range(g)]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)
+        roll = trainer.rollout(prompts, gen, "sde")
+        rewards = trainer.score(trainer.decode(roll["latents"]), prompts).cpu()
+        if not torch.isfinite(rewards).all():
+            raise ValueError(f"The reward {cfg.reward!r} returned non-finite values on repeat {r}: "
+                             f"{rewards[~torch.isfinite(rewards)][:5].tolist()}; fix the reward before probing it.")
+        grouped = rewards.view(prompts_n, g)
+        reward_means.append(float(rewards.mean()))
+        within_std.append(float(grouped.std(dim=1, unbiased=False).mean()))
+        if bool((grouped.amax(dim=1) == grouped.amin(dim=1)).all()):
+            # no image differs from its group: every advantage is 0 (not the rounding noise of r - mean)
+            cosines.append(float("nan"))
+            message = (f"The reward is constant within every prompt group ({r + 1} of {repeats} repeats so far): "
+                       "all advantages and both half gradients are zero, so the cosine is undefined (NaN) and "
+                       "no policy-gradient method can learn from it at this batch.")
+            continue
+        adv = O.grpo_advantages(rewards, group).to(trainer.device)
+        g1, g2 = half_gradients(trainer, roll, adv, [h.to(trainer.device) for h in halves],
+                                minibatch=cfg.minibatch_size)
+        cosines.append(split_half_cosine(g1, g2))
+    finite = [c for c in cosines if math.isfinite(c)]
+    cos_mean, cos_se = mean_se(finite) if finite else (float("nan"), float("nan"))
+    rho, needed = implied_batch(cos_mean, batch // 2, target)
+    if message is None and cos_mean <= 0:
+        message = (f"The mean split-half cosine is {cos_mean:.4f} <= 0: no measurable gradient signal at a batch of "
+                   f"{batch} (implied batch infinite); probe a larger --batch or more --repeats.")
+    return {
+        "reward": cfg.reward if reward is None else getattr(reward, "__name__", repr(reward)),
+        "batch": batch, "images_per_prompt": g, "prompts": prompts_n, "half_size": batch // 2, "repeats": repeats,
+        "sde_steps": trainer.sde_steps, "sample_steps": cfg.sample_steps, "noise_level": cfg.noise_level,
+        "pretrained": cfg.pretrained, "lora": lora,
+        "cosines": cosines, "cosine_mean": cos_mean, "cosine_se": cos_se, "rho": rho,
+        "target_cosine": target, "implied_batch": needed,
+        "reward_mean": sum(reward_means) / len(reward_means),
+        "reward_std_within_groups": sum(within_std) / len(within_std),
+        "seconds": time.perf_counter() - start, "message": message,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", required=True, help="The reward to probe (a flowalign.rewards name or spec).")
+    parser.add_argument("--batch", type=int, default=64, help="Rollouts per batch, N (default 64).")
+    parser.add_argument("--images-per-prompt", type=int, default=None,
+                        help="G images per prompt, even (default: the config's images_per_prompt).")
+    parser.add_argument("--repeats", type=int, default=3, help="Independent batches (default 3): mean ± SE.")
+    parser.add_argument("--target-cosine", type=float, default=0.5,
+                        help="Cosine a usable signal needs; the implied batch is computed for it (default 0.5).")
+    parser.add_argument("--config", default=None,
+                        help="YAML of ACFlowConfig keys (sampling steps, SDE window, CFG); default: the defaults.")
+    parser.add_argument("--pretrained", default=None, help="SD3 pipeline folder (default: the embedded tiny base).")
+    parser.add_argument("--lora", default=None, help="A flowalign training checkpoint (or run folder) to probe.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts, noises and the LoRA init.")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="Extra ACFlowConfig override (repeatable), e.g. --set sample_steps=8.")
+    parser.add_argument("--out", default=None, help="Also write the result as JSON to this file.")
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN / inf -> None, recursively (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowalign.trainer import ACFlowConfig, parse_override
+
+    overrides: dict[str, Any] = {}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"flowalign probe-reward: --set expects KEY=VALUE, got {item!r}.")
+        try:
+            overrides[key.strip()] = parse_override(key.strip(), value)
+        except ValueError as err:
+            raise SystemExit(f"flowalign probe-reward: --set {item}: {err}") from None
+    overrides.update(reward=args.reward, seed=args.seed, algorithm="grpo")
+    if args.pretrained:
+        overrides["pretrained"] = args.pretrained
+    try:
+        config = (ACFlowConfig.from_yaml(args.config, overrides) if args.config
+                  else ACFlowConfig.from_dict(overrides))
+        result = probe_reward(config, batch=args.batch, repeats=args.repeats, images_per_prompt=args.images_per_prompt,
+                              target=args.target_cosine, lora=args.lora, progress=not args.json)
+    except ValueError as err:
+        raise SystemExit(f"flowalign probe-reward: {err}") from None
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(_jsonable(result), indent=1))
+    if args.json:
+        print(json.dumps(_jsonable(result), indent=1))
+    else:
+        print(format_result(result))
+    return 0
+
+
+def format_result(result: dict) -> str:
+    """One paragraph: cosine ± SE, rho and the implied batch."""
+    lines = [f"reward {result['reward']}: split-half gradient cosine {result['cosine_mean']:.4f} ± "
+             f"{result['cosine_se']:.4f} (SE over {result['repeats']} batches of {result['batch']}; "
+             f"{result['half_size']} images per half; per batch {', '.join(f'{c:.4f}' for c in result['cosines'])})",
+             f"per-image signal-to-noise rho = {result['rho']:.4g}; a cosine of {result['target_cosine']:g} needs a "
+             f"batch of ~{result['implied_batch']:.0f} images",
+             f"reward mean {result['reward_mean']:.4f}, within-group std {result['reward_std_within_groups']:.4f}; "
+             f"{result['seconds']:.0f} s"]
+    if result.get("message"):
+        lines.append(result["message"])
+    return "\n".join(lines)
