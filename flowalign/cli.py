@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("flowalign.score", "Score a folder of images with one or more reward models."),
     "train": ("flowalign.train", "Fine-tune a flow model with AC-Flow (or ORW-CFM-W2 / Flow-GRPO)."),
     "bench": ("flowalign.bench", "Benchmarks (rlg, rewards, train); not tests."),
+    "probe-reward": ("flowalign.probe", "Is a reward learnable at a batch size? The split-half policy-gradient cosine."),
 }
 
 
