@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pickle
 import shutil
@@ -78,7 +79,8 @@ def atomic_write_dir(target: Path | str, write: Callable[[Path], None]) -> Path:
     the new folder takes its name, and only then is the old one deleted. (A crash between those
     two renames leaves the old folder at ``<target>.old``; the next call puts it back first.)
     If ``write`` raises, the temporary folder is removed, ``target`` is untouched and the
-    exception propagates. Returns ``target`` as a ``Path``.
+    exception propagates; a temporary folder left by a killed process is removed by the next call
+    for the same ``target``. Returns ``target`` as a ``Path``.
 
     Example::
 
@@ -92,6 +94,8 @@ def atomic_write_dir(target: Path | str, write: Callable[[Path], None]) -> Path:
     old = target.with_name(target.name + ".old")
     if old.is_dir() and not target.exists():  # a crash between the two renames of an earlier call
         os.replace(old, target)
+    for stale in parent.glob(f".{glob.escape(target.name)}.tmp-*"):  # left by a process killed inside `write`
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         write(tmp)

@@ -69,6 +69,14 @@ def test_atomic_write_dir_recovers_a_crash_between_its_two_renames(tmp_path):
     assert (target / "a.txt").read_text() == "old" and os.listdir(tmp_path) == ["model"]
 
 
+def test_atomic_write_dir_removes_the_temporary_folder_of_a_killed_process(tmp_path):
+    (tmp_path / ".model.tmp-k1ll3d").mkdir()  # what a process killed inside `write` leaves
+    (tmp_path / ".model.tmp-k1ll3d" / "half.bin").write_bytes(b"x")
+    (tmp_path / ".other.tmp-k1ll3d").mkdir()  # another target's: not ours to remove
+    atomic_write_dir(tmp_path / "model", lambda tmp: (tmp / "a.txt").write_text("1"))
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-k1ll3d", "model"]
+
+
 def test_atomic_write_dir_refuses_a_file_target(tmp_path):
     (tmp_path / "model").write_text("a file")
     with pytest.raises(NotADirectoryError, match="model is a file"):
@@ -141,7 +149,7 @@ def test_load_state_refuses_a_crafted_pickle_without_running_it(tmp_path, writer
     if writer == "torch.save":
         torch.save(state, path)
     else:
-        path.write_bytes(pickle.dumps(state))
+        path.write_bytes(pickle.dumps(state, protocol=2))
     with pytest.raises(ValueError, match="not a flowalign state file") as info:
         load_state(path)
     assert str(path) in str(info.value) and "untrusted source" in str(info.value)
