@@ -12,10 +12,12 @@ embeddings are computed once and cached), the lossless VAE fixed:
     c  = "" with probability cfg_dropout   # so classifier-free guidance works
 
 Weights are averaged (EMA) and the EMA copy is what gets saved. The run is budgeted in
-wall-clock minutes, checkpoints every few minutes (atomically) and resumes with ``--resume``.
+wall-clock minutes, checkpoints every few minutes and resumes with ``--resume``; the checkpoint
+is a plain state file (``flowalign.checkpoints.save_state``, read back with ``weights_only=True``)
+and the output folder is swapped in whole (``flowalign.checkpoints.atomic_write_dir``).
 The output is a stock diffusers ``StableDiffusion3Pipeline`` folder plus ``training_log.json``;
 unless ``--no-eval``, it is then evaluated with ``flowalign.tiny.evaluate`` and a model card
-(``README.md``) with the command, seed and per-family accuracies is written next to it.
+(``README.md``, ``write_model_card``) with the command, seed and per-family accuracies is written next to it.
 
 Example (the command that made the embedded model is in its model card)::
 
@@ -40,9 +42,9 @@ from tqdm.auto import tqdm
 from flowalign import shapes
 from flowalign.checkpoints import atomic_write_dir, load_state, save_state
 from flowalign.objectives import sample_sigmas
-from flowalign.tiny import (EVAL_CFG, EVAL_STEPS, build_tiny_sd3_pipeline, evaluate, format_accuracy_table,
-                            load_base_pipeline)
-from flowalign.tiny import encode_prompts  # noqa: F401  (kept for flowalign.trainer until it imports it from flowalign.tiny)
+# encode_prompts is also importable from here, kept for flowalign.trainer until it imports it from flowalign.tiny
+from flowalign.tiny import (EVAL_CFG, EVAL_STEPS, build_tiny_sd3_pipeline, encode_prompts, evaluate,
+                            format_accuracy_table, load_base_pipeline)
 
 
 @dataclass
