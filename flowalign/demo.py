@@ -64,7 +64,8 @@ def demo(out: str = "samples/demo", quick: bool = False, seed: int = 0, scales=S
     from flowalign import rewards, shapes
     from flowalign.pipelines import RLGStableDiffusion3Pipeline
     from flowalign.tiny import EVAL_CFG, generate, load_base_pipeline
-    from flowalign.trainer import ACFlowConfig, ACFlowTrainer, diversity
+    from flowalign.eval import diversity
+    from flowalign.trainer import ACFlowConfig, ACFlowTrainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

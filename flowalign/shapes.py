@@ -105,6 +105,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from flowalign.prompts import PromptSource
+
 __all__ = [
     "IMAGE_SIZE",
     "SHAPES",
@@ -369,6 +371,22 @@ def heldout_prompts(n: int, seed: int = 0) -> list[str]:
         order = orders[family]
         out.append(order[(i // len(FAMILIES)) % len(order)])
     return out
+
+
+def prompt_source() -> PromptSource:
+    """The shapes world as a :class:`flowalign.prompts.PromptSource` (``prompts: shapes`` in a training config).
+
+    Training prompts: the train split, drawn as the world draws them (a family uniformly, then one of its
+    prompts: :func:`sample_prompt`), the distribution the base model was pretrained on and the held-out
+    evaluation is balanced by; uniform over the list would give color_attr 54 of the 97 prompts and two_objects 6.
+    Held out: :func:`heldout_prompts`.
+
+    Example: ``source = prompt_source(); len(source.train), source.heldout_prompts(6)``.
+    """
+    train = all_prompts("train")
+    families = [family_of(p) for p in train]
+    sizes = {f: families.count(f) for f in set(families)}
+    return PromptSource(train, weights=[1.0 / (len(sizes) * sizes[f]) for f in families], heldout=heldout_prompts)
 
 
 # ----------------------------------------------------------------------------------------------

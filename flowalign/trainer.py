@@ -43,7 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -53,8 +52,12 @@ from typing import Any, Callable
 import torch
 
 from flowalign import objectives as O
+from flowalign.checkpoints import atomic_write_dir, latest_checkpoint, load_state, save_state, write_pointer
+from flowalign.eval import diversity, eval_features, sde_path_kl
+from flowalign.prompts import PromptSource, load_prompts, read_prompt_file
 from flowalign.sampling import flow_sigmas, sample_latents, sde_step, sde_step_velocity
 
+ALGORITHMS = ("acflow", "orw", "grpo")
 LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -81,8 +84,9 @@ class ACFlowConfig:
     cache_prompt_embeddings: bool = True  # encode each distinct prompt once (frozen text encoders)
     max_sequence_length: int | None = None  # T5 tokens; None = 1 for the tiny model (no T5), else 256
     # --- prompts and rollouts -------------------------------------------------------------------
-    prompts: str = "shapes"  # "shapes" (train split of flowalign.shapes, families balanced as the world draws them)
-    #   or a text file, one prompt a line (drawn uniformly)
+    prompts: str = "shapes"  # a registered prompt source ("shapes": the tiny world's train split, families balanced
+    #   as the world draws them; held out: its held-out split) or a text file, one prompt a line (drawn uniformly;
+    #   held out: its first eval_prompts lines); see flowalign.prompts
     prompts_per_iteration: int = 8  # P, identical on all ranks
     images_per_prompt: int = 8  # G, split across ranks (must be divisible by the number of processes)
     initial_noises: int | None = None  # distinct starting noises x_1 per prompt: the G images branch from them
@@ -98,19 +102,30 @@ class ACFlowConfig:
     # --- reward --------------------------------------------------------------------------------
     reward: str = "shapes"  # a flowalign.rewards spec, or a list of "name=weight" for a mixture
     reward_normalize: str | None = None  # mixture normalisation: None | "zscore"
+    # --- the regulariser: one axis for every method ----------------------------------------------
+    kl_coef: float | None = None  # lambda of  max E[A] - lambda KL(p_theta || p_ref): A the group-normalised
+    #   (z-scored) reward, KL in nats per image (the Gaussian KL of every SDE transition, summed over transitions and
+    #   latent dimensions). Set, it overrides each method's own knob: acflow / orw w2_weight = kl_coef * beta,
+    #   grpo grpo_kl_weight = kl_coef (derivation and conversions to Flow-GRPO's beta and ORW-CFM-W2's
+    #   (alpha, beta): docs/algorithms.md, "One regulariser axis"); None = the method knobs as given
     # --- shaping, critic, advantages (acflow) --------------------------------------------------
-    shaping: bool = True  # per-prompt group z-score (running statistics when G = 1)
+    shaping: bool = True  # z-score within each prompt's group (each (prompt, x_1) group with initial_noises);
+    #   running statistics over all images only when a group has one image
     shaping_clip: float = 3.0
     critic_lr: float = 1e-3
-    critic_warmup_iterations: int = 3  # the actor does not move before the critic has trained this long
+    critic_warmup_iterations: int = 3  # iterations before the critic's values enter the advantages
+    warmup_actor: str = "shaped"  # during the critic warm-up the actor "shaped": learns from the shaped rewards
+    #   (advantage r~, i.e. V = 0), or "frozen": does not move (those rollouts only train the critic)
     advantage_clip: float = 2.0
     critic_channels: list = field(default_factory=lambda: [32, 64, 128])  # CNN widths (stride 2 after the first)
     critic_hidden_dim: int = 256  # width of the critic's MLP head
     # --- actor update (acflow, orw) ------------------------------------------------------------
-    weighting: str = "exp"  # see flowalign.objectives.WEIGHTINGS
-    beta: float = 1.0  # temperature of the weighting (ORW-CFM-W2 uses 0.5 on raw rewards)
-    w2_weight: float = 0.03  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2 (ORW-CFM-W2 uses 1.0 with
-    #   fm_states="noised"); on trajectory states both terms are in units of the step noise (W2 = 2 KL per step)
+    weighting: str = "exp"  # see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)
+    beta: float = 1.0  # temperature of the weighting exp(beta A) on normalised advantages (1 / beta: the
+    #   per-iteration KL coefficient to the rollout policy, a trust region)
+    w2_weight: float = 0.03  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2; acts as the KL coefficient
+    #   alpha / beta (set kl_coef instead); on trajectory states in units of the step noise (W2 = 2 KL per step),
+    #   on noised states (orw) in velocity units
     learning_rate: float = 3e-4
     adam_weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -118,7 +133,8 @@ class ACFlowConfig:
     noise_draws: int = 2  # states per sample per pass: (s, eps) draws, or trajectory steps k
     minibatch_size: int = 32
     sigma_sampling: str = "logit_normal"  # "logit_normal" | "uniform" (fm_states="noised")
-    fm_states: str = "trajectory"  # where the critic and the weighted loss are evaluated: "noised" = fresh
+    fm_states: str = "trajectory"  # (acflow; orw always uses "noised", as published) where the critic and the
+    #   weighted loss are evaluated: "noised" = fresh
     #   x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); "trajectory" = the rollout's
     #   own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} (needs sampler: sde)
     centered_weights: bool = True  # fm_states="trajectory": weights w - 1 plus a proximal term to the rollout
@@ -130,7 +146,8 @@ class ACFlowConfig:
     ot_pairing: bool = False  # minibatch OT coupling of noise and samples (POT; fm_states="noised")
     # --- Flow-GRPO ----------------------------------------------------------------------------
     grpo_clip_range: float = 1e-4  # on per-dimension-mean log-probs, as Flow-GRPO
-    grpo_kl_weight: float = 0.04
+    grpo_kl_weight: float = 0.04  # coefficient of the per-step Gaussian KL (per-dimension mean, as the log-probs):
+    #   nats per image, the kl_coef unit; Flow-GRPO's beta b corresponds to kl_coef ~ b |dt| (docs/algorithms.md)
     grpo_train_fraction: float = 0.5  # fraction of the sampling steps trained on ("denoising reduction")
     grpo_learning_rate: float = 3e-4
     # --- evaluation ----------------------------------------------------------------------------
@@ -139,6 +156,11 @@ class ACFlowConfig:
     eval_prompt_file: str | None = None
     eval_images_per_prompt: int = 2  # for diversity
     eval_steps: int = 28  # Euler steps of the evaluation samples (as the base model card)
+    eval_seed: int = 0  # held-out prompts and noises: independent of the training seed, so every run of a
+    #   comparison (and the no-update control) is scored on the same images
+    eval_at_start: bool = True  # evaluate before the first update (the no-update control of the run)
+    eval_kl: bool = True  # measure KL(p_theta || p_ref) in nats per image on held-out SDE rollouts (noise_level,
+    #   sample_steps, every step stochastic): flowalign.eval.sde_path_kl
     eval_rewards: list = field(default_factory=lambda: ["shapes_binary", "jpeg_compressibility"])  # unseen rewards
 
     # ------------------------------------------------------------------------------------------
@@ -150,12 +172,20 @@ class ACFlowConfig:
                     setattr(self, f.name, (float if f.type.startswith("float") else int)(value))
                 except ValueError:
                     raise ValueError(f"ACFlowConfig.{f.name}={value!r} is not a number.") from None
-        choices = {"algorithm": ("acflow", "orw", "grpo"), "sampler": ("euler", "sde"),
+        choices = {"algorithm": ALGORITHMS, "sampler": ("euler", "sde"),
                    "mixed_precision": ("no", "fp16", "bf16"), "sigma_sampling": ("logit_normal", "uniform"),
-                   "fm_states": ("noised", "trajectory")}
+                   "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
+        if self.kl_coef is not None:  # the one regulariser axis, mapped onto each method's knob
+            if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+                raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
+                                 "or None to use w2_weight / grpo_kl_weight as given.")
+            self.w2_weight = self.kl_coef * self.beta  # alpha / beta = kl_coef
+            self.grpo_kl_weight = self.kl_coef
+        if self.algorithm == "orw":  # ORW-CFM-W2 as published: freshly noised states of its own samples
+            self.fm_states = "noised"
         if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
             raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
                              "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
@@ -242,60 +272,6 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """A training checkpoint folder from what a user may pass: the folder itself (``.../iter-000072``), the
-    ``.../checkpoints/latest`` pointer file, or a run's ``output_dir`` (its latest checkpoint). Anything else
-    (another folder, a file, a hub id) comes back unchanged.
-
-    Example: ``resolve_checkpoint("runs/acflow_shapes")`` -> ``"runs/acflow_shapes/checkpoints/iter-000072"``.
-    """
-    p = Path(path)
-    pointer = p / "checkpoints" / "latest" if p.is_dir() else p
-    if pointer.is_file() and pointer.name == "latest":
-        folder = pointer.parent / pointer.read_text().strip()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{pointer} names {folder.name!r}, which is not a folder beside it; "
-                                    f"pass a checkpoint folder (iter-N) instead.")
-        return str(folder)
-    return str(path)
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``target``: a crash leaves the previous folder intact."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def diversity(images: torch.Tensor, groups: list[int]) -> float:
-    """Mean pairwise RMS pixel distance between images of the same prompt, averaged over prompts."""
-    feats = images.flatten(1).float()
-    values = []
-    for g in sorted(set(groups)):
-        idx = [i for i, x in enumerate(groups) if x == g]
-        if len(idx) < 2:
-            continue
-        d = torch.cdist(feats[idx], feats[idx]) / math.sqrt(feats.shape[1])
-        n = len(idx)
-        values.append(d.sum().item() / (n * (n - 1)))
-    return float(sum(values) / len(values)) if values else float("nan")
-
-
-def eval_features(images: torch.Tensor) -> torch.Tensor:
-    """The fixed feature space of the W2 evaluation: images average-pooled to 8x8, flattened."""
-    return torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
@@ -303,11 +279,13 @@ class ACFlowTrainer:
     """Online fine-tuning of an SD3 transformer with AC-Flow, ORW-CFM-W2 or Flow-GRPO.
 
     ``reward`` may be passed directly (any ``flowalign.rewards`` reward or callable
-    ``f(images, prompts) -> Tensor[B]``); otherwise ``config.reward`` is loaded by name.
+    ``f(images, prompts) -> Tensor[B]``); otherwise ``config.reward`` is loaded by name. ``prompts`` likewise
+    (a :class:`flowalign.prompts.PromptSource` or a list); otherwise ``config.prompts``.
     Run under ``accelerate launch`` for several processes; plain ``python`` is one process.
     """
 
-    def __init__(self, config: ACFlowConfig, reward: Any = None, pipeline: Any = None, accelerator: Any = None):
+    def __init__(self, config: ACFlowConfig, reward: Any = None, pipeline: Any = None, accelerator: Any = None,
+                 prompts: PromptSource | list[str] | None = None):
         from accelerate import Accelerator
 
         from flowalign.critic import Critic, CriticConfig
@@ -324,6 +302,8 @@ class ACFlowTrainer:
             )
         self.local_g = cfg.images_per_prompt // acc.num_processes
         self.branches = cfg.images_per_prompt // (cfg.initial_noises or cfg.images_per_prompt)  # per (prompt, x_1)
+        # images per shaping / advantage group: a prompt's G images, or one (prompt, x_1)'s branches
+        self.group_size = self.branches if cfg.initial_noises else cfg.images_per_prompt
         self.output_dir = Path(cfg.output_dir)
 
         # Pipeline: frozen text encoders and VAE; the transformer is the policy.
@@ -384,8 +364,9 @@ class ACFlowTrainer:
         self.eval_rewards = {name: R.load(name) for name in cfg.eval_rewards}
 
         # Prompts, and their embeddings (cached).
-        self.train_prompts = self._read_prompts(cfg.prompts, split="train")
-        self.prompt_weights = self._prompt_weights(cfg.prompts, self.train_prompts)
+        self.prompt_source = load_prompts(prompts if prompts is not None else cfg.prompts)
+        self.train_prompts = self.prompt_source.train
+        self.prompt_weights = self.prompt_source.sampling_weights()
         self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.running = O.RunningMeanStd()
         self.iteration = 0
@@ -405,34 +386,6 @@ class ACFlowTrainer:
         if "=" in str(spec) and not str(spec).endswith(")"):
             return R.load_mixture([spec], normalize=normalize)
         return R.load(spec)
-
-    @staticmethod
-    def _read_prompts(source: str, split: str) -> list[str]:
-        if source == "shapes":
-            from flowalign import shapes
-
-            return shapes.all_prompts(split)
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"prompts={source!r}: not 'shapes' and no such file. Give a text file, one prompt a line.")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        if not prompts:
-            raise ValueError(f"prompts file {source} has no prompts.")
-        return prompts
-
-    @staticmethod
-    def _prompt_weights(source: str, prompts: list[str]) -> torch.Tensor:
-        """Sampling weight of each training prompt: uniform over a prompt file; for ``prompts: shapes`` the
-        shapes world's own distribution (a family uniformly, then one of its prompts: ``shapes.sample_prompt``),
-        the one the base model was pretrained on and the held-out evaluation is balanced by. Uniform over the
-        list instead would give color_attr 54 of the 97 prompts and two_objects 6."""
-        if source != "shapes":
-            return torch.full((len(prompts),), 1.0 / len(prompts), dtype=torch.float64)
-        from flowalign import shapes
-
-        families = [shapes.family_of(p) for p in prompts]
-        sizes = {f: families.count(f) for f in set(families)}
-        return torch.tensor([1.0 / (len(sizes) * sizes[f]) for f in families], dtype=torch.float64)
 
     @property
     def is_main(self) -> bool:
@@ -598,11 +551,16 @@ class ACFlowTrainer:
         return metrics
 
     def _flow_matching_update(self, roll, rewards, all_rewards, all_groups, mine) -> dict[str, float]:
-        """AC-Flow / ORW-CFM-W2: (critic,) weighted flow matching + W2 on the policy's own samples."""
+        """AC-Flow / ORW-CFM-W2: (critic,) weighted flow matching + W2 on the policy's own samples.
+
+        PPO-style, every state of the iteration is drawn up front and the critic scores them once, before it
+        trains on this batch: the advantages the actor sees do not depend on the critic's updates within the
+        iteration (scored after, the critic would have fit these very samples and the advantages shrink).
+        """
         cfg, acc = self.config, self.accelerator
         it, rank = self.iteration, acc.process_index
-        x0_all, embeds, pooled = roll["latents"], roll["embeds"], roll["pooled"]
-        n = x0_all.shape[0]
+        embeds, pooled = roll["embeds"], roll["pooled"]
+        n = roll["latents"].shape[0]
         guided = cfg.guided_loss and self.guidance_scale != 1.0
         if guided:
             neg_embeds, neg_pooled = self.encode([""] * n)
@@ -612,17 +570,20 @@ class ACFlowTrainer:
                 return self.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx])
             return self.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
 
-        # Shaping (acflow): r~ = clip((r - mean_c) / (std_c + eps), -k, k), statistics over all ranks.
-        if cfg.algorithm == "acflow" and cfg.shaping:
-            if self.branches >= 2:
-                targets_all = O.shape_rewards(all_rewards, all_groups, clip=cfg.shaping_clip)
-            else:  # G = 1: running statistics (identical on every rank: fed with the gathered rewards)
-                targets_all = O.shape_rewards(all_rewards, None, clip=cfg.shaping_clip, running=self.running)
-            targets = targets_all[mine]
+        if cfg.algorithm == "orw":  # ORW-CFM-W2: rewards normalised over the batch (all ranks), no critic
+            targets = ((all_rewards - all_rewards.mean()) / (all_rewards.std(unbiased=False) + 1e-6))[mine]
+        elif cfg.shaping:  # r~ = clip((r - mean_c) / (std_c + eps), -k, k), statistics over all ranks
+            if self.group_size >= 2:
+                targets = O.shape_rewards(all_rewards, all_groups, clip=cfg.shaping_clip)[mine]
+            else:  # one image per group: running statistics (identical on every rank: fed the gathered rewards)
+                targets = O.shape_rewards(all_rewards, None, clip=cfg.shaping_clip, running=self.running)[mine]
         else:
             targets = rewards
-        warm = cfg.algorithm == "acflow" and it < cfg.critic_warmup_iterations
         gen = _generator(cfg.seed, it, rank + 1, 2)
+        batches = [self._draw_states(roll, idx.to(self.device), gen)
+                   for _ in range(cfg.inner_epochs)
+                   for order in [torch.randperm(n, generator=gen).repeat(cfg.noise_draws)]
+                   for idx in order.split(cfg.minibatch_size)]
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         timing = {"time_critic": 0.0, "time_actor": 0.0}
@@ -631,74 +592,88 @@ class ACFlowTrainer:
             sums[key] = sums.get(key, 0.0) + float(value)
             counts[key] = counts.get(key, 0) + 1
 
+        # Advantages, once: A = clip(r~ - V(x_s, s, c), +-eps_A) with the critic as it was before this iteration;
+        # during warm-up V = 0 ("shaped") or the actor waits ("frozen").
+        warm = self.critic is not None and it < cfg.critic_warmup_iterations
+        tc = time.perf_counter()
+        for b in batches:
+            tgt = targets[b["idx"]]
+            if self.critic is None:  # ORW-CFM-W2: the normalised reward itself
+                b["adv"] = tgt
+                continue
+            with torch.no_grad(), acc.autocast():
+                b["values"] = self.critic(b["x_s"], b["sigma"], pooled[b["idx"]]).float()
+            b["adv"], clip_frac = O.advantages(tgt, torch.zeros_like(tgt) if warm else b["values"],
+                                               clip=cfg.advantage_clip)
+            add("advantage_clip_fraction", clip_frac)
+            add("explained_variance", O.explained_variance(b["values"], tgt))
+        timing["time_critic"] += time.perf_counter() - tc
+
         self.transformer.train()
-        for _ in range(cfg.inner_epochs):
-            order = torch.randperm(n, generator=gen).repeat(cfg.noise_draws)
-            for start in range(0, order.numel(), cfg.minibatch_size):
-                idx = order[start : start + cfg.minibatch_size].to(self.device)
-                tgt = targets[idx]
-                if cfg.fm_states == "trajectory":  # a random step k of each rollout: x_k -> x_{k+1}
-                    traj, grid = roll["trajectory"], roll["sigmas"]
-                    k = torch.randint(self.sde_steps, (idx.numel(),), generator=gen).to(self.device)
-                    x_s, sigma = traj[idx, k], grid[k]
-                    # u = (x_{k+1} - c_x x_k) / c_v: the velocity whose SDE mean hits the realised next state;
-                    # fm_scale = |c_v| / std puts the residual in units of the step noise (weighted log-likelihood)
-                    target, fm_scale = sde_step_velocity(x_s, traj[idx, k + 1], sigma, grid[k + 1], cfg.noise_level)
-                    v_old = roll["velocities"][idx, k] if cfg.centered_weights else None
-                else:
-                    x0, fm_scale, v_old = x0_all[idx], None, None
-                    sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling,
-                                            shift=self.sigma_shift).to(self.device)
-                    eps = torch.randn(x0.shape, generator=gen).to(self.device)
-                    if cfg.ot_pairing:
-                        eps = O.ot_pair(x0, eps)
-                    x_s, target = O.noised_states(x0, sigma, eps)  # x_s = (1 - s) x0 + s eps, u = eps - x0
-
-                # Critic: L_V = mean (V(x_s, s, c) - r~)^2 ; advantage A = clip(r~ - V, +-eps_A).
+        for b in batches:
+            idx, x_s, sigma = b["idx"], b["x_s"], b["sigma"]
+            # Critic: L_V = mean (V(x_s, s, c) - r~)^2.
+            if self.critic is not None:
                 tc = time.perf_counter()
-                if self.critic is not None:
-                    with acc.autocast():
-                        values = self.critic(x_s, sigma, pooled[idx]).float()
-                        lv = O.critic_loss(values, tgt)
-                    self.critic_optimizer.zero_grad(set_to_none=True)
-                    acc.backward(lv)
-                    self.critic_optimizer.step()
-                    adv, clip_frac = O.advantages(tgt, values.detach(), clip=cfg.advantage_clip)
-                    add("critic_loss", lv.detach())
-                    add("explained_variance", O.explained_variance(values.detach(), tgt))
-                    add("advantage_clip_fraction", clip_frac)
-                    timing["time_critic"] += time.perf_counter() - tc
-                    if warm:
-                        continue  # critic warm-up: the actor does not move
-                else:  # ORW-CFM-W2 (and acflow without shaping/critic): the "advantage" is the raw reward
-                    adv = tgt
-
-                # Actor: L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2, v = the guided field.
-                ta = time.perf_counter()
                 with acc.autocast():
-                    v = field(self.transformer, x_s, sigma, idx)
-                    v_ref = None
-                    if cfg.w2_weight:
-                        with torch.no_grad(), self.reference_model() as ref:
-                            v_ref = field(ref, x_s, sigma, idx)
-                    loss, m = O.acflow_actor_loss(v, target, adv, beta=cfg.beta, weighting=cfg.weighting,
-                                                  v_ref=v_ref, w2_weight=cfg.w2_weight, fm_scale=fm_scale,
-                                                  v_old=v_old)
-                # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.
-                if acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() < 1:
-                    self.counters["skipped_updates"] += 1
-                    warnings.warn(f"iteration {it}: non-finite actor loss; minibatch skipped.")
+                    lv = O.critic_loss(self.critic(x_s, sigma, pooled[idx]).float(), targets[idx])
+                self.critic_optimizer.zero_grad(set_to_none=True)
+                acc.backward(lv)
+                self.critic_optimizer.step()
+                add("critic_loss", lv.detach())
+                timing["time_critic"] += time.perf_counter() - tc
+                if warm and cfg.warmup_actor == "frozen":
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                grad_norm = acc.clip_grad_norm_(self.transformer.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                add("actor_loss", loss.detach())
-                add("grad_norm", grad_norm)
-                for k in ("fm_loss", "w2", "ess"):
-                    add(k, m[k])
-                timing["time_actor"] += time.perf_counter() - ta
+
+            # Actor: L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2, v = the fitted field.
+            ta = time.perf_counter()
+            with acc.autocast():
+                v = field(self.transformer, x_s, sigma, idx)
+                v_ref = None
+                if cfg.w2_weight:
+                    with torch.no_grad(), self.reference_model() as ref:
+                        v_ref = field(ref, x_s, sigma, idx)
+                loss, m = O.acflow_actor_loss(v, b["target"], b["adv"], beta=cfg.beta,
+                                              weighting="exp" if cfg.algorithm == "orw" else cfg.weighting,
+                                              v_ref=v_ref, w2_weight=cfg.w2_weight, fm_scale=b["fm_scale"],
+                                              v_old=b["v_old"])
+            # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.
+            if acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() < 1:
+                self.counters["skipped_updates"] += 1
+                warnings.warn(f"iteration {it}: non-finite actor loss; minibatch skipped.")
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(self.transformer.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            add("actor_loss", loss.detach())
+            add("grad_norm", grad_norm)
+            for k in ("fm_loss", "w2", "ess"):
+                add(k, m[k])
+            timing["time_actor"] += time.perf_counter() - ta
         return {**{k: sums[k] / counts[k] for k in sums}, **timing}
+
+    def _draw_states(self, roll, idx: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+        """The states of one minibatch ``idx`` where the critic and the actor are evaluated, with the regression
+        target: a random SDE step of each rollout (``fm_states="trajectory"``) or freshly noised samples."""
+        cfg = self.config
+        if cfg.fm_states == "trajectory" and cfg.algorithm != "orw":  # a random step k: x_k -> x_{k+1}
+            traj, grid = roll["trajectory"], roll["sigmas"]
+            k = torch.randint(self.sde_steps, (idx.numel(),), generator=gen).to(self.device)
+            x_s, sigma = traj[idx, k], grid[k]
+            # u = (x_{k+1} - c_x x_k) / c_v: the velocity whose SDE mean hits the realised next state;
+            # fm_scale = |c_v| / std puts the residual in units of the step noise (weighted log-likelihood)
+            target, fm_scale = sde_step_velocity(x_s, traj[idx, k + 1], sigma, grid[k + 1], cfg.noise_level)
+            v_old = roll["velocities"][idx, k] if cfg.centered_weights else None
+        else:
+            x0, fm_scale, v_old = roll["latents"][idx], None, None
+            sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling,
+                                    shift=self.sigma_shift).to(self.device)
+            eps = torch.randn(x0.shape, generator=gen).to(self.device)
+            if cfg.ot_pairing:
+                eps = O.ot_pair(x0, eps)
+            x_s, target = O.noised_states(x0, sigma, eps)  # x_s = (1 - s) x0 + s eps, u = eps - x0
+        return {"idx": idx, "x_s": x_s, "sigma": sigma, "target": target, "fm_scale": fm_scale, "v_old": v_old}
 
     def _grpo_update(self, roll, adv: torch.Tensor) -> dict[str, float]:
         """Flow-GRPO: clipped-ratio policy gradient on SDE log-probs, KL to the reference."""
@@ -747,21 +722,21 @@ class ACFlowTrainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_prompt_list(self) -> list[str]:
+        """The held-out prompts: the first ``eval_prompts`` of ``eval_prompt_file``, or the prompt source's."""
         cfg = self.config
         if cfg.eval_prompt_file:
-            return self._read_prompts(cfg.eval_prompt_file, split="heldout")[: cfg.eval_prompts]
-        if cfg.prompts == "shapes":
-            from flowalign import shapes
-
-            return shapes.heldout_prompts(cfg.eval_prompts, seed=cfg.seed)
-        return self.train_prompts[: cfg.eval_prompts]
+            return read_prompt_file(cfg.eval_prompt_file)[: cfg.eval_prompts]
+        return self.prompt_source.heldout_prompts(cfg.eval_prompts, seed=cfg.eval_seed)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Training reward, unseen rewards, diversity and W2(reference, current) on held-out prompts.
+    def evaluate(self) -> dict[str, Any]:
+        """Training reward, unseen rewards, diversity, W2 and KL to the reference on held-out prompts.
 
-        Runs on rank 0 only (the evaluation set is small); the same seeds every time, so the reference
-        samples (adapters disabled) are computed once.
+        Runs on rank 0 only (the evaluation set is small). The prompts and noises depend on ``eval_seed`` alone,
+        so every run with the same evaluation settings is scored on the same images, and a fresh trainer's
+        evaluation is the paired no-update control; the reference samples (adapters disabled) are computed
+        once. Returns the means and ``per_image``: equal-length lists (``reward``, ``eval_<name>``,
+        ``kl_to_reference``) in a fixed order (prompt-major, ``eval_images_per_prompt`` images each).
         """
         cfg = self.config
         base_prompts = self.eval_prompt_list()
@@ -772,22 +747,53 @@ class ACFlowTrainer:
         if self._ref_eval_images is None:
             with self.reference_model() as ref:
                 self._ref_eval_images = self._eval_images(prompts, model=ref)
-        result = {"iteration": self.iteration, "images_seen": self.counters["images_seen"],
-                  "reward": self.reward(images, prompts).float().mean().item()}
+        per_image = {"reward": self.reward(images, prompts).float().flatten().tolist()}
         for name, reward in self.eval_rewards.items():
-            result[f"eval_{name}"] = reward(images, prompts).float().mean().item()
+            per_image[f"eval_{name}"] = reward(images, prompts).float().flatten().tolist()
+        if cfg.eval_kl:
+            per_image["kl_to_reference"] = self._eval_kl(prompts)
+        result: dict[str, Any] = {"iteration": self.iteration, "images_seen": self.counters["images_seen"]}
+        result.update({key: sum(values) / len(values) for key, values in per_image.items()})
         result["diversity"] = diversity(images, groups)
         result["w2_to_reference"] = O.w2_distance(eval_features(self._ref_eval_images), eval_features(images))
+        result["per_image"] = per_image
         return result
 
     def _eval_images(self, prompts: list[str], model) -> torch.Tensor:
         out = []
         for start in range(0, len(prompts), 64):
             chunk = prompts[start : start + 64]
-            roll = self.rollout(chunk, _generator(self.config.seed, 10**6, start), "euler", model=model,
+            roll = self.rollout(chunk, _generator(self.config.eval_seed, 10**6, start), "euler", model=model,
                                 steps=self.config.eval_steps)
             out.append(self.decode(roll["latents"]).cpu())
         return torch.cat(out)
+
+    def _eval_kl(self, prompts: list[str]) -> list[float]:
+        """KL(p_theta || p_ref) of each held-out image in nats: the SDE sampler (``noise_level``, ``sample_steps``,
+        every step stochastic) on the policy's own paths, the exact Gaussian KL of each transition summed."""
+        cfg, model = self.config, self.unwrapped
+        sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)
+        was_training = model.training
+        model.eval()
+        out = []
+        for start in range(0, len(prompts), 64):
+            chunk = prompts[start : start + 64]
+            embeds, pooled = self.encode(chunk)
+            neg = self.encode([""] * len(chunk))
+            gen = _generator(cfg.eval_seed, 10**6 + 1, start)
+            noise = torch.randn((len(chunk), *self.latent_shape), generator=gen).to(self.device)
+
+            def policy(x, s):
+                return self.cfg_velocity(model, x, s, embeds, pooled, *neg)
+
+            def reference(x, s):
+                with self.reference_model() as ref:
+                    return self.cfg_velocity(ref, x, s, embeds, pooled, *neg)
+
+            with self.accelerator.autocast():
+                out += sde_path_kl(policy, reference, noise, sigmas, cfg.noise_level, generator=gen).tolist()
+        model.train(was_training)
+        return out
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -798,8 +804,8 @@ class ACFlowTrainer:
         target = root / f"iter-{self.iteration:06d}"
         if acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
-            _atomic_dir(target, self._write_checkpoint)
-            _write_text_atomic(root / "latest", target.name)
+            atomic_write_dir(target, self._write_checkpoint)
+            write_pointer(root, target.name)  # last: the pointer names only complete checkpoints
         acc.wait_for_everyone()
         return target
 
@@ -821,7 +827,7 @@ class ACFlowTrainer:
             "torch_rng": torch.get_rng_state(), "config": asdict(self.config),
             "history": self.history, "eval_history": self.eval_history,
         }
-        torch.save(state, folder / "trainer_state.pt")
+        save_state(folder / "trainer_state.pt", state)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore weights, critic, optimisers, counters and running statistics from a checkpoint folder."""
@@ -845,7 +851,7 @@ class ACFlowTrainer:
 
             loaded = Critic.from_pretrained(folder / "critic")
             self.accelerator.unwrap_model(self.critic).load_state_dict(loaded.state_dict())
-        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = load_state(folder / "trainer_state.pt")  # weights_only: a crafted pickle is refused
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic_optimizer is not None and state["critic_optimizer"] is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -853,14 +859,6 @@ class ACFlowTrainer:
         self.iteration, self.counters = state["iteration"], state["counters"]
         self.running.load_state_dict(state["running"])
         self.history, self.eval_history = state["history"], state["eval_history"]
-
-    def latest_checkpoint(self) -> Path | None:
-        """The checkpoint ``checkpoints/latest`` names, or None (no pointer, or it names no complete checkpoint)."""
-        try:  # with no pointer, resolve_checkpoint returns output_dir itself, which holds no trainer_state.pt
-            folder = Path(resolve_checkpoint(self.output_dir))
-        except FileNotFoundError:
-            return None
-        return folder if (folder / "trainer_state.pt").exists() else None
 
     def parameter_counts(self) -> dict[str, float]:
         """Parameters of the transformer (all / trainable) and of the critic, and the critic's fraction."""
@@ -899,7 +897,7 @@ class ACFlowTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if cfg.resume and (latest := self.latest_checkpoint()) is not None:
+        if cfg.resume and (latest := latest_checkpoint(self.output_dir)) is not None:
             self.load_checkpoint(latest)
             if self.is_main:
                 print(f"[flowalign] resumed from {latest} at iteration {self.iteration}")
@@ -912,9 +910,9 @@ class ACFlowTrainer:
                 print(f"[flowalign] transformer {info['transformer']:,} params, trainable {info['trainable']:,}; "
                       f"critic {info['critic']:,} ({100 * info['critic_fraction_of_transformer']:.1f}% of the transformer)")
         evaluate = bool(cfg.eval_prompts)
-        if evaluate and self.is_main and not self.eval_history:
-            self.eval_history.append(self.evaluate())
-            self._log(self.eval_history[-1], "eval.csv")
+        result: dict[str, Any] = {}
+        if evaluate and self.is_main and cfg.eval_at_start and not self.eval_history:
+            result = self._record_evaluation()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"{cfg.algorithm}", disable=not (cfg.progress and self.is_main))
         while self.iteration < cfg.iterations:
             metrics = self.step()
@@ -924,12 +922,22 @@ class ACFlowTrainer:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             last = self.iteration == cfg.iterations
             if evaluate and self.is_main and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
-                self.eval_history.append(self.evaluate())
-                self._log(self.eval_history[-1], "eval.csv")
+                result = self._record_evaluation()
             if last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
         bar.close()
         if self._tb is not None:
             self._tb.close()
         self.accelerator.wait_for_everyone()
-        return self.eval_history[-1] if self.eval_history else {}
+        return result or (self.eval_history[-1] if self.eval_history else {})
+
+    def _record_evaluation(self) -> dict[str, Any]:
+        """Evaluate; the means go to ``eval_history`` / eval.csv / TensorBoard, the per-image values (for paired
+        standard errors) to ``eval_per_image.jsonl``, one line per evaluation. Returns the full evaluation."""
+        result = self.evaluate()
+        means = {k: v for k, v in result.items() if k != "per_image"}
+        self.eval_history.append(means)
+        self._log(means, "eval.csv")
+        with open(self.output_dir / "eval_per_image.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": self.iteration, **result["per_image"]}) + "\n")
+        return result
