@@ -10,15 +10,18 @@ Example::
         --prompts prompts.txt --scales 0 0.5 1 1.5 2 --cfg 4.5 --steps 28 --seed 0 --out samples/
 
 With no ``--base`` the embedded tiny base model (``flowalign.tiny.load_base_pipeline``) is used.
+All scales of a prompt batch are drawn in ONE pipeline call (``rlg_sweep=scales``): the same initial
+noise at every scale, w = 0 and w = 1 at the cost of one model, the rows of every scale batched into
+one forward per model and step (``--max-rows`` bounds the rows of one forward).
 Each image depends only on its own (prompt, scale, seed), not on the batch it was drawn in:
-``pipe(prompt, rlg_scale=scale, generator=torch.Generator(device).manual_seed(seed), ...)`` reproduces it.
+``pipe(prompt, rlg_scale=scale, generator=torch.Generator(device).manual_seed(seed), ...)`` reproduces it
+(to float rounding of the batching).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from pathlib import Path
 
@@ -73,7 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="T5 tokens; default 256, or 1 when the pipeline has no T5 encoder (the tiny models).",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per pipeline call (default 8).")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="Prompts per pipeline call, each at every scale (default 8)."
+    )
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="Memory bound: the most rows (images x CFG branches x models) one transformer forward takes "
+        "(default: no bound).",
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, float32 on cpu."
@@ -127,11 +139,16 @@ def run(args: argparse.Namespace) -> int:
 
     from flowalign.tiny import MAX_SEQUENCE_LENGTH
 
-    for scale in args.scales:
-        if not math.isfinite(scale):
-            raise SystemExit(f"flowalign sample: --scales must be finite, got {scale}.")
+    from flowalign.pipelines import check_rlg_sweep
+
+    try:
+        check_rlg_sweep(args.scales)  # the pipeline's own check of a sweep (finite numbers, not empty)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"flowalign sample: --scales: {error}") from None
     if args.steps < 1 or args.batch_size < 1:
         raise SystemExit("flowalign sample: --steps and --batch-size must be >= 1.")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise SystemExit(f"flowalign sample: --max-rows must be >= 1, got {args.max_rows}.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     prompts = read_prompts(args.prompts)
@@ -139,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     pipe = _load_pipeline(args.base, device, DTYPES[dtype_name])
-    from flowalign.trainer import resolve_checkpoint
+    from flowalign.checkpoints import resolve_checkpoint
 
     pipe.load_finetuned(resolve_checkpoint(args.finetuned), mode=args.mode)
     max_sequence_length = args.max_sequence_length or (MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256)
@@ -150,26 +167,29 @@ def run(args: argparse.Namespace) -> int:
     records = []
     total = len(prompts) * len(args.scales) * len(args.seed)
     with tqdm(total=total, desc="flowalign sample", unit="img") as bar:
-        for j, scale in enumerate(args.scales):
-            for s, seed in enumerate(args.seed):
-                for start in range(0, len(prompts), args.batch_size):
-                    batch = prompts[start : start + args.batch_size]
-                    # One generator per image: each image is reproducible on its own.
-                    generators = [torch.Generator(device).manual_seed(seed) for _ in batch]
-                    result = pipe(
-                        prompt=batch,
-                        negative_prompt=[args.negative_prompt] * len(batch),
-                        rlg_scale=scale,
-                        num_inference_steps=args.steps,
-                        guidance_scale=args.cfg,
-                        height=height,
-                        width=width,
-                        generator=generators,
-                        max_sequence_length=max_sequence_length,
-                        sampler=args.sampler,
-                        sde_noise_level=args.sde_noise_level,
-                    )
-                    for k, (prompt, image) in enumerate(zip(batch, result.images, strict=True)):
+        for s, seed in enumerate(args.seed):
+            for start in range(0, len(prompts), args.batch_size):
+                batch = prompts[start : start + args.batch_size]
+                # One generator per image: each image is reproducible on its own; the sweep reuses its noise.
+                generators = [torch.Generator(device).manual_seed(seed) for _ in batch]
+                result = pipe(
+                    prompt=batch,
+                    negative_prompt=[args.negative_prompt] * len(batch),
+                    rlg_sweep=list(args.scales),
+                    rlg_max_rows=args.max_rows,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.cfg,
+                    height=height,
+                    width=width,
+                    generator=generators,
+                    max_sequence_length=max_sequence_length,
+                    sampler=args.sampler,
+                    sde_noise_level=args.sde_noise_level,
+                )
+                for j, scale in enumerate(args.scales):
+                    # images of scale j: the j-th block of len(batch) images
+                    block = result.images[j * len(batch) : (j + 1) * len(batch)]
+                    for k, (prompt, image) in enumerate(zip(batch, block, strict=True)):
                         i = start + k
                         name = f"images/p{i:03d}_{_slug(prompt)}_w{scale:g}_seed{seed}.png"
                         image.save(out / name)
@@ -198,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                                 "grid_col": j,
                             }
                         )
-                    bar.update(len(batch))
+                bar.update(len(batch) * len(args.scales))
 
     rows = [(i, s) for i in range(len(prompts)) for s in range(len(args.seed))]
     cells = [images[(i, s, j)] for i, s in rows for j in range(len(args.scales))]

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from flowalign.bench import rlg as bench_rlg
 
 
 def test_bench_rlg_report():
     parser = argparse.ArgumentParser()
     bench_rlg.add_arguments(parser)
-    args = parser.parse_args(["--repeats", "1", "--steps", "2", "--batch", "2", "--lora-rank", "8", "--device", "cpu"])
+    args = parser.parse_args(
+        ["--repeats", "1", "--steps", "2", "--batch", "2", "--lora-rank", "8", "--device", "cpu", "--sweep", "0", "1", "2"]
+    )
     report = bench_rlg.run_benchmark(args)
     results = report["results"]
     assert set(results) == {
@@ -24,6 +28,8 @@ def test_bench_rlg_report():
         "rlg_lora_scaled",
         "rlg_shared_uncond",
         "reference_loop",
+        "rlg_sweep",
+        "reference_loop_sweep",
     }
     assert report["exact_mode"] == "exact_batched"
     assert results["stock_cfg"]["ratio_vs_stock_cfg"] == 1.0
@@ -39,4 +45,16 @@ def test_bench_rlg_report():
     assert [
         results[n]["evaluations_per_step"] for n in ("stock_cfg", "rlg_exact", "rlg_lora_scaled", "rlg_shared_uncond")
     ] == [2, 4, 2, 3]
-    assert set(report["targets"]) == {"rlg_exact_le_2.1x_stock_cfg", "rlg_exact_faster_than_reference_loop"}
+    # The sweep: one call for 0, 1, 2 (2 + 2 + 4 evaluations per step) against the reference loop run at each scale.
+    assert report["sweep"] == [0.0, 1.0, 2.0]
+    assert results["rlg_sweep"]["evaluations_per_step"] == 8
+    assert results["reference_loop_sweep"]["evaluations_per_step"] == 12
+    assert results["rlg_sweep"]["max_abs_diff_vs_reference_loop_sweep"] <= 1e-3
+    ratio = results["rlg_sweep"]["median_s"] / results["reference_loop_sweep"]["median_s"]
+    assert report["sweep_vs_reference"] == pytest.approx(ratio, rel=1e-2, abs=2e-3)
+    assert set(report["targets"]) == {
+        "rlg_exact_le_2.05x_stock_cfg",
+        "rlg_exact_faster_than_reference_loop",
+        "sweep_vs_reference_le_0.7",
+    }
+    assert report["targets"]["sweep_vs_reference_le_0.7"] == (report["sweep_vs_reference"] <= 0.7)
