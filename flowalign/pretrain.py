@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from flowalign import shapes
 from flowalign.checkpoints import atomic_write_dir, load_state, save_state
 from flowalign.objectives import sample_sigmas
-# encode_prompts is also importable from here, kept for flowalign.trainer until it imports it from flowalign.tiny
 from flowalign.tiny import (EVAL_CFG, EVAL_STEPS, build_tiny_sd3_pipeline, encode_prompts, evaluate,
                             format_accuracy_table, load_base_pipeline)
 

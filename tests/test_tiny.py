@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowalign import pretrain
 from flowalign.tiny import (
     MAX_SEQUENCE_LENGTH,
     build_lossless_vae,
@@ -109,4 +108,3 @@ def test_encode_prompts_matches_the_stock_pipeline_in_any_chunking():
     torch.testing.assert_close(chunked[1], pooled, rtol=1e-6, atol=1e-6)
     assert encode_prompts(pipe, prompts[:1], max_sequence_length=4)[0].shape == (1, 16 + 4, 128)
     assert not torch.equal(embeds[0], embeds[1])  # the prompt matters
-    assert pretrain.encode_prompts is encode_prompts  # the old import path still works
