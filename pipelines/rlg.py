@@ -429,6 +429,7 @@ class RLGTransformer(nn.Module):
         self.cfg_batch = False  # True when rows are [uncond; cond] halves (SD3 CFG); needed by shared_uncond
         self.register_buffer("rlg_scale", torch.tensor(0.0, dtype=torch.float32), persistent=False)
         self.row_scales: list[float] | None = None  # w on the host, repeating over the rows; None: tensor only
+        self.shared_blocks: tuple[int, int] | None = None  # (K, B): K identical blocks of B rows (see _row_sources)
         self._gate: _LoRAGate | None = None
         if finetuned is not None:
             if adapter_name is not None:
@@ -615,20 +616,37 @@ class RLGTransformer(nn.Module):
             # Approximate: f(W + w * BA) instead of f(W) + w * (f(W + BA) - f(W)); exact at w = 0 and 1.
             w = torch.tensor(scales if len(set(scales)) > 1 else scales[0], device=hidden_states.device)
             return self._run_chunked(self.base, inputs, n, list(range(n)), None, scale=w)
-        v_base, v_ft = self._evaluate(inputs, n, base_rows, ft_rows)
+        # Rows with identical inputs (the scales of a sweep at its first step) are evaluated once.
+        sources = self._row_sources(n) if stackable else None
+        base_eval = base_rows if sources is None else sorted({sources[r] for r in base_rows})
+        ft_eval = ft_rows if sources is None else sorted({sources[r] for r in ft_rows})
+        v_base, v_ft = self._evaluate(inputs, n, base_eval, ft_eval)
+        # Back to one row per input row; rows that do not need a model get zeros, which lerp ignores.
+        v_base = _spread(v_base, base_eval, base_rows, sources, n)
+        v_ft = _spread(v_ft, ft_eval, ft_rows, sources, n)
         if not ft_rows:
             return v_base  # w = 0 on every row: the base model's output, untouched
         if not base_rows:
             return v_ft  # w = 1 on every row: the fine-tuned model's output, untouched
-        if len(base_rows) < n:  # rows with w = 1 have no v_base: zeros, which lerp ignores at weight 1
-            v_base = v_base.new_zeros((n, *v_base.shape[1:])).index_copy_(0, _index(base_rows, v_base), v_base)
-        if len(ft_rows) < n:  # rows with w = 0 have no v_ft: zeros, which lerp ignores at weight 0
-            v_ft = v_ft.new_zeros((n, *v_ft.shape[1:])).index_copy_(0, _index(ft_rows, v_ft), v_ft)
         if len(set(scales)) == 1:
             w = torch.tensor(scales[0], dtype=torch.float32, device=v_base.device)
         else:
             w = torch.tensor(scales, dtype=torch.float32, device=v_base.device).view(n, *([1] * (v_base.ndim - 1)))
         return _mix(v_base, v_ft, w)
+
+    def _row_sources(self, n: int) -> list[int] | None:
+        """For each row, the first row with the same inputs, or ``None`` (all rows distinct).
+
+        ``shared_blocks = (K, B)``: the rows come in periods of K * B (per CFG half) made of K identical
+        blocks of B rows, as in an RLG sweep at its first step (the same x_T at every scale).
+        """
+        if self.shared_blocks is None:
+            return None
+        blocks, size = self.shared_blocks
+        period = blocks * size
+        if blocks < 2 or n % period:
+            return None
+        return [(r // period) * period + r % size for r in range(n)]
 
     def _evaluate(self, inputs, n: int, base_rows: list[int], ft_rows: list[int]):
         """``(v_base on base_rows, v_ft on ft_rows)``: one forward per model, or ONE for both (exact_batched LoRA)."""
@@ -749,11 +767,13 @@ class RLGTransformer(nn.Module):
         return self.follow_sweep(scheduler, [rlg_scale], rows_per_scale=1)
 
     def follow_sweep(
-        self, scheduler: Any, rlg_sweep: Sequence[RLGScale], rows_per_scale: int
+        self, scheduler: Any, rlg_sweep: Sequence[RLGScale], rows_per_scale: int, same_start: bool = False
     ) -> torch.utils.hooks.RemovableHandle:
         """Like :meth:`follow_schedule` for a sweep: the batch holds ``len(rlg_sweep)`` blocks of ``rows_per_scale`` rows.
 
-        Block k (per CFG half) gets ``rlg_sweep[k]``, each entry anything ``rlg_scale`` accepts.
+        Block k (per CFG half) gets ``rlg_sweep[k]``, each entry anything ``rlg_scale`` accepts. With
+        ``same_start=True`` (the blocks start from the same latents and prompts, as in the RLG pipeline's
+        sweep) the first step evaluates each model once per image instead of once per image and scale.
         Example: ``rlg.follow_sweep(pipe.scheduler, [0.0, 1.0, 2.0], rows_per_scale=4)`` for 3 x 4 images.
         """
         entries = check_rlg_sweep(rlg_sweep)
@@ -780,6 +800,8 @@ class RLGTransformer(nn.Module):
                     )
                 pattern = [scales[step] for scales in state["scales"] for _ in range(rows_per_scale)]
                 self.set_row_scales(pattern)
+                # at the first step every block still holds the same x_T: one evaluation per image
+                self.shared_blocks = (len(entries), rows_per_scale) if same_start and step == 0 else None
                 state["step"] = step
 
         return self.register_forward_pre_hook(before_forward, with_kwargs=True)
@@ -788,6 +810,20 @@ class RLGTransformer(nn.Module):
 def _mix(v_base: torch.Tensor, v_ft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``v_base + w * (v_ft - v_base)`` in float32, cast back (lerp: exact at w = 0 and w = 1)."""
     return torch.lerp(v_base.float(), v_ft.float(), w).to(v_base.dtype)
+
+
+def _spread(v: torch.Tensor | None, evaluated: list[int], rows: list[int], sources: list[int] | None, n: int):
+    """Outputs of the ``evaluated`` rows -> one per row of ``rows`` (via ``sources``), zeros on the other rows of n."""
+    if v is None or not rows:
+        return v
+    if sources is None and len(rows) == n:  # every row evaluated, in order
+        return v
+    if sources is not None:
+        position = {row: i for i, row in enumerate(evaluated)}
+        v = v.index_select(0, _index([position[sources[r]] for r in rows], v))
+    if len(rows) == n:
+        return v
+    return v.new_zeros((n, *v.shape[1:])).index_copy_(0, _index(rows, v), v)
 
 
 def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
@@ -1260,7 +1296,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         rlg.mode, rlg.max_rows = mode, rlg_max_rows
         handles = [
             rlg.register_forward_pre_hook(set_cfg_layout, with_kwargs=True),
-            rlg.follow_sweep(scheduler, entries, rows_per_scale=rows_per_scale),
+            rlg.follow_sweep(scheduler, entries, rows_per_scale=rows_per_scale, same_start=sweep > 1),
         ]
         base_transformer, base_scheduler = self.transformer, self.scheduler
         try:
@@ -1274,6 +1310,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             object.__setattr__(self, "scheduler", base_scheduler)
             rlg.mode, rlg.max_rows = saved
             rlg.set_rlg_scale(1.0)
+            rlg.shared_blocks = None
             for handle in handles:
                 handle.remove()
 

@@ -127,12 +127,13 @@ def test_sweep_batches_each_model_once_per_step_and_respects_max_rows(world):
     with rlg_pipeline(world) as pipe:
         with forward_rows(world.pipe.transformer) as rows, lora_calls(world.pipe.transformer) as lora:
             pipe(**sd3_kwargs(), rlg_sweep=SWEEP)
-        # base rows: every scale but 1 (4 n), fine-tuned rows: every scale but 0 (4 n), in ONE forward per step
-        assert rows == [8 * n] * STEPS and lora == [4 * n] * STEPS
+        # base rows: every scale but 1 (4 n), fine-tuned rows: every scale but 0 (4 n), in ONE forward per step;
+        # at the first step all scales share x_T: each model once per image (n + n rows)
+        assert rows == [2 * n] + [8 * n] * (STEPS - 1) and lora == [n] + [4 * n] * (STEPS - 1)
         singles = per_scale(pipe, SWEEP)
         with forward_rows(world.pipe.transformer) as rows:
             bounded = pipe(**sd3_kwargs(), rlg_sweep=SWEEP, rlg_max_rows=5).images
-        assert max(rows) <= 5 and sum(rows) == 8 * n * STEPS
+        assert max(rows) <= 5 and sum(rows) == 2 * n + 8 * n * (STEPS - 1)
     for j, block in enumerate(blocks(bounded, len(SWEEP))):
         assert max_diff(block, singles[j]) <= SWEEP_TOL
 
