@@ -261,10 +261,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _parse_override(key: str, text: str) -> Any:
+    """A ``KEY=VALUE`` override cast to the ACFlowConfig field's type (the trainer's own parser)."""
+    try:
+        from flowalign.config import parse_override
+    except ImportError:  # trees where ACFlowConfig still lives in flowalign.trainer
+        from flowalign.trainer import parse_override
+    return parse_override(key, text)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flowalign.trainer import ACFlowConfig, parse_override
+    from flowalign.trainer import ACFlowConfig
 
     overrides: dict[str, Any] = {}
     for item in args.sets:
@@ -272,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"flowalign probe-reward: --set expects KEY=VALUE, got {item!r}.")
         try:
-            overrides[key.strip()] = parse_override(key.strip(), value)
+            overrides[key.strip()] = _parse_override(key.strip(), value)
         except ValueError as err:
             raise SystemExit(f"flowalign probe-reward: --set {item}: {err}") from None
     overrides.update(reward=args.reward, seed=args.seed, algorithm="grpo")

@@ -314,7 +314,7 @@ def _load_if_done(path: Path, overrides: dict) -> dict | None:
 
 
 def _parse_sets(sets: list[str]) -> dict:
-    from flowalign.trainer import parse_override
+    from flowalign.probe import _parse_override as parse_override  # flowalign.config's or the trainer's
 
     out = {}
     for item in sets:
