@@ -137,9 +137,8 @@ def make_grid(images: list, rows: int, cols: int):
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from flowalign.tiny import MAX_SEQUENCE_LENGTH
-
     from flowalign.pipelines import check_rlg_sweep
+    from flowalign.tiny import MAX_SEQUENCE_LENGTH
 
     try:
         check_rlg_sweep(args.scales)  # the pipeline's own check of a sweep (finite numbers, not empty)
@@ -225,8 +224,7 @@ def run(args: argparse.Namespace) -> int:
     make_grid(cells, rows=len(rows), cols=len(args.scales)).save(out / "grid.png")
     records.sort(key=lambda r: (r["grid_row"], r["grid_col"]))
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in records)
     print(
         f"Wrote {len(records)} images, grid.png ({len(rows)} rows x {len(args.scales)} scales) and metadata.jsonl to {out}"
     )

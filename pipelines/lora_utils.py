@@ -167,8 +167,7 @@ def _lora_module_name(key: str) -> tuple[str, str] | None:
 def _strip_lora_prefix(key: str) -> str:
     """Drop the container prefixes of the two file formats (diffusers ``transformer.``, PEFT ``base_model.model.``)."""
     for prefix in ("base_model.model.", "transformer."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
+        key = key.removeprefix(prefix)
     return key
 
 
@@ -301,7 +300,7 @@ def check_same_architecture(base: nn.Module, finetuned: nn.Module) -> None:
         )
     base_config, ft_config = getattr(base, "config", {}), getattr(finetuned, "config", {})
     keys = sorted({k for k in list(base_config) + list(ft_config) if not k.startswith("_")})
-    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v
     diffs = [
         f"{k}: base={base_config.get(k)!r}, fine-tuned={ft_config.get(k)!r}"
         for k in keys

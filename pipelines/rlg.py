@@ -78,9 +78,22 @@ from typing import Any, Literal, Union
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+from flowalign.pipelines.lora_utils import (
+    check_lora_fits,
+    check_same_architecture,
+    load_finetuned_model,
+    load_peft_adapter,
+    save_peft_adapter,
+    tuner_layers,
+)
 from PIL import Image
 from torch import nn
 from transformers import (
@@ -90,15 +103,6 @@ from transformers import (
     SiglipVisionModel,
     T5EncoderModel,
     T5TokenizerFast,
-)
-
-from flowalign.pipelines.lora_utils import (
-    check_lora_fits,
-    check_same_architecture,
-    load_finetuned_model,
-    load_peft_adapter,
-    save_peft_adapter,
-    tuner_layers,
 )
 
 __all__ = [
@@ -1096,9 +1100,9 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if rlg["sampler"] not in ("ode", "sde"):
             raise ValueError(f"sampler must be 'ode' or 'sde', got {rlg['sampler']!r}.")
         if rlg["sampler"] == "sde":
-            level = _as_scale(rlg["sde_noise_level"], "sde_noise_level")
-            if level < 0:
-                raise ValueError(f"sde_noise_level must be >= 0, got {level}; Flow-GRPO uses 0.7, 0 is the ODE.")
+            from flowalign.pipelines.scheduling_flow_match_sde import check_noise_level
+
+            check_noise_level(rlg["sde_noise_level"], "sde_noise_level")
         steps = call["num_inference_steps"]
         if call["sigmas"] is not None:
             steps = len(call["sigmas"])
@@ -1185,7 +1189,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = None,
+        prompt: str | list[str] | None = None,
         prompt_2: str | list[str] | None = None,
         prompt_3: str | list[str] | None = None,
         height: int | None = None,
@@ -1212,7 +1216,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         callback_on_step_end: Callable[[int, int], None] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  (the stock default)
         max_sequence_length: int = 256,
-        skip_guidance_layers: list[int] = None,
+        skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
@@ -1283,7 +1287,9 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
 
         scheduler = self.scheduler
         if sampler == "sde":
-            from flowalign.pipelines.scheduling_flow_match_sde import FlowMatchSDEScheduler
+            from flowalign.pipelines.scheduling_flow_match_sde import (
+                FlowMatchSDEScheduler,
+            )
 
             scheduler = FlowMatchSDEScheduler.from_scheduler(scheduler, sde_noise_level, generator=generator)
             scheduler.noise_copies = sweep  # the K copies of an image get the same step noise (paired)
@@ -1322,7 +1328,6 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         """
         cfg = call["guidance_scale"] > 1  # the stock do_classifier_free_guidance
         lora_scale = (call["joint_attention_kwargs"] or {}).get("scale")
-        self._clip_skip = call["clip_skip"]
         pe, npe, ppe, nppe = self.encode_prompt(
             prompt=call["prompt"],
             prompt_2=call["prompt_2"],
@@ -1353,7 +1358,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             call["generator"],
             call["latents"],
         )
-        tile = lambda t: None if t is None else torch.cat([t] * sweep, dim=0)  # noqa: E731  (sweep-major rows)
+        tile = lambda t: None if t is None else torch.cat([t] * sweep, dim=0)
         call = dict(
             call,
             prompt=None, prompt_2=None, prompt_3=None,

@@ -17,7 +17,9 @@ import inspect
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteSchedulerOutput,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from flowalign.sampling import sde_step
@@ -50,7 +52,7 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
 
     def __init__(self, *args, noise_level: float = 0.7, **kwargs):
         super().__init__(*args, **kwargs)  # the parent's @register_to_config records its own arguments
-        self.register_to_config(noise_level=_check_noise_level(noise_level))
+        self.register_to_config(noise_level=check_noise_level(noise_level))
 
     @property
     def noise_level(self) -> float:
@@ -58,7 +60,7 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
 
     @noise_level.setter
     def noise_level(self, value: float) -> None:
-        self.register_to_config(noise_level=_check_noise_level(value))
+        self.register_to_config(noise_level=check_noise_level(value))
 
     @classmethod
     def from_scheduler(
@@ -66,7 +68,7 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         scheduler: FlowMatchEulerDiscreteScheduler,
         noise_level: float = 0.7,
         generator: torch.Generator | list[torch.Generator] | None = None,
-    ) -> "FlowMatchSDEScheduler":
+    ) -> FlowMatchSDEScheduler:
         """A new SDE scheduler with the timestep grid settings (``config``) of ``scheduler``."""
         config = {k: v for k, v in scheduler.config.items() if k != "noise_level"}
         sde = cls.from_config(config, noise_level=noise_level)
@@ -114,9 +116,10 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
 
 
-def _check_noise_level(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"noise_level must be a finite number >= 0 (Flow-GRPO uses 0.7; 0 is the ODE), got {value!r}.")
+def check_noise_level(value: float, name: str = "noise_level") -> float:
+    """THE check of an SDE noise level ``a`` (the scheduler's and the RLG pipeline's ``sde_noise_level``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0 (Flow-GRPO uses 0.7; 0 is the ODE), got {value!r}.")
     return float(value)
 
 

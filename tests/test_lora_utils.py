@@ -10,12 +10,16 @@ import shutil
 
 import huggingface_hub
 import pytest
-from huggingface_hub.utils import LocalEntryNotFoundError
+import test_rlg
 import torch
-from flowalign.pipelines import RLGStableDiffusion3Pipeline
-from flowalign.pipelines import lora_utils, rlg
-from flowalign.pipelines.lora_utils import load_finetuned_model, resolve_finetuned_source
-from test_rlg import world  # noqa: F401  (fixture: tiny pipeline + one random LoRA saved in every format)
+from flowalign.pipelines import RLGStableDiffusion3Pipeline, lora_utils, rlg
+from flowalign.pipelines.lora_utils import (
+    load_finetuned_model,
+    resolve_finetuned_source,
+)
+from huggingface_hub.utils import LocalEntryNotFoundError
+
+world = test_rlg.world  # the shared fixture: tiny pipeline, one random LoRA saved in every format
 
 
 def test_public_names_stay_where_they_were():

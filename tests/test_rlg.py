@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +21,12 @@ from flowalign.pipelines import (
     linear_schedule,
     resolve_rlg_scales,
 )
-from flowalign.pipelines.lora_utils import add_random_lora, merged_copy, save_diffusers_lora, save_peft_adapter
+from flowalign.pipelines.lora_utils import (
+    add_random_lora,
+    merged_copy,
+    save_diffusers_lora,
+    save_peft_adapter,
+)
 
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline
 
@@ -261,9 +265,8 @@ def test_per_step_scales_reach_the_right_steps(world):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), [1.0, float("nan"), 1.0, 1.0], lambda i, t: float("inf")])
 def test_non_finite_scale_is_rejected(world, bad):
-    with rlg_pipeline(world) as pipe:
-        with pytest.raises(ValueError, match="finite"):
-            pipe(**sd3_kwargs(), rlg_scale=bad)
+    with rlg_pipeline(world) as pipe, pytest.raises(ValueError, match="finite"):
+        pipe(**sd3_kwargs(), rlg_scale=bad)
     with pytest.raises(ValueError, match="finite"):
         RLGTransformer(world.full, finetuned=copy.deepcopy(world.full), rlg_scale=float("nan"))
 
@@ -457,7 +460,7 @@ def _word_tokenizer(max_length: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "a an one two three red green blue circle circles square squares triangle of the".split()
+    words = ["a", "an", "one", "two", "three", "red", "green", "blue", "circle", "circles", "square", "squares", "triangle", "of", "the"]
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

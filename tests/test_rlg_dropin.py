@@ -10,8 +10,8 @@ import contextlib
 import inspect
 import json
 
-import numpy as np
 import pytest
+import test_rlg
 import torch
 from diffusers import StableDiffusion3Pipeline
 from flowalign.pipelines import (
@@ -22,9 +22,11 @@ from flowalign.pipelines import (
     finetuned_first_schedule,
     linear_schedule,
 )
-from test_rlg import PROMPTS, STEPS, max_diff, rlg_pipeline, sd3_kwargs, world  # noqa: F401  (world: fixture)
+from test_rlg import PROMPTS, STEPS, max_diff, rlg_pipeline, sd3_kwargs
 
 from flowalign.tiny import MAX_SEQUENCE_LENGTH
+
+world = test_rlg.world  # the shared fixture: tiny pipeline, one random LoRA saved in every format
 
 SWEEP = [0.0, 0.5, 1.0, 1.5, 2.0]
 SWEEP_TOL = 1e-5  # sweep vs one call per scale: float rounding of other batch sizes only (measured: 0 to 5e-6)
@@ -354,7 +356,7 @@ BAD_CALLS = [
     ({}, dict(rlg_max_rows=0), ValueError, r"rlg_max_rows must be None \(no bound\) or an integer >= 1, got 0"),
     ({}, dict(rlg_mode="fast"), ValueError, r"Unknown RLG mode 'fast'"),
     (dict(guidance_scale=1.0), dict(rlg_mode="shared_uncond"), ValueError, r"guidance_scale=1.0 turns CFG off"),
-    ({}, dict(sampler="sde", sde_noise_level=-1.0), ValueError, r"sde_noise_level must be >= 0, got -1.0"),
+    ({}, dict(sampler="sde", sde_noise_level=-1.0), ValueError, r"sde_noise_level must be a finite number >= 0 .*got -1.0"),
     ({}, dict(sampler="euler"), ValueError, r"sampler must be 'ode' or 'sde', got 'euler'"),
 ]
 

@@ -147,7 +147,7 @@ def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
     if args.model == "tiny":
         return dict(kw, prompt=prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np")
     g = torch.Generator(device).manual_seed(1)
-    emb = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    emb = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)
     seq, width, pooled = 77 + 256, SD3_MEDIUM["joint_attention_dim"], SD3_MEDIUM["pooled_projection_dim"]
     return dict(
         kw,
@@ -264,7 +264,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     exact_mode = rlg.rlg_transformer.resolved_mode
     other_exact = [m for m in ("exact_batched", "exact_two_pass") if m != exact_mode]
     call = _call_kwargs(args, pipe, device, dtype)
-    seed = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+    seed = lambda: torch.Generator(device).manual_seed(0)
 
     variants = {
         "stock_cfg": (lambda: pipe(**call, generator=seed()), True, 2),
