@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"flowalign {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
         module.add_arguments(sub)
-        if getattr(module, "ACCEPTS_OVERRIDES", False):  # e.g. `train --key value` for any config key
-            args, extra = sub.parse_known_args(argv[1:])
-            args.overrides = extra
-        else:
-            args = sub.parse_args(argv[1:])
+        args = sub.parse_args(argv[1:])
         return int(module.run(args) or 0)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -16,40 +16,13 @@ advantage starts as the shaped reward. It is a diffusers ``ModelMixin``: ``save_
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["Critic", "CriticConfig"]
-
-
-@dataclass
-class CriticConfig:
-    """Hyper-parameters of :class:`Critic` (defaults sized for SD3 / SD3.5; ~1M parameters vs SD3's 2B).
-
-    Example (the tiny shapes world: 3x32x32 latents, 128-d pooled prompt)::
-
-        critic = Critic.from_critic_config(CriticConfig(in_channels=3, pooled_dim=128))
-    """
-
-    in_channels: int = 16
-    """Latent channels (SD3: 16; the tiny world: 3)."""
-    pooled_dim: int = 2048
-    """Width of the pooled prompt embedding (SD3 ``pooled_projections``: 768 + 1280 = 2048; tiny world: 128)."""
-    channels: tuple[int, ...] = (32, 64, 128)
-    """Conv widths; each step after the first halves the resolution (stride-2 conv)."""
-    time_embed_dim: int = 128
-    """Number of sinusoidal features of the timestep ``sigma * 1000``."""
-    hidden_dim: int = 256
-    """Width of the timestep / prompt projections and of the MLP head."""
-    norm_num_groups: int = 8
-    """GroupNorm groups in the CNN; must divide every entry of ``channels``."""
-    mlp_layers: int = 2
-    """Number of (Linear, LayerNorm, SiLU) blocks before the scalar output layer."""
+__all__ = ["Critic"]
 
 
 class Critic(ModelMixin, ConfigMixin):
@@ -57,6 +30,13 @@ class Critic(ModelMixin, ConfigMixin):
 
     Inputs: ``latents`` [B, C, H, W]; ``sigma`` [B] (or a scalar) noise level in [0, 1] (not the x1000 diffusers
     timestep: the module scales it itself); ``pooled_prompt_embeds`` [B, P]. Output: ``values`` [B].
+
+    Hyper-parameters (registered in ``critic.config``; defaults sized for SD3 / SD3.5, ~1M parameters vs 2B):
+    ``in_channels`` latent channels (SD3: 16; the tiny world: 3); ``pooled_dim`` width of the pooled prompt
+    embedding (SD3: 768 + 1280 = 2048; tiny world: 128); ``channels`` conv widths, each after the first halving
+    the resolution; ``time_embed_dim`` sinusoidal features of ``sigma * 1000``; ``hidden_dim`` width of the
+    projections and the MLP head; ``norm_num_groups`` GroupNorm groups (must divide every channel count);
+    ``mlp_layers`` (Linear, LayerNorm, SiLU) blocks before the scalar output.
 
     Example::
 
@@ -118,17 +98,6 @@ class Critic(ModelMixin, ConfigMixin):
         self.out = nn.Linear(hidden_dim, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-
-    @classmethod
-    def from_critic_config(cls, config: CriticConfig) -> "Critic":
-        """Build from a :class:`CriticConfig`. Example: ``Critic.from_critic_config(CriticConfig(in_channels=3))``."""
-        return cls(**asdict(config))
-
-    @property
-    def critic_config(self) -> CriticConfig:
-        """This module's hyper-parameters as a :class:`CriticConfig`."""
-        return CriticConfig(**{f: (tuple(v) if f == "channels" else v) for f, v in self.config.items()
-                               if f in CriticConfig.__dataclass_fields__})
 
     def forward(
         self, latents: torch.Tensor, sigma: torch.Tensor | float, pooled_prompt_embeds: torch.Tensor

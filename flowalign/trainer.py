@@ -39,227 +39,34 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import dataclasses
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 from flowalign import objectives as O
+from flowalign import rewards as R
 from flowalign.checkpoints import atomic_write_dir, latest_checkpoint, load_state, save_state, write_pointer
+from flowalign.config import ACFlowConfig
+from flowalign.critic import Critic
 from flowalign.eval import diversity, eval_features, sde_path_kl
 from flowalign.prompts import PromptSource, load_prompts, read_prompt_file
+from flowalign.rewards import NonFiniteRewardError
 from flowalign.sampling import flow_sigmas, sample_latents, sde_step, sde_step_velocity
-
-ALGORITHMS = ("acflow", "orw", "grpo")
-LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-@dataclass
-class ACFlowConfig:
-    """Every knob of a fine-tuning run. Load from YAML with ``ACFlowConfig.from_yaml``."""
-
-    # --- run -----------------------------------------------------------------------------------
-    algorithm: str = "acflow"  # "acflow" | "orw" (ORW-CFM-W2) | "grpo" (Flow-GRPO)
-    output_dir: str = "runs/acflow"  # checkpoints, metrics.csv, TensorBoard logs (rank 0 writes)
-    seed: int = 0
-    iterations: int = 50  # outer iterations (rollout + update)
-    resume: bool = False  # continue from output_dir/checkpoints/latest if present
-    checkpoint_every: int = 10  # iterations between checkpoints (and one at the end)
-    progress: bool = True  # tqdm progress bar on rank 0
-    # --- model ---------------------------------------------------------------------------------
-    pretrained: str | None = None  # SD3 pipeline folder or hub id; None = the embedded tiny base model
-    use_lora: bool = True  # LoRA (peft) on the transformer; False = full fine-tuning
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_target_modules: list = field(default_factory=lambda: list(LORA_TARGETS_SD3))
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate autocast)
-    gradient_checkpointing: bool = False
-    cache_prompt_embeddings: bool = True  # encode each distinct prompt once (frozen text encoders)
-    max_sequence_length: int | None = None  # T5 tokens; None = 1 for the tiny model (no T5), else 256
-    # --- prompts and rollouts -------------------------------------------------------------------
-    prompts: str = "shapes"  # a registered prompt source ("shapes": the tiny world's train split, families balanced
-    #   as the world draws them; held out: its held-out split) or a text file, one prompt a line (drawn uniformly;
-    #   held out: its first eval_prompts lines); see flowalign.prompts
-    prompts_per_iteration: int = 8  # P, identical on all ranks
-    images_per_prompt: int = 8  # G, split across ranks (must be divisible by the number of processes)
-    initial_noises: int | None = None  # distinct starting noises x_1 per prompt: the G images branch from them
-    #   (G / initial_noises SDE branches each) and are shaped within (prompt, x_1) groups, so the advantage
-    #   holds only what the policy's own noise did; None = G (every image its own x_1)
-    sample_steps: int = 16  # sampling steps of the rollouts
-    guidance_scale: float | None = None  # CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5
-    sampler: str = "sde"  # "euler" | "sde" (grpo always uses "sde"; fm_states="trajectory" needs "sde")
-    noise_level: float = 0.7  # SDE noise level a
-    sde_steps_fraction: float = 1.0  # SDE noise on this fraction of the earliest (highest-noise) steps, Euler on
-    #   the rest (a fixed window; MixGRPO, arXiv 2507.21802, slides one): exploration and credit where the layout
-    #   is decided; the actor trains on those steps only
-    # --- reward --------------------------------------------------------------------------------
-    reward: str = "shapes"  # a flowalign.rewards spec, or a list of "name=weight" for a mixture
-    reward_normalize: str | None = None  # mixture normalisation: None | "zscore"
-    # --- the regulariser: one axis for every method ----------------------------------------------
-    kl_coef: float | None = None  # lambda of  max E[A] - lambda KL(p_theta || p_ref): A the group-normalised
-    #   (z-scored) reward, KL in nats per image (the Gaussian KL of every SDE transition, summed over transitions and
-    #   latent dimensions). Set, it overrides each method's own knob: acflow / orw w2_weight = kl_coef * beta,
-    #   grpo grpo_kl_weight = kl_coef (derivation and conversions to Flow-GRPO's beta and ORW-CFM-W2's
-    #   (alpha, beta): docs/algorithms.md, "One regulariser axis"); None = the method knobs as given
-    # --- shaping, critic, advantages (acflow) --------------------------------------------------
-    shaping: bool = True  # z-score within each prompt's group (each (prompt, x_1) group with initial_noises);
-    #   running statistics over all images only when a group has one image
-    shaping_clip: float = 3.0
-    critic_lr: float = 1e-3
-    critic_warmup_iterations: int = 3  # iterations before the critic's values enter the advantages
-    warmup_actor: str = "shaped"  # during the critic warm-up the actor "shaped": learns from the shaped rewards
-    #   (advantage r~, i.e. V = 0), or "frozen": does not move (those rollouts only train the critic)
-    advantage_clip: float = 2.0
-    critic_channels: list = field(default_factory=lambda: [32, 64, 128])  # CNN widths (stride 2 after the first)
-    critic_hidden_dim: int = 256  # width of the critic's MLP head
-    # --- actor update (acflow, orw) ------------------------------------------------------------
-    weighting: str = "exp"  # see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)
-    beta: float = 1.0  # temperature of the weighting exp(beta A) on normalised advantages (1 / beta: the
-    #   per-iteration KL coefficient to the rollout policy, a trust region)
-    w2_weight: float = 0.03  # alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2; acts as the KL coefficient
-    #   alpha / beta (set kl_coef instead); on trajectory states in units of the step noise (W2 = 2 KL per step),
-    #   on noised states (orw) in velocity units
-    learning_rate: float = 3e-4
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    inner_epochs: int = 2  # passes over the rollout batch per iteration
-    noise_draws: int = 2  # states per sample per pass: (s, eps) draws, or trajectory steps k
-    minibatch_size: int = 32
-    sigma_sampling: str = "logit_normal"  # "logit_normal" | "uniform" (fm_states="noised")
-    fm_states: str = "trajectory"  # (acflow; orw always uses "noised", as published) where the critic and the
-    #   weighted loss are evaluated: "noised" = fresh
-    #   x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); "trajectory" = the rollout's
-    #   own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} (needs sampler: sde)
-    centered_weights: bool = True  # fm_states="trajectory": weights w - 1 plus a proximal term to the rollout
-    #   velocity (the pure-noise part of the weighted regression removed; see objectives.acflow_actor_loss)
-    guided_loss: bool = True  # fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts
-    #   and samples at test time; False = the conditional velocity only (then guidance piles up on
-    #   itself: the conditional branch learns guided samples and is guided again when sampling)
-    sigma_shift: float | None = None  # s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift (noised)
-    ot_pairing: bool = False  # minibatch OT coupling of noise and samples (POT; fm_states="noised")
-    # --- Flow-GRPO ----------------------------------------------------------------------------
-    grpo_clip_range: float = 1e-4  # on per-dimension-mean log-probs, as Flow-GRPO
-    grpo_kl_weight: float = 0.04  # coefficient of the per-step Gaussian KL (per-dimension mean, as the log-probs):
-    #   nats per image, the kl_coef unit; Flow-GRPO's beta b corresponds to kl_coef ~ b |dt| (docs/algorithms.md)
-    grpo_train_fraction: float = 0.5  # fraction of the sampling steps trained on ("denoising reduction")
-    grpo_learning_rate: float = 3e-4
-    # --- evaluation ----------------------------------------------------------------------------
-    eval_every: int = 10  # iterations between evaluations (0 = only at start and end)
-    eval_prompts: int = 48  # held-out prompts (flowalign.shapes.heldout_prompts) or the first N of eval_prompt_file
-    eval_prompt_file: str | None = None
-    eval_images_per_prompt: int = 2  # for diversity
-    eval_steps: int = 28  # Euler steps of the evaluation samples (as the base model card)
-    eval_seed: int = 0  # held-out prompts and noises: independent of the training seed, so every run of a
-    #   comparison (and the no-update control) is scored on the same images
-    eval_at_start: bool = True  # evaluate before the first update (the no-update control of the run)
-    eval_kl: bool = True  # measure KL(p_theta || p_ref) in nats per image on held-out SDE rollouts (noise_level,
-    #   sample_steps, every step stochastic): flowalign.eval.sde_path_kl
-    eval_rewards: list = field(default_factory=lambda: ["shapes_binary", "jpeg_compressibility"])  # unseen rewards
-
-    # ------------------------------------------------------------------------------------------
-    def __post_init__(self) -> None:
-        for f in fields(self):  # YAML reads "1e-4" as a string: cast numbers to the field's type
-            value = getattr(self, f.name)
-            if f.type in ("float", "int", "float | None", "int | None") and isinstance(value, str):
-                try:
-                    setattr(self, f.name, (float if f.type.startswith("float") else int)(value))
-                except ValueError:
-                    raise ValueError(f"ACFlowConfig.{f.name}={value!r} is not a number.") from None
-        choices = {"algorithm": ALGORITHMS, "sampler": ("euler", "sde"),
-                   "mixed_precision": ("no", "fp16", "bf16"), "sigma_sampling": ("logit_normal", "uniform"),
-                   "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
-        if self.kl_coef is not None:  # the one regulariser axis, mapped onto each method's knob
-            if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-                raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
-                                 "or None to use w2_weight / grpo_kl_weight as given.")
-            self.w2_weight = self.kl_coef * self.beta  # alpha / beta = kl_coef
-            self.grpo_kl_weight = self.kl_coef
-        if self.algorithm == "orw":  # ORW-CFM-W2 as published: freshly noised states of its own samples
-            self.fm_states = "noised"
-        if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
-            raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
-                             "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
-                             "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
-        if self.fm_states == "trajectory" and not self.guided_loss and self.algorithm != "grpo":
-            raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
-                             "velocities are the CFG-guided field's, so the loss must fit that field; set "
-                             "guided_loss=True, or fm_states='noised'.")
-        if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and self.algorithm != "grpo")):
-            raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
-                             "(branches of one starting noise differ only by the SDE noise); or set it to None.")
-        if self.initial_noises and self.images_per_prompt % self.initial_noises:
-            raise ValueError(f"ACFlowConfig.images_per_prompt={self.images_per_prompt} must be divisible by "
-                             f"initial_noises={self.initial_noises}: every starting noise gets the same number of "
-                             "SDE branches.")
-        if not 0.0 < self.sde_steps_fraction <= 1.0:
-            raise ValueError(f"ACFlowConfig.sde_steps_fraction={self.sde_steps_fraction} must be in (0, 1]: the "
-                             "fraction of the earliest sampling steps that inject SDE noise (1.0 = every step).")
-        if self.weighting not in O.WEIGHTINGS:
-            raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(O.WEIGHTINGS)}.")
-        for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
-                    "inner_epochs", "noise_draws"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
-
-    def sde_steps(self, steps: int) -> int:
-        """How many of ``steps`` sampling steps inject SDE noise (the first ones): ``sde_steps_fraction`` of them."""
-        return max(1, round(self.sde_steps_fraction * steps))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ACFlowConfig":
-        """Build from a dict; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            import difflib
-
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-            detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            raise ValueError(f"Unknown ACFlowConfig key(s): {detail}. Valid keys: {sorted(known)}.")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "ACFlowConfig":
-        """Load a YAML file (a flat mapping of ACFlowConfig keys), then apply ``overrides``."""
-        import yaml
-
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of ACFlowConfig keys, got {type(values).__name__}.")
-        values.update(overrides or {})
-        return cls.from_dict(values)
-
-    def to_yaml(self, path: str | os.PathLike) -> None:
-        import yaml
-
-        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
-
-
-def parse_override(key: str, text: str) -> Any:
-    """Cast a ``--key value`` command-line override to the type of the field ``key``."""
-    import yaml
-
-    types = {f.name: f.type for f in fields(ACFlowConfig)}
-    if key not in types:
-        ACFlowConfig.from_dict({key: None})  # raises the unknown-key error with suggestions
-    value = yaml.safe_load(text)  # "3" -> 3, "true" -> True, "[a, b]" -> list, "null" -> None
-    if types[key].startswith("float") and isinstance(value, (str, int)) and not isinstance(value, bool):
-        try:
-            value = float(value)  # YAML 1.1 reads "1e-4" as a string
-        except ValueError:
-            raise ValueError(f"--{key} expects a number, got {text!r}.") from None
-    return value
-
+from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline, load_pipeline
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
@@ -286,11 +93,6 @@ class ACFlowTrainer:
 
     def __init__(self, config: ACFlowConfig, reward: Any = None, pipeline: Any = None, accelerator: Any = None,
                  prompts: PromptSource | list[str] | None = None):
-        from accelerate import Accelerator
-
-        from flowalign.critic import Critic, CriticConfig
-        from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, load_base_pipeline, load_pipeline
-
         self.config = cfg = config
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         acc = self.accelerator
@@ -325,8 +127,6 @@ class ACFlowTrainer:
         transformer.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # the LoRA's random init (lora_A) and the critic's depend on the seed only
         if cfg.use_lora:
-            from peft import LoraConfig
-
             transformer.add_adapter(LoraConfig(
                 r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                 target_modules=list(cfg.lora_target_modules),
@@ -347,10 +147,8 @@ class ACFlowTrainer:
         self.critic = self.critic_optimizer = None
         if cfg.algorithm == "acflow":
             torch.manual_seed(cfg.seed)
-            critic = Critic.from_critic_config(CriticConfig(
-                in_channels=latent_shape[0], pooled_dim=tcfg.pooled_projection_dim,
-                channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim,
-            ))
+            critic = Critic(in_channels=latent_shape[0], pooled_dim=tcfg.pooled_projection_dim,
+                            channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim)
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
             self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
@@ -358,8 +156,6 @@ class ACFlowTrainer:
         self.sde_steps = cfg.sde_steps(cfg.sample_steps)  # the rollouts' noisy (trainable) steps
 
         # Reward(s).
-        from flowalign import rewards as R
-
         self.reward = R.as_reward(reward) if reward is not None else self._load_reward(cfg.reward, cfg.reward_normalize)
         self.eval_rewards = {name: R.load(name) for name in cfg.eval_rewards}
 
@@ -379,8 +175,6 @@ class ACFlowTrainer:
     # -- set-up helpers ---------------------------------------------------------------------------
     @staticmethod
     def _load_reward(spec: Any, normalize: str | None):
-        from flowalign import rewards as R
-
         if isinstance(spec, (list, tuple)):
             return R.load_mixture(list(spec), normalize=normalize)
         if "=" in str(spec) and not str(spec).endswith(")"):
@@ -400,8 +194,6 @@ class ACFlowTrainer:
         """Prompt embeddings ``[N, L, D]`` and pooled embeddings ``[N, P]`` (cached per prompt)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
         if missing:
-            from flowalign.pretrain import encode_prompts
-
             pe, pp = encode_prompts(self.pipe, missing, max_sequence_length=self.max_sequence_length, device=self.device)
             for i, p in enumerate(missing):
                 self._embed_cache[p] = (pe[i], pp[i])
@@ -477,8 +269,6 @@ class ACFlowTrainer:
                 "sigmas": sigmas, "embeds": embeds, "pooled": pooled}
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from flowalign.rewards import NonFiniteRewardError
-
         try:
             r = self.reward(images, prompts)
         except NonFiniteRewardError:  # NaN scores: the update is skipped (step() warns and counts)
@@ -769,10 +559,12 @@ class ACFlowTrainer:
         return torch.cat(out)
 
     def _eval_kl(self, prompts: list[str]) -> list[float]:
-        """KL(p_theta || p_ref) of each held-out image in nats: the SDE sampler (``noise_level``, ``sample_steps``,
-        every step stochastic) on the policy's own paths, the exact Gaussian KL of each transition summed."""
+        """KL(p_theta || p_ref) of each held-out image in nats: the rollout sampler's stochastic transitions (the
+        first ``sde_steps`` of ``sample_steps``, noise ``noise_level``) on the policy's own paths, the exact
+        Gaussian KL of each transition summed. The deterministic steps after the window have no density and
+        are not counted (only the window's grid is sampled)."""
         cfg, model = self.config, self.unwrapped
-        sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)
+        sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)[: self.sde_steps + 1]
         was_training = model.training
         model.eval()
         out = []
@@ -812,9 +604,6 @@ class ACFlowTrainer:
     def _write_checkpoint(self, folder: Path) -> None:
         model = self.unwrapped
         if self.config.use_lora:
-            from peft.utils import get_peft_model_state_dict
-            from diffusers import StableDiffusion3Pipeline
-
             StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
         else:
             model.save_pretrained(folder / "transformer")
@@ -834,21 +623,14 @@ class ACFlowTrainer:
         folder = Path(folder)
         model = self.unwrapped
         if self.config.use_lora:
-            from peft.utils import set_peft_model_state_dict
-            from diffusers import StableDiffusion3Pipeline
-
             state_dict = StableDiffusion3Pipeline.lora_state_dict(folder)
             state_dict = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
             result = set_peft_model_state_dict(model, state_dict)
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"Checkpoint {folder} has LoRA keys the model does not: {result.unexpected_keys[:5]}")
         else:
-            from safetensors.torch import load_file
-
             model.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
         if self.critic is not None:
-            from flowalign.critic import Critic
-
             loaded = Critic.from_pretrained(folder / "critic")
             self.accelerator.unwrap_model(self.critic).load_state_dict(loaded.state_dict())
         state = load_state(folder / "trainer_state.pt")  # weights_only: a crafted pickle is refused
@@ -882,8 +664,6 @@ class ACFlowTrainer:
             writer.writeheader()
             writer.writerows(rows)
         if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
         prefix = "eval/" if filename.startswith("eval") else "train/"
         for k, v in metrics.items():
@@ -894,8 +674,6 @@ class ACFlowTrainer:
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run ``config.iterations`` iterations (resuming if asked); returns the last evaluation."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
         if cfg.resume and (latest := latest_checkpoint(self.output_dir)) is not None:
             self.load_checkpoint(latest)

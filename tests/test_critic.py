@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from flowalign.critic import Critic, CriticConfig
+from flowalign.critic import Critic
 
-TINY = CriticConfig(in_channels=3, pooled_dim=128)
+TINY = dict(in_channels=3, pooled_dim=128)
 
 
 def _inputs(batch=4, seed=0):
@@ -24,7 +24,7 @@ def _perturb(critic: Critic, seed: int = 1) -> Critic:
 
 def test_output_shape_and_zero_init():
     torch.manual_seed(0)
-    critic = Critic.from_critic_config(TINY)
+    critic = Critic(**TINY)
     latents, sigma, pooled = _inputs()
     values = critic(latents, sigma, pooled)
     assert values.shape == (4,)
@@ -41,9 +41,10 @@ def test_output_shape_and_zero_init():
 
 
 def test_parameter_count_matches_architecture():
-    critic = Critic.from_critic_config(TINY)
-    c0, c1, c2 = TINY.channels
-    t, h, p, cin = TINY.time_embed_dim, TINY.hidden_dim, TINY.pooled_dim, TINY.in_channels
+    critic = Critic(**TINY)
+    cfg = critic.config  # the registered hyper-parameters, defaults included
+    c0, c1, c2 = cfg.channels
+    t, h, p, cin = cfg.time_embed_dim, cfg.hidden_dim, cfg.pooled_dim, cfg.in_channels
     expected = (
         (cin * 9 * c0 + c0)  # conv_in
         + (2 * c0 + c0 * 9 * c1 + c1)  # GroupNorm + stride-2 conv
@@ -63,7 +64,7 @@ def test_parameter_count_matches_architecture():
 
 def test_critic_fits_a_toy_regression():
     torch.manual_seed(0)
-    critic = Critic.from_critic_config(CriticConfig(in_channels=3, pooled_dim=128, channels=(16, 32), hidden_dim=64))
+    critic = Critic(in_channels=3, pooled_dim=128, channels=(16, 32), hidden_dim=64)
     n = 32
     g = torch.Generator().manual_seed(1)
     offset = torch.randn(n, generator=g)
@@ -87,12 +88,15 @@ def test_critic_fits_a_toy_regression():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    critic = _perturb(Critic.from_critic_config(TINY)).eval()
+    critic = _perturb(Critic(**TINY)).eval()
     critic.save_pretrained(tmp_path / "critic")
     assert (tmp_path / "critic" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "critic" / "config.json").is_file()
     loaded = Critic.from_pretrained(tmp_path / "critic").eval()
-    assert loaded.critic_config == TINY
+    architecture = [k for k in critic.config if not k.startswith("_")]
+    assert {k: loaded.config[k] for k in TINY} == TINY
+    assert {k: tuple(loaded.config[k]) if k == "channels" else loaded.config[k] for k in architecture} == {
+        k: tuple(critic.config[k]) if k == "channels" else critic.config[k] for k in architecture}
     for (name, a), (_, b) in zip(critic.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     latents, sigma, pooled = _inputs()
@@ -102,7 +106,7 @@ def test_save_load_round_trip(tmp_path):
 def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="norm_num_groups=8"):
         Critic(in_channels=3, pooled_dim=128, channels=(12, 24))
-    critic = Critic.from_critic_config(TINY)
+    critic = Critic(**TINY)
     latents, sigma, pooled = _inputs()
     with pytest.raises(ValueError, match=r"latents \[B, 3, H, W\]"):
         critic(latents[:, :2], sigma, pooled)

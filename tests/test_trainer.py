@@ -14,7 +14,8 @@ from flowalign.tiny import build_tiny_sd3_pipeline
 from flowalign.checkpoints import latest_checkpoint, resolve_checkpoint
 from flowalign.eval import diversity
 from flowalign.prompts import load_prompts
-from flowalign.trainer import ACFlowConfig, ACFlowTrainer, parse_override
+from flowalign.config import ACFlowConfig, parse_override
+from flowalign.trainer import ACFlowTrainer
 
 TINY = dict(
     prompts_per_iteration=2, images_per_prompt=2, sample_steps=3, minibatch_size=4, inner_epochs=1,

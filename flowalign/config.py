@@ -1,0 +1,376 @@
+"""The typed configuration of a fine-tuning run: :class:`ACFlowConfig`.
+
+Every knob is a dataclass field with a default and a one-line help (``field(metadata={"help": ...})``); the
+field types drive the coercion of YAML and command-line values (:func:`coerce`), and
+:func:`add_config_arguments` turns the fields into ``flowalign train`` options, so ``flowalign train --help``
+lists every key with its help and default.
+
+Example::
+
+    from flowalign.config import ACFlowConfig
+
+    cfg = ACFlowConfig.from_yaml("samples/configs/acflow_jpeg.yaml", {"iterations": 5, "kl_coef": 0.3})
+    cfg.w2_weight                  # 0.3: kl_coef * beta (docs/algorithms.md, "One regulariser axis")
+    cfg.to_yaml("/tmp/run.yaml")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowalign.objectives import WEIGHTINGS
+
+ALGORITHMS = ("acflow", "orw", "grpo")
+LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass
+class ACFlowConfig:
+    """Every knob of a fine-tuning run. Load from YAML with ``ACFlowConfig.from_yaml``."""
+
+    # --- run -----------------------------------------------------------------------------------
+    algorithm: str = field(default="acflow", metadata={"help": "'acflow' | 'orw' (ORW-CFM-W2) | 'grpo' (Flow-GRPO)"})
+    output_dir: str = field(default="runs/acflow", metadata={"help": (
+        "checkpoints, metrics.csv, TensorBoard logs (rank 0 writes)"
+    )})
+    seed: int = field(default=0, metadata={"help": (
+        "seed of everything random: LoRA and critic init, prompts, rollout noise (a pure function of (seed, "
+        "iteration, rank))"
+    )})
+    iterations: int = field(default=50, metadata={"help": "outer iterations (rollout + update)"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoints/latest if present"})
+    checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints (and one at the end)"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
+    # --- model ---------------------------------------------------------------------------------
+    pretrained: str | None = field(default=None, metadata={"help": (
+        "SD3 pipeline folder or hub id; None = the embedded tiny base model"
+    )})
+    use_lora: bool = field(default=True, metadata={"help": "LoRA (peft) on the transformer; False = full fine-tuning"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS_SD3), metadata={"help": (
+        "transformer modules that get LoRA adapters (SD3 attention projections)"
+    )})
+    mixed_precision: str = field(default="no", metadata={"help": "'no' | 'fp16' | 'bf16' (accelerate autocast)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "recompute activations in the backward pass (less memory, ~30% slower)"
+    )})
+    cache_prompt_embeddings: bool = field(default=True, metadata={"help": (
+        "encode each distinct prompt once (frozen text encoders)"
+    )})
+    max_sequence_length: int | None = field(default=None, metadata={"help": (
+        "T5 tokens; None = 1 for the tiny model (no T5), else 256"
+    )})
+    # --- prompts and rollouts -------------------------------------------------------------------
+    prompts: str = field(default="shapes", metadata={"help": (
+        "a registered prompt source ('shapes': the tiny world's train split, families balanced as the world draws"
+        " them; held out: its held-out split) or a text file, one prompt a line (drawn uniformly; held out: its "
+        "first eval_prompts lines); see flowalign.prompts"
+    )})
+    prompts_per_iteration: int = field(default=8, metadata={"help": "P, identical on all ranks"})
+    images_per_prompt: int = field(default=8, metadata={"help": (
+        "G, split across ranks (must be divisible by the number of processes)"
+    )})
+    initial_noises: int | None = field(default=None, metadata={"help": (
+        "distinct starting noises x_1 per prompt: the G images branch from them (G / initial_noises SDE branches "
+        "each) and are shaped within (prompt, x_1) groups, so the advantage holds only what the policy's own "
+        "noise did; None = G (every image its own x_1)"
+    )})
+    sample_steps: int = field(default=16, metadata={"help": "sampling steps of the rollouts"})
+    guidance_scale: float | None = field(default=None, metadata={"help": (
+        "CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5"
+    )})
+    sampler: str = field(default="sde", metadata={"help": (
+        "'euler' | 'sde' (grpo always uses 'sde'; fm_states='trajectory' needs 'sde')"
+    )})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a"})
+    sde_steps_fraction: float = field(default=1.0, metadata={"help": (
+        "SDE noise on this fraction of the earliest (highest-noise) steps, Euler on the rest (a fixed window; "
+        "MixGRPO, arXiv 2507.21802, slides one): exploration and credit where the layout is decided; the actor "
+        "trains on those steps only"
+    )})
+    # --- reward --------------------------------------------------------------------------------
+    reward: str | list = field(default="shapes", metadata={"help": (
+        "a flowalign.rewards spec, or a list of 'name=weight' for a mixture"
+    )})
+    reward_normalize: str | None = field(default=None, metadata={"help": "mixture normalisation: None | 'zscore'"})
+    # --- the regulariser: one axis for every method ----------------------------------------------
+    kl_coef: float | None = field(default=None, metadata={"help": (
+        "lambda of max E[A] - lambda KL(p_theta || p_ref): A the group-normalised (z-scored) reward, KL in nats "
+        "per image (the Gaussian KL of every SDE transition, summed over transitions and latent dimensions). Set,"
+        " it overrides each method's own knob: acflow / orw w2_weight = kl_coef * beta, grpo grpo_kl_weight = "
+        "kl_coef (derivation and conversions to Flow-GRPO's beta and ORW-CFM-W2's (alpha, beta): "
+        "docs/algorithms.md, 'One regulariser axis'); None = the method knobs as given"
+    )})
+    # --- shaping, critic, advantages (acflow) --------------------------------------------------
+    shaping: bool = field(default=True, metadata={"help": (
+        "z-score within each prompt's group (each (prompt, x_1) group with initial_noises); running statistics "
+        "over all images only when a group has one image"
+    )})
+    shaping_clip: float = field(default=3.0, metadata={"help": "k: shaped rewards are clipped to [-k, k]"})
+    critic_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the critic"})
+    critic_warmup_iterations: int = field(default=3, metadata={"help": (
+        "iterations before the critic's values enter the advantages"
+    )})
+    warmup_actor: str = field(default="shaped", metadata={"help": (
+        "during the critic warm-up the actor 'shaped': learns from the shaped rewards (advantage r~, i.e. V = 0),"
+        " or 'frozen': does not move (those rollouts only train the critic)"
+    )})
+    advantage_clip: float = field(default=2.0, metadata={"help": "eps_A: advantages are clipped to [-eps_A, eps_A]"})
+    critic_channels: list[int] = field(default_factory=lambda: [32, 64, 128], metadata={"help": (
+        "CNN widths (stride 2 after the first)"
+    )})
+    critic_hidden_dim: int = field(default=256, metadata={"help": "width of the critic's MLP head"})
+    # --- actor update (acflow, orw) ------------------------------------------------------------
+    weighting: str = field(default="exp", metadata={"help": (
+        "see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)"
+    )})
+    beta: float = field(default=1.0, metadata={"help": (
+        "temperature of the weighting exp(beta A) on normalised advantages (1 / beta: the per-iteration KL "
+        "coefficient to the rollout policy, a trust region)"
+    )})
+    w2_weight: float = field(default=0.03, metadata={"help": (
+        "alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2; acts as the KL coefficient alpha / beta (set "
+        "kl_coef instead); on trajectory states in units of the step noise (W2 = 2 KL per step), on noised states"
+        " (orw) in velocity units"
+    )})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (acflow, orw)"})
+    adam_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the actor"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip of the actor"})
+    inner_epochs: int = field(default=2, metadata={"help": "passes over the rollout batch per iteration"})
+    noise_draws: int = field(default=2, metadata={"help": (
+        "states per sample per pass: (s, eps) draws, or trajectory steps k"
+    )})
+    minibatch_size: int = field(default=32, metadata={"help": "states (or images, grpo) per optimizer step"})
+    sigma_sampling: str = field(default="logit_normal", metadata={"help": (
+        "'logit_normal' | 'uniform' (fm_states='noised')"
+    )})
+    fm_states: str = field(default="trajectory", metadata={"help": (
+        "(acflow; orw always uses 'noised', as published) where the critic and the weighted loss are evaluated: "
+        "'noised' = fresh x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); 'trajectory' ="
+        " the rollout's own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} "
+        "(needs sampler: sde)"
+    )})
+    centered_weights: bool = field(default=True, metadata={"help": (
+        "fm_states='trajectory': weights w - 1 plus a proximal term to the rollout velocity (the pure-noise part "
+        "of the weighted regression removed; see objectives.acflow_actor_loss)"
+    )})
+    guided_loss: bool = field(default=True, metadata={"help": (
+        "fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts and samples at test "
+        "time; False = the conditional velocity only (then guidance piles up on itself: the conditional branch "
+        "learns guided samples and is guided again when sampling)"
+    )})
+    sigma_shift: float | None = field(default=None, metadata={"help": (
+        "s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift (noised)"
+    )})
+    ot_pairing: bool = field(default=False, metadata={"help": (
+        "minibatch OT coupling of noise and samples (POT; fm_states='noised')"
+    )})
+    # --- Flow-GRPO ----------------------------------------------------------------------------
+    grpo_clip_range: float = field(default=1e-4, metadata={"help": "on per-dimension-mean log-probs, as Flow-GRPO"})
+    grpo_kl_weight: float = field(default=0.04, metadata={"help": (
+        "coefficient of the per-step Gaussian KL (per-dimension mean, as the log-probs): nats per image, the "
+        "kl_coef unit; Flow-GRPO's beta b corresponds to kl_coef ~ b |dt| (docs/algorithms.md)"
+    )})
+    grpo_train_fraction: float = field(default=0.5, metadata={"help": (
+        "fraction of the sampling steps trained on ('denoising reduction')"
+    )})
+    grpo_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (grpo)"})
+    # --- evaluation ----------------------------------------------------------------------------
+    eval_every: int = field(default=10, metadata={"help": "iterations between evaluations (0 = only at start and end)"})
+    eval_prompts: int = field(default=48, metadata={"help": (
+        "held-out prompts (flowalign.shapes.heldout_prompts) or the first N of eval_prompt_file"
+    )})
+    eval_prompt_file: str | None = field(default=None, metadata={"help": (
+        "held-out prompts from this text file instead of the prompt source's held-out set"
+    )})
+    eval_images_per_prompt: int = field(default=2, metadata={"help": "for diversity"})
+    eval_steps: int = field(default=28, metadata={"help": (
+        "Euler steps of the evaluation samples (as the base model card)"
+    )})
+    eval_seed: int = field(default=0, metadata={"help": (
+        "held-out prompts and noises: independent of the training seed, so every run of a comparison (and the no-"
+        "update control) is scored on the same images"
+    )})
+    eval_at_start: bool = field(default=True, metadata={"help": (
+        "evaluate before the first update (the no-update control of the run)"
+    )})
+    eval_kl: bool = field(default=True, metadata={"help": (
+        "measure KL(p_theta || p_ref) in nats per image on held-out rollouts: the exact Gaussian KL of every "
+        "stochastic transition of the rollout sampler (the first sde_steps_fraction of sample_steps, noise_level), "
+        "summed (flowalign.eval.sde_path_kl); the Euler steps after the window have no density and are not counted"
+    )})
+    eval_rewards: list[str] = field(default_factory=lambda: ["shapes_binary", "jpeg_compressibility"], metadata={"help": (
+        "unseen rewards"
+    )})
+
+    # ------------------------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # values as the field types say (YAML reads "1e-4" as a string)
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
+        choices = {"algorithm": ALGORITHMS, "sampler": ("euler", "sde"),
+                   "mixed_precision": ("no", "fp16", "bf16"), "sigma_sampling": ("logit_normal", "uniform"),
+                   "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
+        if self.kl_coef is not None:  # the one regulariser axis, mapped onto each method's knob
+            if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+                raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
+                                 "or None to use w2_weight / grpo_kl_weight as given.")
+            self.w2_weight = self.kl_coef * self.beta  # alpha / beta = kl_coef
+            self.grpo_kl_weight = self.kl_coef
+        if self.algorithm == "orw":  # ORW-CFM-W2 as published: freshly noised states of its own samples
+            self.fm_states = "noised"
+        if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
+            raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
+                             "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
+                             "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
+        if self.fm_states == "trajectory" and not self.guided_loss and self.algorithm != "grpo":
+            raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
+                             "velocities are the CFG-guided field's, so the loss must fit that field; set "
+                             "guided_loss=True, or fm_states='noised'.")
+        if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and self.algorithm != "grpo")):
+            raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
+                             "(branches of one starting noise differ only by the SDE noise); or set it to None.")
+        if self.initial_noises and self.images_per_prompt % self.initial_noises:
+            raise ValueError(f"ACFlowConfig.images_per_prompt={self.images_per_prompt} must be divisible by "
+                             f"initial_noises={self.initial_noises}: every starting noise gets the same number of "
+                             "SDE branches.")
+        if not 0.0 < self.sde_steps_fraction <= 1.0:
+            raise ValueError(f"ACFlowConfig.sde_steps_fraction={self.sde_steps_fraction} must be in (0, 1]: the "
+                             "fraction of the earliest sampling steps that inject SDE noise (1.0 = every step).")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(WEIGHTINGS)}.")
+        for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
+                    "inner_epochs", "noise_draws"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
+
+    def sde_steps(self, steps: int) -> int:
+        """How many of ``steps`` sampling steps inject SDE noise (the first ones): ``sde_steps_fraction`` of them."""
+        return max(1, round(self.sde_steps_fraction * steps))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ACFlowConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` naming them (with the closest valid key)."""
+        check_keys(values)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "ACFlowConfig":
+        """Load a YAML file (a flat mapping of ACFlowConfig keys), then apply ``overrides``."""
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of ACFlowConfig keys, got {type(values).__name__}.")
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+
+_HINTS = typing.get_type_hints(ACFlowConfig)
+
+
+def check_keys(values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every key of ``values`` that is not an ``ACFlowConfig`` field."""
+    known = set(_HINTS)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise ValueError(f"Unknown ACFlowConfig key(s): {detail}. Valid keys: {sorted(known)}.")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """``value`` as the type of the field ``key``: numbers from strings (YAML 1.1 reads "1e-4" as one), bools from
+    "true"/"false", lists from "[a, b]", None for optional fields. Raises ``ValueError`` naming the key.
+
+    Example: ``coerce("learning_rate", "1e-4") == 1e-4``; ``coerce("use_lora", "false") is False``.
+    """
+    check_keys({key: value})
+    hint = _HINTS[key]
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"ACFlowConfig.{key} cannot be None; give a {hint}.")
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.strip().lower() in ("true", "yes", "1")
+        elif base in (int, float):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if base is int and float(value) != int(value):
+                    continue
+                return base(value)
+            if isinstance(value, str):
+                try:
+                    return base(value) if base is float else int(value)
+                except ValueError:
+                    continue
+        elif base is list:
+            if isinstance(value, (list, tuple)):
+                return list(value)
+            if isinstance(value, str) and value.strip().startswith("["):
+                return list(yaml.safe_load(value))
+        elif base is str and isinstance(value, str):
+            return value
+    if str in options and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"ACFlowConfig.{key}={value!r} is not a {hint}.")
+
+
+def parse_override(key: str, text: str) -> Any:
+    """Cast a ``--key value`` command-line override to the type of the field ``key``.
+
+    Example: ``parse_override("iterations", "20") == 20``.
+    """
+    try:
+        return coerce(key, text)
+    except ValueError:
+        if key in _HINTS and not text.strip().startswith("["):
+            value = yaml.safe_load(text)  # e.g. a bare word list element; let the field decide
+            return coerce(key, value)
+        raise
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--key`` option (also ``--key-with-dashes``) per field, with its help and default; unset options are
+    absent from the parsed namespace, so a YAML file's values are overridden only by what the user typed."""
+    group = parser.add_argument_group("ACFlowConfig keys (override the --config file)")
+    for f in fields(ACFlowConfig):
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(_HINTS[f.name]),
+                           help=f"{f.metadata['help']} (default: {default!r})")
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys a parsed namespace holds, coerced to their field types."""
+    try:
+        return {k: parse_override(k, v) if isinstance(v, str) else v for k, v in vars(args).items() if k in _HINTS}
+    except ValueError as err:
+        raise SystemExit(f"flowalign train: {err}") from None
+
+
+def _metavar(hint: Any) -> str:
+    """``float | None`` -> ``FLOAT|NONE``, ``int`` -> ``INT``, ``list[str]`` -> ``LIST[STR]``."""
+    name = getattr(hint, "__name__", None) if not isinstance(hint, types.UnionType) and not typing.get_args(hint) else None
+    return (name or str(hint)).upper().replace(" ", "")
