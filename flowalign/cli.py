@@ -16,7 +16,7 @@ from flowalign import __version__
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("flowalign.demo", "Run the end-to-end demo on the embedded tiny base model."),
-    "eval": ("flowalign.tiny", "Per-family verifier accuracies of a model on held-out shapes prompts."),
+    "eval": ("flowalign.shapes_eval", "Per-family verifier accuracies of a model on held-out shapes prompts."),
     "pretrain": ("flowalign.pretrain", "Pretrain the tiny SD3 base model on the shapes world."),
     "sample": ("flowalign.sample", "Sample images with RLG at several alignment scales."),
     "score": ("flowalign.score", "Score a folder of images with one or more reward models."),

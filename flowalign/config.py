@@ -171,6 +171,11 @@ class ACFlowConfig:
         "time; False = the conditional velocity only (then guidance piles up on itself: the conditional branch "
         "learns guided samples and is guided again when sampling)"
     )})
+    detach_uncond: bool = field(default=False, metadata={"help": (
+        "stop the actor's gradient through the unconditional CFG branch (as Flow-GRPO's code does): the loss "
+        "still fits the guided velocity, but only the conditional branch learns; see docs/benchmarks.md for the "
+        "measurement that chose the default"
+    )})
     sigma_shift: float | None = field(default=None, metadata={"help": (
         "s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift (noised)"
     )})

@@ -1,19 +1,25 @@
-"""``flowalign demo``: the whole promise of flowalign, in minutes, on a CPU.
+"""``flowalign demo``: fine-tune, then turn the alignment dial, on a CPU in minutes.
 
-On the embedded tiny base model and the shapes verifier:
+On the embedded tiny base model:
 
-1. fine-tune a LoRA with AC-Flow (dense verifier reward);
-2. sample held-out prompts with RLG at several alignment scales w (same seeds for every w);
-3. score every image with the training reward and unseen rewards (the binary verifier, JPEG size),
-   and measure per-prompt diversity;
-4. write ``grid.png`` (rows prompts, columns scales), ``plot.png`` (figures against w),
-   ``results.csv`` and ``report.md`` to ``--out``, and print the table.
+1. fine-tune a LoRA with the shipped setting that learns (``samples/configs/acflow_jpeg.yaml``: AC-Flow on
+   JPEG compressibility; its reward and its ``kl_coef`` are read from the file, never copied here);
+2. sample held-out prompts with RLG at w = 0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, the same prompts and initial
+   noises at every w (one ``rlg_sweep`` call per batch);
+3. score every image with the training reward and an unseen one (the shapes verifier: does the image still
+   show what the prompt asks?), measure per-prompt diversity, and measure the KL of the RLG sampler to the base
+   model at every w in nats per image (``flowalign.eval.sde_path_kl`` on the trainer's stochastic window, the
+   units of the trainer's ``kl_to_reference`` and of ``kl_coef``);
+4. write ``results.csv`` (one row per w), ``per_image.csv`` and ``per_prompt.csv`` (the data every number is
+   computed from), ``grid.png``, ``plot.png``, ``report.md`` and ``settings.json`` to ``--out``.
 
-``--quick`` is a two-minute smoke version (the test suite runs it). The same seed gives the same
-numbers.
+Every standard error of a difference between two scales is *paired*: the same image (prompt, initial noise)
+under both scales. ``docs/algorithms.md`` explains RLG and the KL units.
 
-    flowalign demo                      # ~15 minutes on 2 CPU cores, writes samples/demo/
-    flowalign demo --quick --out /tmp/demo
+    flowalign demo                            # writes samples/demo/
+    flowalign demo --quick --out /tmp/demo    # a smoke run with tiny settings (the tests run it)
+
+The same seed reproduces ``results.csv``.
 """
 
 from __future__ import annotations
@@ -21,213 +27,489 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
-SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+from flowalign import rewards, shapes
+from flowalign.checkpoints import latest_checkpoint
+from flowalign.config import ACFlowConfig
+from flowalign.eval import diversity, mean_se, paired_difference, sde_path_kl
+from flowalign.pipelines import RLGStableDiffusion3Pipeline
+from flowalign.sampling import flow_sigmas
+from flowalign.tiny import MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline
+from flowalign.trainer import ACFlowTrainer
 
-# AC-Flow settings of the demo (the full run); --quick shrinks them.
-DEMO_TRAINING = dict(
-    algorithm="acflow", prompts="shapes", reward="shapes", prompts_per_iteration=8, images_per_prompt=8,
-    sample_steps=16, guidance_scale=2.0, sampler="sde", sde_steps_fraction=0.25, fm_states="trajectory", iterations=48,
-    critic_warmup_iterations=3, advantage_clip=2.0, beta=1.0, w2_weight=30.0, learning_rate=3e-3,
-    eval_prompts=0, checkpoint_every=0,
-)  # = samples/configs/acflow_shapes.yaml, fewer iterations (tests/test_demo.py checks they agree)
-QUICK_TRAINING = dict(DEMO_TRAINING, prompts_per_iteration=2, images_per_prompt=4, sample_steps=6, iterations=3,
+SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "samples" / "configs" / "acflow_jpeg.yaml"
+UNSEEN_REWARD = "shapes"  # the shapes verifier (fraction of the prompt's constraints satisfied): never trained on
+GAIN_IN_SE = 5.0  # the reading calls w = 1's gain clear at this many paired standard errors
+
+# The demo's own settings (the fine-tuning settings come from the config file).
+FULL = dict(prompts=48, images_per_prompt=4, batch_size=16)
+QUICK = dict(prompts=4, images_per_prompt=2, batch_size=8)
+# --quick shrinks the schedule of the config file (its reward, kl_coef and algorithm stay).
+QUICK_TRAINING = dict(iterations=2, prompts_per_iteration=2, images_per_prompt=2, sample_steps=4, eval_steps=4,
                       critic_warmup_iterations=1, inner_epochs=1, noise_draws=1)
+
+# Grid layout (pixels); grid_size() is the one formula for the image size.
+CELL, PAD, LABEL_W, HEADER_H, CAPTION_H = 96, 4, 200, 20, 14
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="samples/demo", help="Output folder (default samples/demo).")
-    parser.add_argument("--quick", action="store_true", help="A ~2-minute smoke version with tiny settings.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="RLG scales w to sweep.")
-    parser.add_argument("--prompts", type=int, default=None, help="Held-out prompts (default 48; 6 with --quick).")
-    parser.add_argument("--images-per-prompt", type=int, default=None, help="Seeds per prompt (default 4; 2 with --quick).")
-    parser.add_argument("--iterations", type=int, default=None, help="AC-Flow iterations (default 48; 3 with --quick).")
+    parser.add_argument("--quick", action="store_true", help="A smoke run with tiny settings (what the tests run).")
+    parser.add_argument("--seed", type=int, default=0, help="Training seed, held-out prompts and noises (default 0).")
+    parser.add_argument("--config", default=str(SHIPPED_CONFIG),
+                        help="The fine-tuning config (default: the shipped samples/configs/acflow_jpeg.yaml).")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
+                        help="RLG scales w (must include 0 and 1; default 0 0.25 0.5 0.75 1 1.5 2 3).")
+    parser.add_argument("--prompts", type=int, default=None, help="Held-out prompts (default 48; 4 with --quick).")
+    parser.add_argument("--images-per-prompt", type=int, default=None,
+                        help="Images (initial noises) per prompt, >= 2 for diversity (default 4; 2 with --quick).")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = demo(out=args.out, quick=args.quick, seed=args.seed, scales=args.scales, n_prompts=args.prompts,
-                  images_per_prompt=args.images_per_prompt, iterations=args.iterations)
+    try:
+        result = demo(out=args.out, quick=args.quick, seed=args.seed, config=args.config, scales=args.scales,
+                      n_prompts=args.prompts, images_per_prompt=args.images_per_prompt)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"flowalign demo: {err}") from None
     print(result["table"])
     print("\n" + describe_reading(result["reading"]))
-    print(f"\nWrote {result['out']}/report.md, grid.png, plot.png, results.csv")
+    print(f"\nWrote {result['out']}/report.md, results.csv, grid.png, plot.png, per_image.csv, per_prompt.csv")
     return 0
 
 
-def demo(out: str = "samples/demo", quick: bool = False, seed: int = 0, scales=SCALES, n_prompts: int | None = None,
-         images_per_prompt: int | None = None, iterations: int | None = None) -> dict:
-    """Run the demo; returns ``{"rows": [...], "table": str, "out": Path}``."""
-    from flowalign import rewards, shapes
-    from flowalign.pipelines import RLGStableDiffusion3Pipeline
-    from flowalign.tiny import EVAL_CFG, generate, load_base_pipeline
-    from flowalign.eval import diversity
-    from flowalign.trainer import ACFlowConfig, ACFlowTrainer
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+def training_config(config: str | os.PathLike, out: Path, seed: int, quick: bool) -> ACFlowConfig:
+    """The config file as shipped, with the demo's own output folder and seed, its evaluation off (the demo
+    evaluates at every w itself) and, with ``quick``, :data:`QUICK_TRAINING`'s schedule."""
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"No fine-tuning config at {path}; pass --config PATH (a YAML of ACFlowConfig keys).")
+    overrides = dict(output_dir=str(out / "acflow_run"), seed=seed, eval_prompts=0, eval_every=0, checkpoint_every=0,
+                     resume=False)
+    if quick:
+        overrides.update(QUICK_TRAINING)
+    return ACFlowConfig.from_yaml(path, overrides)
 
+
+def demo(out: str | os.PathLike = "samples/demo", quick: bool = False, seed: int = 0,
+         config: str | os.PathLike = SHIPPED_CONFIG, scales=SCALES, n_prompts: int | None = None,
+         images_per_prompt: int | None = None) -> dict:
+    """Run the demo and write its files to ``out``.
+
+    Returns ``{"rows", "table", "reading", "settings", "out", "figure"}``: ``rows`` as in ``results.csv``,
+    ``reading`` from :func:`read_sweep`, ``figure`` the matplotlib figure of ``plot.png``.
+    """
+    scales = sorted({float(w) for w in scales})
+    if 0.0 not in scales or 1.0 not in scales:
+        raise ValueError(f"scales must include 0 (the base model) and 1 (the fine-tuned model), got {scales}.")
+    sizes = QUICK if quick else FULL
+    n_prompts = n_prompts or sizes["prompts"]
+    k = images_per_prompt or sizes["images_per_prompt"]
+    if k < 2:
+        raise ValueError(f"images_per_prompt must be >= 2 (diversity compares images of one prompt), got {k}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, cfg_scale = (8, EVAL_CFG) if quick else (20, EVAL_CFG)  # the base model card's CFG
-    n_prompts = n_prompts or (6 if quick else 48)
-    k = images_per_prompt or (2 if quick else 4)
-    timings = {}
+    timings: dict[str, float] = {}
+    load_before = os.getloadavg()[0]
 
-    # 1. AC-Flow fine-tuning of a LoRA.
+    # 1. Fine-tune with the config file's setting.
     t0 = time.perf_counter()
-    training = dict(QUICK_TRAINING if quick else DEMO_TRAINING, seed=seed, output_dir=str(out / "acflow_run"))
-    if iterations:
-        training["iterations"] = iterations
-    trainer = ACFlowTrainer(ACFlowConfig(**training))
-    print(f"[1/3] AC-Flow fine-tuning: {training['iterations']} iterations of "
-          f"{training['prompts_per_iteration'] * training['images_per_prompt']} images")
+    cfg = training_config(config, out, seed, quick)
+    trainer = ACFlowTrainer(cfg)
+    print(f"[1/3] {cfg.algorithm} on {cfg.reward}, kl_coef {cfg.kl_coef}: {cfg.iterations} iterations of "
+          f"{cfg.prompts_per_iteration * cfg.images_per_prompt} images")
     trainer.train()
-    lora_dir = trainer.save_checkpoint()
+    lora_dir = latest_checkpoint(cfg.output_dir)
+    train_reward = trainer.reward
     timings["fine-tune"] = time.perf_counter() - t0
 
-    # 2. RLG sweep over w, same seeds for every w.
+    # 2. RLG at every w: the same held-out prompts and initial noises.
     t0 = time.perf_counter()
     pipe = RLGStableDiffusion3Pipeline.from_pipe(load_base_pipeline())
     pipe.set_progress_bar_config(disable=True)
     pipe.load_finetuned(lora_dir)
     base_prompts = shapes.heldout_prompts(n_prompts, seed=seed)
     prompts = [p for p in base_prompts for _ in range(k)]
-    groups = [i for i in range(len(base_prompts)) for _ in range(k)]
-    train_reward, unseen = rewards.load("shapes"), {"verifier (binary)": rewards.load("shapes_binary"),
-                                                      "JPEG size (kB)": rewards.load("jpeg_incompressibility")}
-    rows, images_by_scale, per_image = [], {}, {}
-    from tqdm.auto import tqdm
-
-    for w in tqdm(list(scales), desc="[2/3] RLG sweep"):
-        images = generate(pipe, prompts, seed=seed, steps=steps, cfg=cfg_scale, progress=False, rlg_scale=float(w))
-        images_by_scale[w] = images
-        per_image[w] = train_reward(images, prompts).flatten().float()
-        row = {"rlg_scale": w, "reward (verifier, dense)": per_image[w].mean().item()}
-        for name, r in unseen.items():
-            row[name] = r(images, prompts).mean().item()
-        row["diversity"] = diversity(images, groups)
-        rows.append(row)
+    groups = [i for i in range(n_prompts) for _ in range(k)]
+    steps, cfg_scale = cfg.eval_steps, trainer.guidance_scale
+    images = sweep_images(pipe, prompts, scales, seed, steps, cfg_scale, sizes["batch_size"])
     timings["rlg sweep"] = time.perf_counter() - t0
 
-    # 3. Outputs: results.csv, grid.png, plot.png, report.md.
+    # 3. Scores, diversity and the KL to the base model at every w.
     t0 = time.perf_counter()
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _grid(images_by_scale, base_prompts, k, out / "grid.png")
-    _plot(rows, out / "plot.png")
-    table = _table(rows)
-    timings["report"] = time.perf_counter() - t0
-    settings = {"quick": quick, "seed": seed, "scales": list(scales), "held_out_prompts": n_prompts,
-                "images_per_prompt": k, "steps": steps, "cfg": cfg_scale, "training": training,
-                "seconds": {name: round(v, 1) for name, v in timings.items()}}
+    unseen = rewards.load(UNSEEN_REWARD)
+    per_image = {w: {"reward": _score(train_reward, images[w], prompts), "unseen": _score(unseen, images[w], prompts)}
+                 for w in scales}
+    for w in scales:
+        per_image[w]["kl_to_base"] = rlg_kl_to_base(pipe, prompts, w, cfg, cfg_scale, seed, sizes["batch_size"])
+    per_prompt = {w: per_prompt_diversity(images[w], groups) for w in scales}
+    timings["scores and KL"] = time.perf_counter() - t0
+
+    # 4. Files.
+    t0 = time.perf_counter()
+    rows = summarize(per_image, per_prompt)
+    reading = read_sweep(per_image, per_prompt)
+    _write_csv(out / "results.csv", rows)
+    _write_per_image(out / "per_image.csv", per_image, prompts, k)
+    _write_csv(out / "per_prompt.csv", [{"rlg_scale": w, "prompt_index": i, "prompt": base_prompts[i],
+                                         "diversity": _fmt(d)} for w in scales for i, d in enumerate(per_prompt[w])])
+    grid_rows = min(n_prompts, 6)
+    draw_grid(images, per_image, base_prompts, k, out / "grid.png", n_rows=grid_rows)
+    figure = plot_sweep(rows, out / "plot.png", reward_name=str(cfg.reward))
+    table = markdown_table(rows)
+    timings["files"] = time.perf_counter() - t0
+    settings = {
+        "quick": quick, "seed": seed, "scales": scales, "held_out_prompts": n_prompts, "images_per_prompt": k,
+        "sampling": {"steps": steps, "cfg": cfg_scale, "sampler": "Euler ODE (the stock scheduler)"},
+        "kl": {"sde_steps": cfg.sde_steps(cfg.sample_steps), "sample_steps": cfg.sample_steps,
+               "noise_level": cfg.noise_level},
+        "unseen_reward": UNSEEN_REWARD, "grid_rows": grid_rows, "config_file": str(config),
+        "training": asdict(cfg), "lora": str(lora_dir),
+        "seconds": {name: round(v, 1) for name, v in timings.items()},
+        "threads": torch.get_num_threads(), "load_average_at_start": round(load_before, 2),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
+    }
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
-    reading = trade_off_reading(per_image)
-    _report(out / "report.md", table, settings, rows, reading)
-    return {"rows": rows, "table": table, "out": out, "settings": settings, "reading": reading}
+    write_report(out / "report.md", table, settings, reading)
+    return {"rows": rows, "table": table, "reading": reading, "settings": settings, "out": out, "figure": figure}
 
 
-def trade_off_reading(per_image: dict[float, torch.Tensor]) -> dict:
-    """What the sweep says about the training reward between w = 0 and w = 1, noise included.
+def sweep_images(pipe, prompts: list[str], scales: list[float], seed: int, steps: int, cfg_scale: float,
+                 batch_size: int) -> dict[float, torch.Tensor]:
+    """``{w: images [N, 3, H, W] in [0, 1]}``: image ``i`` starts from the noise of generator ``(seed, i)`` at every w
+    (``rlg_sweep``: one call per batch, every scale from the same initial noise)."""
+    out: dict[float, list[torch.Tensor]] = {w: [] for w in scales}
+    for start in tqdm(range(0, len(prompts), batch_size), desc="[2/3] RLG sweep", leave=False):
+        chunk = prompts[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+        images = pipe(chunk, rlg_sweep=list(scales), num_inference_steps=steps, guidance_scale=cfg_scale,
+                      generator=gens, output_type="pt", max_sequence_length=MAX_SEQUENCE_LENGTH).images.float().cpu()
+        for j, w in enumerate(scales):
+            out[w].append(images[j * len(chunk) : (j + 1) * len(chunk)])
+    return {w: torch.cat(parts) for w, parts in out.items()}
 
-    ``per_image[w]`` holds the training reward of every image at scale w (the same seeds and prompts at every w,
-    so differences are paired). Returns ``non_decreasing`` (over the swept scales in [0, 1]), and the change from
-    w = 0 to w = 1: ``n`` (paired images), ``delta`` (mean of the per-image differences), ``se`` (their standard
-    error, std / sqrt(n)) and ``beyond_noise`` (|delta| > 2 se).
 
-    Example: ``trade_off_reading({0.0: tensor([0., 0.]), 1.0: tensor([1., 0.])})`` -> delta 0.5, se 0.5.
+def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_scale: float, seed: int,
+                   batch_size: int) -> list[float]:
+    """KL (nats per image) of the RLG sampler at scale ``w`` to the base sampler, on the RLG sampler's own paths.
+
+    The SDE rollout sampler of the trainer (``noise_level``, the first ``sde_steps(sample_steps)`` steps of the
+    ``sample_steps`` grid), with the CFG-guided RLG velocity ``v_base + w (v_ft - v_base)`` against the CFG-guided
+    base velocity, through :func:`flowalign.eval.sde_path_kl`: the units of the trainer's ``kl_to_reference``.
+    The same initial noise and SDE noise at every ``w``; ``w = 0`` is exactly 0.
     """
-    inside = sorted(w for w in per_image if 0.0 <= w <= 1.0)
-    means = [per_image[w].mean().item() for w in inside]
-    reading = {"scales": inside, "non_decreasing": all(b >= a for a, b in zip(means, means[1:]))}
-    if 0.0 in per_image and 1.0 in per_image:
-        d = (per_image[1.0] - per_image[0.0]).double()
-        se = d.std().item() / d.numel() ** 0.5 if d.numel() > 1 else float("nan")
-        reading.update(n=d.numel(), delta=d.mean().item(), se=se, beyond_noise=abs(d.mean().item()) > 2 * se)
+    rlg = pipe.rlg_transformer
+    window = cfg.sde_steps(cfg.sample_steps)
+    sigmas = flow_sigmas(pipe.scheduler, cfg.sample_steps)[: window + 1]
+    tcfg = pipe.transformer.config
+    shape = (tcfg.in_channels, tcfg.sample_size, tcfg.sample_size)
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        embeds, pooled = encode_prompts(pipe, chunk)
+        neg_embeds, neg_pooled = encode_prompts(pipe, [""] * len(chunk))
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 10**6 + start)
+        noise = torch.randn((len(chunk), *shape), generator=gen)
+
+        def guided(scale: float):
+            def field(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                rlg.set_rlg_scale(scale)
+                v = rlg(hidden_states=torch.cat([x, x]), timestep=torch.cat([s, s]) * 1000,
+                        encoder_hidden_states=torch.cat([neg_embeds, embeds]),
+                        pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0]
+                v_u, v_c = v.chunk(2)
+                return v_u + cfg_scale * (v_c - v_u)
+            return field
+
+        try:
+            out += sde_path_kl(guided(w), guided(0.0), noise, sigmas, cfg.noise_level, generator=gen).tolist()
+        finally:
+            rlg.set_rlg_scale(1.0)
+    return out
+
+
+def _score(reward, images: torch.Tensor, prompts: list[str]) -> list[float]:
+    return torch.as_tensor(reward(images, prompts)).float().flatten().tolist()
+
+
+def per_prompt_diversity(images: torch.Tensor, groups: list[int]) -> list[float]:
+    """:func:`flowalign.eval.diversity` of each prompt's images (their mean is ``diversity(images, groups)``)."""
+    return [diversity(images[[i for i, g in enumerate(groups) if g == p]], [p] * groups.count(p))
+            for p in sorted(set(groups))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers: the table and the reading
+# ---------------------------------------------------------------------------------------------------------
+COLUMNS = ("rlg_scale", "reward", "reward_paired_se", "diversity", "diversity_paired_se", "kl_to_base",
+           "kl_to_base_se", UNSEEN_REWARD, f"{UNSEEN_REWARD}_paired_se")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6f}"
+
+
+def summarize(per_image: dict, per_prompt: dict) -> list[dict]:
+    """One row per w (the columns of ``results.csv``): means, and standard errors of the difference from w = 0
+    paired over images (rewards) or prompts (diversity); the KL's is its plain standard error over images."""
+    rows = []
+    for w in sorted(per_image):  # values rounded as results.csv writes them
+        reward, reward_se = _paired(per_image[w]["reward"], per_image[0.0]["reward"])
+        unseen, unseen_se = _paired(per_image[w]["unseen"], per_image[0.0]["unseen"])
+        div, div_se = _paired(per_prompt[w], per_prompt[0.0])
+        kl, kl_se = mean_se(per_image[w]["kl_to_base"])
+        values = {"reward": _mean(per_image[w]["reward"]), "reward_paired_se": reward_se,
+                  "diversity": _mean(per_prompt[w]), "diversity_paired_se": div_se, "kl_to_base": kl,
+                  "kl_to_base_se": kl_se, UNSEEN_REWARD: _mean(per_image[w]["unseen"]),
+                  f"{UNSEEN_REWARD}_paired_se": unseen_se}
+        rows.append({"rlg_scale": w, **{key: float(_fmt(v)) for key, v in values.items()}})
+    return rows
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def _paired(a, b) -> tuple[float, float]:
+    """(mean of a - b, its paired SE): 0 and 0 for a scale against itself."""
+    return paired_difference(a, b)
+
+
+def read_sweep(per_image: dict, per_prompt: dict) -> dict:
+    """What the sweep says, with paired standard errors (the same images at every w).
+
+    - ``gain``: the training reward at w = 1 minus w = 0 (``delta``, ``se``, ``n``, ``in_se`` = delta / se,
+      ``clear`` = delta >= :data:`GAIN_IN_SE` se);
+    - ``steps``: each step between consecutive scales in [0, 1] (``from``, ``to``, ``delta``, ``se``), and
+      ``monotone``: no step falls by more than its own standard error;
+    - ``beyond``: for each w > 1, reward, unseen reward and diversity against w = 1 (``delta``, ``se``);
+    - ``kl``: the mean KL to the base model at each w, and its ratio to w^2 KL(w = 1) (1 where the KL grows as w^2,
+      the RLG velocity gap ``w (v_ft - v_base)`` measured at the same states).
+
+    Example: ``read_sweep({0.0: {"reward": [0, 0], ...}, 1.0: {"reward": [1, 2], ...}}, ...)["gain"]["delta"]`` is 1.5.
+    """
+    scales = sorted(per_image)
+    reading: dict = {"scales": scales}
+    r = {w: per_image[w]["reward"] for w in scales}
+    delta, se = paired_difference(r[1.0], r[0.0])
+    reading["gain"] = {"delta": delta, "se": se, "n": len(r[0.0]), "in_se": delta / se if se > 0 else math.inf,
+                       "clear": delta >= GAIN_IN_SE * se}
+    inside = [w for w in scales if 0.0 <= w <= 1.0]
+    reading["steps"] = []
+    for a, b in zip(inside, inside[1:]):
+        d, s = paired_difference(r[b], r[a])
+        reading["steps"].append({"from": a, "to": b, "delta": d, "se": s})
+    reading["monotone"] = all(step["delta"] >= -step["se"] for step in reading["steps"])
+    reading["beyond"] = []
+    for w in (w for w in scales if w > 1.0):
+        entry = {"w": w}
+        for key, values, ref in (("reward", r[w], r[1.0]), ("unseen", per_image[w]["unseen"], per_image[1.0]["unseen"]),
+                                 ("diversity", per_prompt[w], per_prompt[1.0])):
+            d, s = paired_difference(values, ref)
+            entry[key] = {"delta": d, "se": s}
+        reading["beyond"].append(entry)
+    kl = {w: _mean(per_image[w]["kl_to_base"]) for w in scales}
+    reading["kl"] = {"mean": kl, "ratio_to_w2": {w: kl[w] / (w * w * kl[1.0]) for w in scales
+                                                 if w > 0 and kl[1.0] > 0}}
+    base_div, ft_div = _mean(per_prompt[0.0]), _mean(per_prompt[1.0])
+    reading["diversity"] = {"base": base_div, "finetuned": ft_div,
+                            "change": paired_difference(per_prompt[1.0], per_prompt[0.0])}
     return reading
 
 
-def _grid(images_by_scale: dict, prompts: list[str], k: int, path: Path, max_rows: int = 8) -> None:
-    """Rows prompts (first image of each), columns scales, 4x nearest upscaling, scale labels on top."""
-    from PIL import Image, ImageDraw
-
-    scales = list(images_by_scale)
-    rows = prompts[:max_rows]
-    cell, pad, top = 128, 4, 18
-    grid = Image.new("RGB", (len(scales) * (cell + pad) + pad, top + len(rows) * (cell + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, w in enumerate(scales):
-        draw.text((pad + j * (cell + pad) + cell // 2 - 14, 3), f"w = {w:g}", fill="black")
-        for i in range(len(rows)):
-            img = images_by_scale[w][i * k]
-            pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-            grid.paste(pil.resize((cell, cell), Image.NEAREST), (pad + j * (cell + pad), top + pad + i * (cell + pad)))
-    grid.save(path)
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in rows[0] if k != "rlg_scale"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
-    xs = [r["rlg_scale"] for r in rows]
-    for ax, key in zip(axes, keys):
-        ax.plot(xs, [r[key] for r in rows], "o-")
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("RLG scale w")
-        ax.set_title(key, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.3f}" if k != "rlg_scale" else f"{r[k]:g}" for k in keys) + " |")
+def describe_reading(reading: dict) -> str:
+    """The reading in words, with its numbers (report.md and the console print it)."""
+    g = reading["gain"]
+    lines = [
+        f"- **Alignment at w = 1.** The training reward changes by {g['delta']:+.4f} ± {g['se']:.4f} from w = 0 (the "
+        f"base model) to w = 1 (the fine-tuned model), paired over {g['n']} images: {g['in_se']:.1f} standard errors"
+        + (", a clear gain." if g["clear"] else f", short of the {GAIN_IN_SE:g} standard errors this demo asks for."),
+    ]
+    steps = ", ".join(f"{s['from']:g} -> {s['to']:g}: {s['delta']:+.4f} ± {s['se']:.4f}" for s in reading["steps"])
+    lines.append(
+        f"- **The dial between 0 and 1.** Step by step ({steps}), the reward "
+        + ("never falls by more than one standard error: w interpolates." if reading["monotone"]
+           else "falls by more than one standard error at least once: the dial is not monotone here.")
+    )
+    for b in reading["beyond"]:
+        rd, ud, dd = b["reward"], b["unseen"], b["diversity"]
+        verdict = ("a further gain" if rd["delta"] >= 2 * rd["se"] else
+                   "a loss" if rd["delta"] <= -2 * rd["se"] else "no change beyond two standard errors")
+        lines.append(
+            f"- **w = {b['w']:g} against w = 1:** reward {rd['delta']:+.4f} ± {rd['se']:.4f} ({verdict}); "
+            f"diversity {dd['delta']:+.4f} ± {dd['se']:.4f}; unseen reward ({UNSEEN_REWARD}) {ud['delta']:+.4f} ± "
+            f"{ud['se']:.4f}."
+        )
+    d = reading["diversity"]
+    lines.append(f"- **Diversity** goes from {d['base']:.4f} (w = 0) to {d['finetuned']:.4f} (w = 1), "
+                 f"{d['change'][0]:+.4f} ± {d['change'][1]:.4f} paired over prompts "
+                 f"(ratio {d['finetuned'] / d['base']:.2f}).")
+    kl = reading["kl"]
+    ratios = ", ".join(f"w = {w:g}: {x:.2f}" for w, x in kl["ratio_to_w2"].items())
+    lines.append(
+        f"- **KL to the base model** (nats per image, the trainer's units): {kl['mean'][1.0]:.3f} at w = 1. RLG theory "
+        "reads w as the KL coefficient beta / w: a larger w is a weaker regulariser, so the KL must grow with w. "
+        f"Measured against w^2 KL(w = 1), the growth of a velocity gap scaled by w at the same states: {ratios}."
+    )
     return "\n".join(lines)
 
 
-def describe_reading(reading: dict) -> str:
-    """One sentence for :func:`trade_off_reading`'s result (the report and the console print it)."""
-    scales = ", ".join(f"{w:g}" for w in reading["scales"])
-    text = f"The training reward is {'' if reading['non_decreasing'] else 'not '}non-decreasing over w = {scales}"
-    if "delta" not in reading:
-        return text + "."
-    return text + (f"; from w = 0 to w = 1 it changes by {reading['delta']:+.3f} ± {reading['se']:.3f} (paired "
-                   f"standard error over {reading['n']} images, the same prompts and seeds at every w): "
-                   + ("more than two standard errors." if reading["beyond_noise"] else
-                      "within two standard errors, so this sweep does not show a real change."))
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:g}" if k == "rlg_scale" else f"{r[k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines)
 
 
-def _report(path: Path, table: str, settings: dict, rows: list[dict], reading: dict) -> None:
-    base, ft = rows[0], next((r for r in rows if r["rlg_scale"] == 1.0), rows[-1])
-    trend = describe_reading(reading)
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_per_image(path: Path, per_image: dict, prompts: list[str], k: int) -> None:
+    rows = [{"rlg_scale": w, "image": i, "prompt_index": i // k, "prompt": prompts[i],
+             "reward": _fmt(v["reward"][i]), UNSEEN_REWARD: _fmt(v["unseen"][i]), "kl_to_base": _fmt(v["kl_to_base"][i])}
+            for w, v in per_image.items() for i in range(len(prompts))]
+    _write_csv(path, rows)
+
+
+def grid_size(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(width, height) of ``grid.png``: a prompt label column, a header row of scales, a caption under each image."""
+    return LABEL_W + n_cols * (CELL + PAD) + PAD, HEADER_H + n_rows * (CELL + CAPTION_H + PAD) + PAD
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return lines + [line] if line else lines
+
+
+def draw_grid(images: dict, per_image: dict, prompts: list[str], k: int, path: Path, n_rows: int = 6) -> None:
+    """Rows: the first image of each of the first ``n_rows`` prompts, its prompt on the left; columns: w; under each
+    image its training reward."""
+    scales = sorted(images)
+    grid = Image.new("RGB", grid_size(n_rows, len(scales)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=11)
+    for j, w in enumerate(scales):
+        x = LABEL_W + PAD + j * (CELL + PAD)
+        draw.text((x + CELL // 2, HEADER_H // 2), f"w = {w:g}" + (" (base)" if w == 0 else " (ft)" if w == 1 else ""),
+                  fill="black", font=font, anchor="mm")
+    for i in range(n_rows):
+        y = HEADER_H + i * (CELL + CAPTION_H + PAD)
+        for n, line in enumerate(_wrap(prompts[i], draw, font, LABEL_W - 2 * PAD)[:6]):
+            draw.text((PAD, y + 4 + 13 * n), line, fill="black", font=font)
+        for j, w in enumerate(scales):
+            x = LABEL_W + PAD + j * (CELL + PAD)
+            img = images[w][i * k]
+            pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+            grid.paste(pil.resize((CELL, CELL), Image.NEAREST), (x, y))
+            draw.text((x + CELL // 2, y + CELL + CAPTION_H // 2), f"{per_image[w]['reward'][i * k]:.3f}",
+                      fill="black", font=font, anchor="mm")
+    grid.save(path)
+
+
+def plot_sweep(rows: list[dict], path: Path, reward_name: str = "reward"):
+    """Left: training reward ± paired SE and diversity ± paired SE against w, w = 1 (the fine-tuned model) marked.
+    Right: the measured KL to the base model ± SE against w, with w^2 KL(w = 1). Returns the figure."""
+    import matplotlib  # optional heavy dependency, only for the figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    ws = [r["rlg_scale"] for r in rows]
+    ft = next(r for r in rows if r["rlg_scale"] == 1.0)
+    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax.errorbar(ws, [r["reward"] for r in rows], yerr=[r["reward_paired_se"] for r in rows], fmt="o-", color="C0",
+                capsize=3, label=f"{reward_name} (training reward)")
+    ax.plot([1.0], [ft["reward"]], marker="*", markersize=16, color="C3", linestyle="none",
+            label="fine-tuned model (w = 1)")
+    ax.set_xlabel("RLG scale w")
+    ax.set_ylabel(f"{reward_name} ± paired SE")
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    div = ax.twinx()
+    div.errorbar(ws, [r["diversity"] for r in rows], yerr=[r["diversity_paired_se"] for r in rows], fmt="s--",
+                 color="C2", capsize=3, label="diversity")
+    div.set_ylabel("diversity ± paired SE", color="C2")
+    handles = ax.get_legend_handles_labels()[0] + div.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set_title("alignment dial: reward and diversity", fontsize=10)
+    ax_kl.errorbar(ws, [r["kl_to_base"] for r in rows], yerr=[r["kl_to_base_se"] for r in rows], fmt="o-",
+                   color="C1", capsize=3, label="measured KL to base")
+    fine = [i / 50 * max(ws) for i in range(51)]
+    ax_kl.plot(fine, [w * w * ft["kl_to_base"] for w in fine], color="grey", ls=":", label="w² · KL(w = 1)")
+    ax_kl.set_xlabel("RLG scale w")
+    ax_kl.set_ylabel("KL to base (nats / image)")
+    ax_kl.set_title("KL to the base model (RLG: coefficient beta / w)", fontsize=10)
+    ax_kl.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def write_report(path: Path, table: str, settings: dict, reading: dict) -> None:
+    t = settings["training"]
+    seconds = settings["seconds"]
+    total = sum(seconds.values())
+    timing = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
     text = f"""# flowalign demo report
 
-AC-Flow fine-tuned a LoRA of the embedded tiny SD3 base model on the dense shapes-verifier reward
-({settings['training']['iterations']} iterations of {settings['training']['prompts_per_iteration']} prompts x
-{settings['training']['images_per_prompt']} images). Then RLG sampled {settings['held_out_prompts']} held-out prompts x
-{settings['images_per_prompt']} seeds at each scale w ({settings['steps']} Euler steps, CFG {settings['cfg']}, seed
-{settings['seed']}): w = 0 is the base model, w = 1 the fine-tuned one, w > 1 extrapolates.
+**Fine-tuning.** `{t['algorithm']}` on the `{t['reward']}` reward with `kl_coef` {t['kl_coef']} nats per image,
+{t['iterations']} iterations of {t['prompts_per_iteration']} prompts x {t['images_per_prompt']} images, from
+`{settings['config_file']}`{' (shrunk by --quick)' if settings['quick'] else ''}.
 
-![grid](grid.png)
+**The dial.** RLG sampled {settings['held_out_prompts']} held-out prompts x {settings['images_per_prompt']} initial
+noises at every w ({settings['sampling']['steps']} Euler steps, CFG {settings['sampling']['cfg']}, seed
+{settings['seed']}): the same images at every w, so every standard error of a difference is paired. w = 0 is the
+base model, w = 1 the fine-tuned one, w > 1 extrapolates. `kl_to_base` is the KL of the RLG sampler to the base
+sampler in nats per image, on the trainer's stochastic window (the first {settings['kl']['sde_steps']} of
+{settings['kl']['sample_steps']} steps, noise level {settings['kl']['noise_level']}): the units of `kl_coef`.
+The unseen reward `{settings['unseen_reward']}` is the shapes verifier (the fraction of the prompt's constraints the
+image satisfies), never trained on.
 
-![plot](plot.png)
+## Reading
+
+{describe_reading(reading)}
+
+## Results
 
 {table}
 
-From w = 0 to w = 1 the training reward goes from {base['reward (verifier, dense)']:.3f} to
-{ft['reward (verifier, dense)']:.3f} and diversity from {base['diversity']:.3f} to {ft['diversity']:.3f}.
-{trend}
-"Verifier (binary)" is the fraction of images whose every constraint holds (not trained on);
-"JPEG size" is an unseen, prompt-free reward. Timings (s): {settings['seconds']}.
+`reward_paired_se` and `{settings['unseen_reward']}_paired_se`: standard errors of the difference from w = 0 over
+the same images; `diversity_paired_se`: over prompts; `kl_to_base_se`: over images. Per-image values:
+`per_image.csv`; per-prompt diversity: `per_prompt.csv`.
+
+![grid: prompts in rows, w in columns, each image's training reward under it](grid.png)
+
+![reward and diversity against w; KL to the base model against w](plot.png)
+
+Timings: {timing} ({total / 60:.1f} minutes, {settings['threads']} threads; load average
+{settings['load_average_at_start']} at the start, {settings['load_average_at_end']} at the end).
 Reproduce: `flowalign demo{' --quick' if settings['quick'] else ''} --seed {settings['seed']}`.
 """
     path.write_text(text)

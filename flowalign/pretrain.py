@@ -16,7 +16,7 @@ wall-clock minutes, checkpoints every few minutes and resumes with ``--resume``;
 is a plain state file (``flowalign.checkpoints.save_state``, read back with ``weights_only=True``)
 and the output folder is swapped in whole (``flowalign.checkpoints.atomic_write_dir``).
 The output is a stock diffusers ``StableDiffusion3Pipeline`` folder plus ``training_log.json``;
-unless ``--no-eval``, it is then evaluated with ``flowalign.tiny.evaluate`` and a model card
+unless ``--no-eval``, it is then evaluated with ``flowalign.shapes_eval.evaluate`` and a model card
 (``README.md``, ``write_model_card``) with the command, seed and per-family accuracies is written next to it.
 
 Example (the command that made the embedded model is in its model card)::
@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from flowalign import shapes
 from flowalign.checkpoints import atomic_write_dir, load_state, save_state
 from flowalign.objectives import sample_sigmas
-from flowalign.tiny import (EVAL_CFG, EVAL_STEPS, build_tiny_sd3_pipeline, encode_prompts, evaluate,
-                            format_accuracy_table, load_base_pipeline)
+from flowalign.shapes_eval import evaluate, format_accuracy_table
+from flowalign.tiny import EVAL_CFG, EVAL_STEPS, build_tiny_sd3_pipeline, encode_prompts, load_base_pipeline
 
 
 @dataclass
@@ -208,7 +208,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 def write_model_card(folder: str | os.PathLike, result: dict, command: str | None = None) -> Path:
     """Write ``README.md`` (the model card) and ``eval.json`` into a pretrained pipeline folder.
 
-    ``result`` is a ``flowalign.tiny.evaluate`` result; the training facts come from the folder's
+    ``result`` is a ``flowalign.shapes_eval.evaluate`` result; the training facts come from the folder's
     ``training_log.json`` (written by ``pretrain``); ``command`` is the command line that made it.
 
     Example::

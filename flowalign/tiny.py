@@ -11,7 +11,7 @@ Everything here is a stock diffusers / transformers object, only small:
 - ``encode_prompts``: prompt embeddings exactly as the stock pipeline computes them, in chunks.
 - ``load_base_pipeline``: the embedded base model, pretrained on the shapes world by
   ``flowalign pretrain`` and shipped inside the package (``flowalign/assets/tiny-sd3-shapes``).
-- ``evaluate``: per-family verifier accuracies on held-out shapes prompts (``flowalign eval``).
+- (the evaluation of a model on the shapes world, ``flowalign eval``, is ``flowalign.shapes_eval``)
 
 Two facts to know when calling the tiny pipeline with stock diffusers:
 
@@ -43,10 +43,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from flowalign.checkpoints import resolve_checkpoint
 
 MAX_SEQUENCE_LENGTH = 1
 """Number of (zero) T5 tokens the tiny model is trained and sampled with."""
@@ -367,88 +365,3 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 256, max_sequence
         embeds.append(pe)
         pooled.append(pp)
     return torch.cat(embeds), torch.cat(pooled)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation on held-out shapes prompts
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int = 0, steps: int = EVAL_STEPS, cfg: float = EVAL_CFG, batch_size: int = 64,
-             progress: bool = True, **call_kwargs) -> torch.Tensor:
-    """Images ``[N, 3, H, W]`` in [0, 1] for ``prompts``, one seeded generator per prompt.
-
-    Image ``i`` depends only on ``(seed, i, prompts[i])``, never on the batch size.
-    ``call_kwargs`` go to the pipeline call (e.g. ``rlg_scale`` for an RLG pipeline).
-    """
-    out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress, leave=False):
-        chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
-        images = pipe(
-            chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gens, output_type="pt",
-            max_sequence_length=MAX_SEQUENCE_LENGTH, **call_kwargs,
-        ).images
-        out.append(images.float().cpu())
-    return torch.cat(out)
-
-
-def evaluate(pipe, n_prompts: int = 300, seed: int = 0, steps: int = EVAL_STEPS, cfg: float = EVAL_CFG, batch_size: int = 64,
-             progress: bool = True, **call_kwargs) -> dict:
-    """Per-family verifier accuracies of ``pipe`` on ``n_prompts`` held-out shapes prompts.
-
-    Returns ``{"families": {family: {"n", "all_satisfied", "fraction"}}, "overall": {...}, settings}``
-    where ``all_satisfied`` is the fraction of images whose every constraint holds and
-    ``fraction`` the mean fraction of constraints satisfied.
-
-    >>> evaluate(load_base_pipeline(), n_prompts=60)["families"]["single_object"]  # doctest: +SKIP
-    """
-    from flowalign import shapes  # the evaluation harness moves to flowalign.eval; tiny itself needs no shapes
-
-    prompts = shapes.heldout_prompts(n_prompts, seed=seed)
-    images = generate(pipe, prompts, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
-                      progress=progress, **call_kwargs)
-    fraction, ok = shapes.verify_batch(images, prompts)
-    families = [shapes.family_of(p) for p in prompts]
-    result = {"n_prompts": n_prompts, "seed": seed, "steps": steps, "cfg": cfg, "families": {}}
-    for fam in shapes.FAMILIES:
-        idx = [i for i, f in enumerate(families) if f == fam]
-        if idx:
-            result["families"][fam] = {
-                "n": len(idx),
-                "all_satisfied": round(ok[idx].mean().item(), 4),
-                "fraction": round(fraction[idx].mean().item(), 4),
-            }
-    result["overall"] = {"n": len(prompts), "all_satisfied": round(ok.mean().item(), 4),
-                         "fraction": round(fraction.mean().item(), 4)}
-    return result
-
-
-def format_accuracy_table(result: dict) -> str:
-    """A markdown table of an ``evaluate`` result."""
-    rows = ["| family | prompts | all satisfied | constraints satisfied |", "|---|---:|---:|---:|"]
-    for fam, r in list(result["families"].items()) + [("**all**", result["overall"])]:
-        rows.append(f"| {fam} | {r['n']} | {100 * r['all_satisfied']:.1f}% | {100 * r['fraction']:.1f}% |")
-    return "\n".join(rows)
-
-
-def add_arguments(parser) -> None:
-    """``flowalign eval``: per-family accuracies of a pipeline on held-out shapes prompts."""
-    parser.add_argument("--model", default=None, help="Pipeline folder (default: the embedded base model).")
-    parser.add_argument("--lora", default=None, help="A LoRA to load on top (diffusers format: a training checkpoint folder, its "
-                        "checkpoints/latest pointer or the run's output_dir).")
-    parser.add_argument("--n-prompts", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=EVAL_STEPS)
-    parser.add_argument("--cfg", type=float, default=EVAL_CFG)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-
-
-def run(args) -> int:
-    pipe = load_base_pipeline(args.model)
-    if args.lora:
-        pipe.load_lora_weights(resolve_checkpoint(args.lora))
-    result = evaluate(pipe, n_prompts=args.n_prompts, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                      batch_size=args.batch_size)
-    print(json.dumps(result, indent=1) if args.json else format_accuracy_table(result))
-    return 0

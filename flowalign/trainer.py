@@ -222,12 +222,15 @@ class ACFlowTrainer:
         finally:
             model.enable_adapters()
 
-    def cfg_velocity(self, model, x, sigma, embeds, pooled, neg_embeds, neg_pooled):
-        """Classifier-free guidance in one batched call: ``v_u + g (v_c - v_u)``."""
+    def cfg_velocity(self, model, x, sigma, embeds, pooled, neg_embeds, neg_pooled, detach_uncond: bool = False):
+        """Classifier-free guidance in one batched call: ``v_u + g (v_c - v_u)``; ``detach_uncond`` stops the
+        gradient through the unconditional branch (the value is unchanged)."""
         g = self.guidance_scale
         v = self.velocity(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg_embeds, embeds]),
                           torch.cat([neg_pooled, pooled]))
         v_u, v_c = v.chunk(2)
+        if detach_uncond:
+            v_u = v_u.detach()
         return v_u + g * (v_c - v_u)
 
     @torch.no_grad()
@@ -357,7 +360,8 @@ class ACFlowTrainer:
 
         def field(model, x_s, sigma, idx):  # the velocity the loss fits (guided or conditional)
             if guided:
-                return self.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx])
+                return self.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx],
+                                         detach_uncond=cfg.detach_uncond and model is self.transformer)
             return self.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
 
         if cfg.algorithm == "orw":  # ORW-CFM-W2: rewards normalised over the batch (all ranks), no critic
@@ -485,7 +489,8 @@ class ACFlowTrainer:
                 s = sigmas[k].expand(x.shape[0])
                 sync = contextlib.nullcontext() if j == len(chosen) - 1 else acc.no_sync(self.transformer)
                 with sync, acc.autocast():
-                    v = self.cfg_velocity(self.transformer, x, s, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx])
+                    v = self.cfg_velocity(self.transformer, x, s, embeds[idx], pooled[idx], neg_embeds[idx],
+                                          neg_pooled[idx], detach_uncond=cfg.detach_uncond)
                     _, logp, mean, std = sde_step(x, v, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
                                                   prev_sample=x_next, log_prob_reduction="mean")
                     with torch.no_grad(), self.reference_model() as ref:

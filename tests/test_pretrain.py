@@ -13,8 +13,9 @@ from flowalign import shapes
 from flowalign.checkpoints import load_state
 from flowalign.objectives import sample_sigmas
 from flowalign.pretrain import PretrainConfig, pretrain, write_model_card
+from flowalign.shapes_eval import evaluate, generate
 from flowalign.tiny import (BASE_MODEL_DIR, EVAL_CFG, EVAL_STEPS, MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline,
-                            evaluate, generate, load_base_pipeline)
+                            load_base_pipeline)
 
 
 def _transformer_weights(folder):
