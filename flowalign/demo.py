@@ -345,8 +345,9 @@ def describe_reading(reading: dict) -> str:
     )
     for b in reading["beyond"]:
         rd, ud, dd = b["reward"], b["unseen"], b["diversity"]
-        verdict = ("a further gain" if rd["delta"] >= 2 * rd["se"] else
-                   "a loss" if rd["delta"] <= -2 * rd["se"] else "no change beyond two standard errors")
+        verdict = ("a further gain" if rd["delta"] > 0 and rd["delta"] >= 2 * rd["se"] else
+                   "a loss" if rd["delta"] < 0 and rd["delta"] <= -2 * rd["se"] else
+                   "no change beyond two standard errors")
         lines.append(
             f"- **w = {b['w']:g} against w = 1:** reward {rd['delta']:+.4f} ± {rd['se']:.4f} ({verdict}); "
             f"diversity {dd['delta']:+.4f} ± {dd['se']:.4f}; unseen reward ({UNSEEN_REWARD}) {ud['delta']:+.4f} ± "

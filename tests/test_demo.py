@@ -1,62 +1,214 @@
-"""`flowalign demo --quick`: the files it promises, and the same numbers for the same seed."""
+"""``flowalign demo``: the numbers it prints come from its per-image data, its figures show them, it reads the
+shipped config, and the committed ``samples/demo/`` shows alignment and its dial."""
 
 import csv
+import json
+import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
-from flowalign.demo import demo, describe_reading, trade_off_reading
+from flowalign import demo as D
+from flowalign.eval import diversity
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "samples" / "demo"
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def paired_se(a, b):
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return d.mean(), d.std(ddof=1) / math.sqrt(d.size)
+
+
+def by_scale(rows, key, index_key):
+    """{w: [values in index order]} from per_image.csv / per_prompt.csv rows."""
+    out = {}
+    for r in rows:
+        out.setdefault(float(r["rlg_scale"]), []).append((int(r[index_key]), float(r[key])))
+    return {w: [v for _, v in sorted(vals)] for w, vals in out.items()}
+
+
+def check_results_match_per_image_data(folder: Path) -> tuple[list[dict], dict]:
+    """results.csv is what per_image.csv / per_prompt.csv say (recomputed here with numpy, not the demo's code)."""
+    results = read_csv(folder / "results.csv")
+    assert list(results[0]) == list(D.COLUMNS)
+    images, prompts = read_csv(folder / "per_image.csv"), read_csv(folder / "per_prompt.csv")
+    reward, unseen = by_scale(images, "reward", "image"), by_scale(images, "shapes", "image")
+    kl, div = by_scale(images, "kl_to_base", "image"), by_scale(prompts, "diversity", "prompt_index")
+    assert [float(r["rlg_scale"]) for r in results] == sorted(reward)
+    for r in results:
+        w = float(r["rlg_scale"])
+        n = len(reward[w])
+        assert float(r["reward"]) == pytest.approx(np.mean(reward[w]), abs=2e-6)
+        assert float(r["reward_paired_se"]) == pytest.approx(paired_se(reward[w], reward[0.0])[1], abs=2e-6)
+        assert float(r["shapes"]) == pytest.approx(np.mean(unseen[w]), abs=2e-6)
+        assert float(r["shapes_paired_se"]) == pytest.approx(paired_se(unseen[w], unseen[0.0])[1], abs=2e-6)
+        assert float(r["diversity"]) == pytest.approx(np.mean(div[w]), abs=2e-6)
+        assert float(r["diversity_paired_se"]) == pytest.approx(paired_se(div[w], div[0.0])[1], abs=2e-6)
+        assert float(r["kl_to_base"]) == pytest.approx(np.mean(kl[w]), abs=2e-6)
+        assert float(r["kl_to_base_se"]) == pytest.approx(np.std(kl[w], ddof=1) / math.sqrt(n), abs=2e-6)
+    # w = 0 is the base model: no difference from itself, and its KL to itself is exactly 0
+    assert float(results[0]["reward_paired_se"]) == 0.0 and set(kl[0.0]) == {0.0}
+    return results, {"reward": reward, "unseen": unseen, "kl": kl, "diversity": div}
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_report_and_is_reproducible(tmp_path):
-    first = demo(out=str(tmp_path / "a"), quick=True, seed=0, scales=[0.0, 1.0, 2.0])
+def test_quick_demo_numbers_figures_report_and_reproducibility(tmp_path):
+    first = D.demo(out=tmp_path / "a", quick=True, seed=0)
     out = first["out"]
-    for name in ("grid.png", "plot.png", "results.csv", "report.md", "settings.json"):
-        assert (out / name).exists(), name
-    report = (out / "report.md").read_text()
-    assert "![grid](grid.png)" in report and "![plot](plot.png)" in report
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [float(r["rlg_scale"]) for r in rows] == [0.0, 1.0, 2.0]
-    for r in rows:
-        assert 0.0 <= float(r["reward (verifier, dense)"]) <= 1.0
-        assert float(r["diversity"]) > 0.0
-    # w changes the images (the LoRA moved), and the same seed gives the same numbers.
-    assert rows[0]["diversity"] != rows[2]["diversity"] or rows[0]["JPEG size (kB)"] != rows[2]["JPEG size (kB)"]
-    # the report reads the trend from the same numbers as the table
+    results, data = check_results_match_per_image_data(out)
+    assert [float(r["rlg_scale"]) for r in results] == list(D.SCALES)
+    n_images = D.QUICK["prompts"] * D.QUICK["images_per_prompt"]
+    assert all(len(v) == n_images for v in data["reward"].values())
+
+    # The KL: positive for w > 0; with --quick the window is the first step only, where every scale starts from
+    # the same x_T, so the RLG velocity gap is exactly w (v_ft - v_base) and the KL exactly w^2 KL(w = 1).
+    kl = {float(r["rlg_scale"]): float(r["kl_to_base"]) for r in results}
+    assert kl[1.0] > 0
+    for w, value in kl.items():
+        assert value == pytest.approx(w * w * kl[1.0], rel=1e-3, abs=1e-6)
+
+    # The reading is computed from the same data, and the report prints it with the table.
     reading = first["reading"]
-    assert reading["non_decreasing"] == (float(rows[1]["reward (verifier, dense)"]) >= float(rows[0]["reward (verifier, dense)"]))
-    assert reading["delta"] == pytest.approx(float(rows[1]["reward (verifier, dense)"]) - float(rows[0]["reward (verifier, dense)"]), abs=1e-6)
-    assert reading["n"] == 12 and describe_reading(reading) in report
-    second = demo(out=str(tmp_path / "b"), quick=True, seed=0, scales=[0.0, 1.0, 2.0])
-    assert second["rows"] == first["rows"]
+    delta, se = paired_se(data["reward"][1.0], data["reward"][0.0])
+    # (per_image.csv rounds to 1e-6)
+    assert reading["gain"]["delta"] == pytest.approx(delta, abs=2e-6) and reading["gain"]["se"] == pytest.approx(se, abs=2e-6)
+    assert reading["gain"]["clear"] == (delta >= D.GAIN_IN_SE * se)
+    steps = [(s["from"], s["to"]) for s in reading["steps"]]
+    assert steps == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert reading["monotone"] == all(
+        paired_se(data["reward"][b], data["reward"][a])[0] >= -paired_se(data["reward"][b], data["reward"][a])[1]
+        for a, b in steps)
+    assert [b["w"] for b in reading["beyond"]] == [1.5, 2.0, 3.0]
+    report = (out / "report.md").read_text()
+    assert D.describe_reading(reading) in report and first["table"] in report
+    assert "![grid" in report and "(grid.png)" in report and "(plot.png)" in report
+
+    # grid.png: the labelled layout (prompt column, header of scales, a caption under every image), with text
+    # drawn in the label column of every row and in every caption.
+    grid = np.asarray(Image.open(out / "grid.png").convert("L"))
+    rows = min(D.QUICK["prompts"], 6)
+    assert (grid.shape[1], grid.shape[0]) == D.grid_size(rows, len(D.SCALES))
+    assert grid.shape[1] == D.LABEL_W + len(D.SCALES) * (D.CELL + D.PAD) + D.PAD  # not the bare image grid
+    for i in range(rows):
+        y = D.HEADER_H + i * (D.CELL + D.CAPTION_H + D.PAD)
+        assert (grid[y : y + D.CELL, : D.LABEL_W - D.PAD] < 100).any(), f"no prompt text on row {i}"
+        for j in range(len(D.SCALES)):
+            x = D.LABEL_W + D.PAD + j * (D.CELL + D.PAD)
+            assert (grid[y + D.CELL : y + D.CELL + D.CAPTION_H, x : x + D.CELL] < 100).any(), f"no reward under ({i}, {j})"
+    assert (grid[: D.HEADER_H, D.LABEL_W :] < 100).any(), "no scale labels"
+
+    # plot.png: reward with its paired SE as error bars, the fine-tuned point marked, the KL panel.
+    fig = first["figure"]
+    ax, ax_kl = fig.axes[0], fig.axes[1]
+    reward_bars = ax.containers[0]
+    np.testing.assert_allclose(reward_bars.lines[0].get_ydata(), [float(r["reward"]) for r in results])
+    segments = reward_bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments],
+                               [2 * float(r["reward_paired_se"]) for r in results], atol=1e-9)
+    star = [line for line in ax.lines if line.get_marker() == "*"]
+    assert len(star) == 1 and list(star[0].get_xdata()) == [1.0]
+    np.testing.assert_allclose(ax_kl.containers[0].lines[0].get_ydata(), [float(r["kl_to_base"]) for r in results])
+    assert (out / "plot.png").stat().st_size > 0
+
+    # Determinism: the same seed, a second run, the same results.csv byte for byte.
+    second = D.demo(out=tmp_path / "b", quick=True, seed=0)
+    assert (second["out"] / "results.csv").read_bytes() == (out / "results.csv").read_bytes()
 
 
-def test_demo_training_settings_are_the_shipped_config_with_fewer_iterations():
-    """The demo fine-tunes like samples/configs/acflow_shapes.yaml: every key it sets agrees, except the
-    schedule (iterations), the evaluation and the checkpoints, which the demo does itself."""
-    from pathlib import Path
+def test_training_config_is_the_config_file_with_the_demo_folders(tmp_path):
+    shipped = yaml.safe_load(D.SHIPPED_CONFIG.read_text())
+    cfg = D.training_config(D.SHIPPED_CONFIG, tmp_path, seed=0, quick=False)
+    for key in ("algorithm", "reward", "kl_coef", "iterations", "prompts_per_iteration", "images_per_prompt",
+                "learning_rate", "sample_steps", "sde_steps_fraction"):
+        assert getattr(cfg, key) == shipped[key], key
+    assert cfg.eval_prompts == 0 and cfg.output_dir == str(tmp_path / "acflow_run")
+    # The demo reads the file: another kl_coef in the file is another regulariser in the run.
+    changed = tmp_path / "other.yaml"
+    changed.write_text(yaml.safe_dump({**shipped, "kl_coef": 0.7}))
+    other = D.training_config(changed, tmp_path, seed=0, quick=True)
+    assert other.kl_coef == 0.7 and other.w2_weight == pytest.approx(0.7 * other.beta)
+    assert other.reward == shipped["reward"] and other.iterations == D.QUICK_TRAINING["iterations"]
+    with pytest.raises(FileNotFoundError, match="--config"):
+        D.training_config(tmp_path / "missing.yaml", tmp_path, seed=0, quick=True)
 
-    import yaml
 
-    from flowalign.demo import DEMO_TRAINING
-
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "samples" / "configs" / "acflow_shapes.yaml").read_text())
-    own = {"iterations", "eval_prompts", "checkpoint_every"}
-    differ = {k: (v, shipped[k]) for k, v in DEMO_TRAINING.items() if k not in own and k in shipped and shipped[k] != v}
-    assert not differ, f"demo settings differ from the shipped config: {differ}"
-    assert DEMO_TRAINING["iterations"] <= shipped["iterations"]
+def test_demo_refuses_scales_without_the_two_models(tmp_path):
+    with pytest.raises(ValueError, match="include 0"):
+        D.demo(out=tmp_path, quick=True, scales=[0.5, 1.0])
 
 
-def test_trade_off_reading_pairs_the_images_and_states_the_noise():
-    flat = {0.0: torch.tensor([0.2, 0.4, 0.6, 0.8]), 1.0: torch.tensor([0.3, 0.3, 0.7, 0.7])}
-    r = trade_off_reading(flat)  # differences +0.1, -0.1, +0.1, -0.1: mean 0, se 0.1 / sqrt(4) * sqrt(4/3)
-    assert r["non_decreasing"] and r["n"] == 4 and r["delta"] == pytest.approx(0.0, abs=1e-7)
-    assert r["se"] == pytest.approx(torch.tensor([0.1, -0.1, 0.1, -0.1]).std().item() / 2, rel=1e-5)
-    assert not r["beyond_noise"] and "does not show a real change" in describe_reading(r)
-    up = {0.0: torch.tensor([0.2, 0.4, 0.6]), 0.5: torch.tensor([0.1, 0.3, 0.5]),
-          1.0: torch.tensor([0.5, 0.7, 0.9]), 2.0: torch.tensor([0.0, 0.0, 0.0])}
-    r = trade_off_reading(up)  # a dip at 0.5; w = 2 is outside [0, 1] and does not count
-    assert r["scales"] == [0.0, 0.5, 1.0] and not r["non_decreasing"]
-    assert r["delta"] == pytest.approx(0.3) and r["se"] == pytest.approx(0.0, abs=1e-7) and r["beyond_noise"]
-    assert describe_reading(r).startswith("The training reward is not non-decreasing over w = 0, 0.5, 1")
+def test_per_prompt_diversity_averages_to_the_trainers_diversity():
+    images = torch.rand(9, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    groups = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    values = D.per_prompt_diversity(images, groups)
+    assert len(values) == 3 and np.mean(values) == pytest.approx(diversity(images, groups))
+    assert values[1] == pytest.approx(diversity(images[3:6], [0, 0, 0]))
+
+
+def test_read_sweep_on_hand_values():
+    def block(reward, unseen=None, kl=None):
+        return {"reward": reward, "unseen": unseen or [0.0] * len(reward), "kl_to_base": kl or [0.0] * len(reward)}
+
+    per_image = {
+        0.0: block([0.0, 0.1, 0.2, 0.3]),
+        0.5: block([0.2, 0.2, 0.5, 0.5], kl=[1.0, 1.0, 1.0, 1.0]),      # +0.2 on average
+        1.0: block([0.3, 0.5, 0.6, 0.6], kl=[4.0, 4.0, 4.0, 4.0]),      # +0.35 from w = 0: differences .3 .4 .4 .3
+        2.0: block([0.3, 0.5, 0.6, 0.6], unseen=[-1.0] * 4, kl=[20.0] * 4),  # no further gain
+    }
+    per_prompt = {0.0: [0.5, 0.4], 0.5: [0.5, 0.4], 1.0: [0.4, 0.3], 2.0: [0.2, 0.2]}
+    r = D.read_sweep(per_image, per_prompt)
+    d = np.array([0.3, 0.4, 0.4, 0.3])
+    assert r["gain"]["delta"] == pytest.approx(0.35) and r["gain"]["se"] == pytest.approx(d.std(ddof=1) / 2)
+    assert r["gain"]["in_se"] == pytest.approx(0.35 / (d.std(ddof=1) / 2)) and r["gain"]["clear"]
+    assert [(s["from"], s["to"]) for s in r["steps"]] == [(0.0, 0.5), (0.5, 1.0)] and r["monotone"]
+    (beyond,) = r["beyond"]
+    assert beyond["w"] == 2.0 and beyond["reward"]["delta"] == pytest.approx(0.0) and beyond["reward"]["se"] == 0.0
+    assert beyond["unseen"]["delta"] == pytest.approx(-1.0) and beyond["diversity"]["delta"] == pytest.approx(-0.15)
+    assert r["kl"]["ratio_to_w2"] == pytest.approx({0.5: 1.0, 1.0: 1.0, 2.0: 20.0 / 16.0})
+    text = D.describe_reading(r)
+    assert "+0.3500" in text and "a clear gain" in text and "never falls by more than one standard error" in text
+    assert "w = 2 against w = 1:** reward +0.0000 ± 0.0000 (no change beyond two standard errors)" in text
+
+    # a dip larger than its standard error between 0 and 1 is reported as such, and a small gain is not clear
+    per_image[0.5] = block([-0.1, 0.0, 0.1, 0.1])
+    r = D.read_sweep(per_image, per_prompt)
+    assert not r["monotone"] and "not monotone" in D.describe_reading(r)
+    per_image[1.0] = block([0.05, 0.1, 0.2, 0.3], kl=[4.0] * 4)
+    r = D.read_sweep(per_image, per_prompt)
+    assert not r["gain"]["clear"] and "short of the 5 standard errors" in D.describe_reading(r)
+
+
+@pytest.mark.skipif(not (COMMITTED / "per_image.csv").exists(), reason="samples/demo/ has not been generated")
+def test_committed_demo_shows_alignment_and_its_dial():
+    """samples/demo/ (what the README shows) was written by `flowalign demo` with the config file as it is now,
+    its table is its per-image data, w = 1 gains >= 5 paired SEs over w = 0, and the reward does not fall by more
+    than one SE from one w to the next over 0 ... 1."""
+    results, data = check_results_match_per_image_data(COMMITTED)
+    settings = json.loads((COMMITTED / "settings.json").read_text())
+    shipped = yaml.safe_load(D.SHIPPED_CONFIG.read_text())
+    assert not settings["quick"] and settings["scales"] == list(D.SCALES)
+    for key in ("algorithm", "reward", "kl_coef", "iterations"):
+        assert settings["training"][key] == shipped[key], (
+            f"samples/demo/ was made with {key}={settings['training'][key]!r}, the config file now says "
+            f"{shipped[key]!r}: rerun `flowalign demo` and commit samples/demo/")
+    reward = data["reward"]
+    delta, se = paired_se(reward[1.0], reward[0.0])
+    assert delta >= 5 * se, f"w = 1 - w = 0: {delta:+.4f} ± {se:.4f} ({delta / se:.1f} SE)"
+    inside = [w for w in sorted(reward) if w <= 1.0]
+    for a, b in zip(inside, inside[1:]):
+        step, step_se = paired_se(reward[b], reward[a])
+        assert step >= -step_se, f"the reward falls from w = {a:g} to {b:g}: {step:+.4f} ± {step_se:.4f}"
+    report = (COMMITTED / "report.md").read_text()
+    assert f"{delta:+.4f} ± {se:.4f}" in report and f"{delta / se:.1f} standard errors" in report
+    grid = Image.open(COMMITTED / "grid.png")
+    assert grid.size == D.grid_size(settings["grid_rows"], len(D.SCALES))
