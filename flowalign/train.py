@@ -12,6 +12,7 @@ import argparse
 import json
 
 from flowalign.config import ACFlowConfig, add_config_arguments, config_overrides
+from flowalign.trainer import ACFlowTrainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowalign.trainer import ACFlowTrainer  # the trainer pulls in diffusers / peft: only when training
-
     overrides = config_overrides(args)
     try:
         config = ACFlowConfig.from_yaml(args.config, overrides) if args.config else ACFlowConfig.from_dict(overrides)

@@ -31,6 +31,16 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from flowalign.rewards import Reward, load
+from flowalign.rewards.testing import save_tiny_checkpoints
+from flowalign.shapes import heldout_prompts, render_prompt
+
 DEFAULT_REWARDS = (
     "pickscore",
     "hpsv2.1",
@@ -54,20 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _inputs(batch_size: int, image_size: int, device) -> tuple[Any, list[str]]:
     """Shapes-world renders and their prompts (valid for every reward, verifier included)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from flowalign.shapes import heldout_prompts, render_prompt
-
     prompts = heldout_prompts(batch_size)
     rng = np.random.default_rng(0)
     images = torch.stack([torch.from_numpy(render_prompt(p, rng)).permute(2, 0, 1) for p in prompts]).float() / 255
@@ -79,7 +81,6 @@ def _inputs(batch_size: int, image_size: int, device) -> tuple[Any, list[str]]:
 def time_reward(reward, images, prompts, repeats: int) -> dict[str, float]:
     """Median seconds of ``reward(images, prompts)`` and of ``reward.score_chunk`` (same batch, same
     grad mode), interleaved; plus images/s, the overhead ratio and the largest score difference."""
-    import torch
 
     reward.batch_size = images.shape[0]
     grad = contextlib.nullcontext if reward.differentiable else torch.no_grad
@@ -116,7 +117,6 @@ def wrapper_cost(images, prompts, repeats: int = 50) -> float:
     a reward whose model is free (``score_chunk`` returns a slice of the input), so all the time is
     checks, chunking, grad mode, NaN check and dtype cast. Stable where the difference of two noisy
     model timings is not."""
-    from flowalign.rewards import Reward
 
     class Free(Reward):
         name = "free"
@@ -140,11 +140,6 @@ def run_benchmark(
     rewards: list[str], batch_size: int = 32, image_size: int = 64, repeats: int = 7, device: str = "cpu"
 ) -> dict[str, Any]:
     """Time ``rewards`` (registry names) on tiny checkpoints; returns the JSON-able results."""
-    import torch
-
-    from flowalign.rewards import load
-    from flowalign.rewards.testing import save_tiny_checkpoints
-
     device = torch.device(device)
     images, prompts = _inputs(batch_size, image_size, device)
     results: dict[str, Any] = {
@@ -173,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"Rewards at batch {results['batch_size']}, {results['image_size']} px, {results['device']}")
     for column in ("reward", "images/s", "wrapper ms", "direct ms", "overhead", "from wrapper cost"):
