@@ -964,13 +964,16 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                         f"finetuned_transformer must be a transformer module or None, got {type(value).__name__}; "
                         "for a path use pipe.load_finetuned(path)."
                     )
+                if value is not None:
+                    check_same_architecture(self.transformer, value)  # before anything changes
                 self._detach_finetuned()
                 if value is not None:
-                    check_same_architecture(self.transformer, value)
                     self.__dict__["rlg_transformer"] = RLGTransformer(self.transformer, finetuned=value)
             super().__setattr__(name, value)
             # (DiffusionPipeline.__setattr__ records (None, None) when the previous value was None.)
-            self.register_to_config(finetuned_transformer=(None, None) if value is None else _fetch_class_library_tuple(value))
+            self.register_to_config(
+                finetuned_transformer=(None, None) if value is None else _fetch_class_library_tuple(value)
+            )
             return
         super().__setattr__(name, value)
 

@@ -398,6 +398,15 @@ def test_finetuned_that_does_not_fit_is_rejected_when_set(world):
     assert pipe.rlg_transformer is None
     with pytest.raises(TypeError, match=r"finetuned_transformer must be a transformer module or None.*load_finetuned"):
         pipe.finetuned_transformer = "path/to/model"
+    # a fine-tune already attached stays attached when a bad one is set
+    pipe.load_finetuned(world.peft_dir)
+    try:
+        with pytest.raises(ValueError, match=r"num_layers"):
+            pipe.finetuned_transformer = smaller
+        assert pipe.rlg_transformer is not None and pipe.rlg_transformer.adapter_name == "rlg"
+        assert "rlg" in world.pipe.transformer.peft_config
+    finally:
+        pipe.unload_finetuned()
 
 
 # ------------------------------------------------------------------------------------------------
