@@ -67,6 +67,8 @@ def test_sample_writes_images_grid_and_metadata(models, tmp_path):
             out,
             "--batch-size",
             1,
+            "--max-rows",
+            5,
             "--device",
             "cpu",
         ]
@@ -186,7 +188,16 @@ def test_sample_without_base_uses_the_embedded_model(models, tmp_path, monkeypat
     assert png(out / "grid.png").shape == (32, 32, 3)
 
 
-def test_sample_rejects_bad_scales(models, tmp_path):
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--scales", "nan"], r"--scales: rlg_sweep\[0\]: rlg_scale must be finite, got nan"),
+        (["--scales", "1", "inf"], r"--scales: rlg_sweep\[1\]: rlg_scale must be finite, got inf"),
+        (["--max-rows", "0"], r"--max-rows must be >= 1, got 0"),
+    ],
+)
+def test_sample_rejects_bad_scales(models, tmp_path, extra, message):
     _, base, lora = models
-    with pytest.raises(SystemExit, match="finite"):
-        sample(["--base", base, "--finetuned", lora, "--prompts", "x", "--scales", "nan", "--out", tmp_path])
+    with pytest.raises(SystemExit, match=message):
+        sample(["--base", base, "--finetuned", lora, "--prompts", "x", "--out", tmp_path, *extra])
+    assert not (tmp_path / "images").exists()  # nothing written, nothing loaded
