@@ -31,7 +31,7 @@ import yaml
 
 from flowalign.objectives import WEIGHTINGS
 
-ALGORITHMS = ("acflow", "orw", "grpo")
+ALGORITHMS = ("acflow", "orw", "grpo", "nft", "awm")
 LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -40,7 +40,9 @@ class ACFlowConfig:
     """Every knob of a fine-tuning run. Load from YAML with ``ACFlowConfig.from_yaml``."""
 
     # --- run -----------------------------------------------------------------------------------
-    algorithm: str = field(default="acflow", metadata={"help": "'acflow' | 'orw' (ORW-CFM-W2) | 'grpo' (Flow-GRPO)"})
+    algorithm: str = field(default="acflow", metadata={"help": (
+        "'acflow' | 'orw' (ORW-CFM-W2) | 'grpo' (Flow-GRPO) | 'nft' (DiffusionNFT) | 'awm' (Advantage Weighted Matching)"
+    )})
     output_dir: str = field(default="runs/acflow", metadata={"help": (
         "checkpoints, metrics.csv, TensorBoard logs (rank 0 writes)"
     )})
@@ -192,6 +194,17 @@ class ACFlowConfig:
         "fraction of the sampling steps trained on ('denoising reduction')"
     )})
     grpo_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (grpo)"})
+    # --- DiffusionNFT and AWM (forward-process baselines) -----------------------------------------
+    nft_beta: float = field(default=1.0, metadata={"help": (
+        "b of DiffusionNFT's implicit policies v+ = (1 - b) v_old + b v, v- = (1 + b) v_old - b v"
+    )})
+    nft_ema_decay: float = field(default=0.0, metadata={"help": (
+        "DiffusionNFT's sampling policy: an EMA of the trained parameters with this decay per iteration "
+        "(0 = the trained policy itself, on-policy)"
+    )})
+    awm_clip_range: float = field(default=0.01, metadata={"help": (
+        "AWM's ratio clip on exp(log p - log p_old), log p = -||v - u||^2 (per-dimension mean)"
+    )})
     # --- evaluation ----------------------------------------------------------------------------
     eval_every: int = field(default=10, metadata={"help": "iterations between evaluations (0 = only at start and end)"})
     eval_prompts: int = field(default=48, metadata={"help": (
@@ -235,9 +248,10 @@ class ACFlowConfig:
             if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
                 raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
                                  "or None to use w2_weight / grpo_kl_weight as given.")
-            self.w2_weight = self.kl_coef * self.beta  # alpha / beta = kl_coef
+            self.w2_weight = {"nft": self.kl_coef / self.advantage_clip,  # its implicit step: c b (docs)
+                              "awm": self.kl_coef}.get(self.algorithm, self.kl_coef * self.beta)  # alpha / beta
             self.grpo_kl_weight = self.kl_coef
-        if self.algorithm == "orw":  # ORW-CFM-W2 as published: freshly noised states of its own samples
+        if self.algorithm in ("orw", "nft", "awm"):  # forward-process methods: freshly noised states of the samples
             self.fm_states = "noised"
         if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
             raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "

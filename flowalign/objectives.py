@@ -7,7 +7,7 @@ Three methods share these pieces (the trainer picks one by config):
   weighting of the flow-matching loss that contains reward-weighted fine-tuning as a special case, and
   Wasserstein regularisation) come from *AC-Flow, arXiv 2510.18072*. Its method section is not public: the
   concrete design below (the formulas, the weighting functions, the defaults) is ours, as described in
-  ``shared/design/algorithms.md``::
+  ``docs/algorithms.md``::
 
       shaping     r~_i = clip((r_i - mean_c) / (std_c + eps), -k, k)       per-prompt group (running stats if G = 1)
       noising     x_s = (1 - s) x0_i + s eps,  target u = eps - x0_i
@@ -29,18 +29,17 @@ Three methods share these pieces (the trainer picks one by config):
             + alpha ||k_i (v_theta - v_ref_i)||^2,  k = |c_v| / std  (the W2 term in the same units: 2 KL per step)
 
     The plain weights' update is "fit your own samples" plus the reward tilt; the first part is pure noise
-    in expectation, and centring removes it (measured on the tiny world: the noised form lowered the reward;
-    the trajectory form raised the 3-seed benchmark's held-out accuracy by 4.5 points, within the noise of
-    that evaluation, and on 600 held-out images no variant is clear of the base model; README, "Training").
+    in expectation, and centring removes it (the measurements: ``docs/benchmarks.md``).
 
 - **ORW-CFM-W2** (Fan et al., "Online Reward-Weighted Fine-Tuning of Flow Matching with Wasserstein
-  Regularization", ICLR 2025): the special case V = 0, no shaping, f = exp(beta r) — see :func:`orw_weights`
-  and :func:`orw_cfm_w2_loss`.
+  Regularization", ICLR 2025): the special case V = 0, no shaping, f = exp(beta r) on batch-normalised rewards,
+  on freshly noised states — see :func:`orw_weights` and :func:`orw_cfm_w2_loss`.
 - **Flow-GRPO** (Liu et al., arXiv 2505.05470): per-prompt group advantages, a PPO-style clipped ratio of
   SDE-step log-probabilities (see :mod:`flowalign.sampling`), and a KL penalty to the reference policy.
 
 Norms ``||.||^2`` are implemented as per-sample *means* over the non-batch dimensions (a resolution-independent
-scale); every loss is then a mean over the batch.
+scale); every loss is then a mean over the batch. The regulariser of every method is set on one axis,
+``kl_coef`` in nats per image (``docs/algorithms.md``, "One regulariser axis").
 
 POT (Python Optimal Transport) serves two uses: minibatch OT pairing of noise and samples (:func:`ot_pair`)
 and the W2 distance between two sample sets for evaluation (:func:`w2_distance`).
@@ -59,6 +58,9 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 
 __all__ = [
     "RunningMeanStd",
+    "awm_loss",
+    "nft_loss",
+    "nft_optimality",
     "WEIGHTINGS",
     "acflow_actor_loss",
     "advantages",
@@ -500,6 +502,74 @@ def gaussian_kl_to_reference(
     per_dim = (mean.float() - ref_mean.detach().float()) ** 2 / (2.0 * std**2)
     dims = tuple(range(1, mean.ndim))
     return per_dim.sum(dim=dims) if reduction == "sum" else per_dim.mean(dim=dims)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-process methods: DiffusionNFT and Advantage Weighted Matching (baselines)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def nft_optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability ``r = clip(A, -c, c) / (2 c) + 1/2`` in [0, 1] from group advantages.
+
+    Example: ``nft_optimality(tensor([-5., 0., 1.]), 2.0)`` -> ``[0., 0.5, 0.75]``.
+    """
+    if not clip > 0:
+        raise ValueError(f"nft_optimality needs clip > 0 (the advantage that maps to r = 1), got {clip}.")
+    return advantages.detach().float().clamp(-clip, clip) / (2.0 * clip) + 0.5
+
+
+def nft_loss(
+    v_pred: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
+    """DiffusionNFT (Zheng et al., arXiv 2509.16117) on freshly noised states, velocity form.
+
+    Implicit positive and negative policies around the sampling policy ``v_old``::
+
+        v+ = (1 - b) v_old + b v_theta,      v- = (1 + b) v_old - b v_theta
+        L  = mean_i [ r_i ||v+_i - u_i||^2 + (1 - r_i) ||v-_i - u_i||^2 ] / b
+
+    Pointwise its minimiser is ``v_theta = v_old + (2 r - 1)(u - v_old) / b``: good samples (r > 1/2) pull
+    the policy toward their regression target, bad ones push it away. With ``r = 1`` it is flow matching on
+    ``v+`` (tested); ``v_old`` is detached.
+    Example: ``nft_loss(v, v_old, eps - x0, nft_optimality(adv, 2.0), beta=1.0)``.
+    """
+    if not beta > 0:
+        raise ValueError(f"nft_loss needs beta > 0 (the step of the implicit policies), got {beta}.")
+    v_old = v_old.detach().float()
+    v = v_pred.float()
+    positive = per_sample_mse((1.0 - beta) * v_old + beta * v, target)
+    negative = per_sample_mse((1.0 + beta) * v_old - beta * v, target)
+    r = r.detach().float()
+    return ((r * positive + (1.0 - r) * negative) / beta).mean()
+
+
+def awm_loss(
+    v_pred: torch.Tensor,
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    old_log_prob: torch.Tensor | None = None,
+    clip_range: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantage Weighted Matching (AWM, arXiv 2509.25050): the pretraining flow-matching loss weighted by the
+    group advantage, with a PPO-style ratio clip.
+
+    ``log p_i = -||v_theta - u_i||^2`` (the matching loss as a log-likelihood surrogate, per-dimension mean);
+    ``ratio = exp(log p - log p_old)``; ``L = mean max(-A ratio, -A clip(ratio, 1 +- eps))``. Its gradient at
+    ``ratio = 1`` is ``mean A grad ||v - u||^2``: advantage-weighted flow matching. Equal advantages (all 0
+    after group normalisation) give no update. Returns ``(loss, clip_fraction)``.
+    Example: ``loss, frac = awm_loss(v, eps - x0, adv, old_log_prob=-per_sample_mse(v_old, eps - x0), clip_range=0.01)``.
+    """
+    log_prob = -per_sample_mse(v_pred, target)
+    old = log_prob.detach() if old_log_prob is None else old_log_prob.detach().float()
+    ratio = torch.exp(log_prob - old)
+    adv = advantages.detach().float()
+    unclipped = -adv * ratio
+    if clip_range is None:
+        return unclipped.mean(), torch.zeros((), device=v_pred.device)
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    frac = ((ratio - 1.0).abs() > clip_range).float().mean().detach()
+    return torch.maximum(unclipped, clipped).mean(), frac
 
 
 # ----------------------------------------------------------------------------------------------------------

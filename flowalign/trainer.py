@@ -152,6 +152,9 @@ class ACFlowTrainer:
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
             self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        # nft: the sampling policy, an EMA of the trained parameters (None: the trained policy itself)
+        self.ema = ([q.detach().clone() for q in self._trainable()]
+                    if cfg.algorithm == "nft" and cfg.nft_ema_decay > 0 else None)
         self.latent_shape = latent_shape
         self.sde_steps = cfg.sde_steps(cfg.sample_steps)  # the rollouts' noisy (trainable) steps
 
@@ -308,7 +311,8 @@ class ACFlowTrainer:
             noise = torch.stack([starts[j, b] for j in range(cfg.prompts_per_iteration) for b in branch.tolist()])
             group = group * cfg.initial_noises + branch.repeat(cfg.prompts_per_iteration).to(self.device)
         sampler = "sde" if cfg.algorithm == "grpo" else cfg.sampler
-        roll = self.rollout(prompts, _generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
+        with self.sampling_policy():
+            roll = self.rollout(prompts, _generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
         t1 = time.perf_counter()
 
         # 2. Reward of the decoded images; gather across ranks for group statistics.
@@ -331,6 +335,10 @@ class ACFlowTrainer:
             metrics.update(self._grpo_update(roll, adv))
         else:
             metrics.update(self._flow_matching_update(roll, rewards, all_rewards, all_groups, mine))
+        if self.ema is not None:  # nft: the sampling policy follows the trained one, ema <- d ema + (1 - d) theta
+            with torch.no_grad():
+                for e, q in zip(self.ema, self._trainable()):
+                    e.mul_(cfg.nft_ema_decay).add_(q.detach(), alpha=1.0 - cfg.nft_ema_decay)
         t3 = time.perf_counter()
 
         n_images = all_rewards.numel()
@@ -366,6 +374,8 @@ class ACFlowTrainer:
 
         if cfg.algorithm == "orw":  # ORW-CFM-W2: rewards normalised over the batch (all ranks), no critic
             targets = ((all_rewards - all_rewards.mean()) / (all_rewards.std(unbiased=False) + 1e-6))[mine]
+        elif cfg.algorithm in ("nft", "awm"):  # group advantages, clipped (the implicit policies' / AWM's scale)
+            targets = O.grpo_advantages(all_rewards, all_groups)[mine].clamp(-cfg.advantage_clip, cfg.advantage_clip)
         elif cfg.shaping:  # r~ = clip((r - mean_c) / (std_c + eps), -k, k), statistics over all ranks
             if self.group_size >= 2:
                 targets = O.shape_rewards(all_rewards, all_groups, clip=cfg.shaping_clip)[mine]
@@ -385,6 +395,14 @@ class ACFlowTrainer:
         def add(key: str, value: torch.Tensor | float) -> None:
             sums[key] = sums.get(key, 0.0) + float(value)
             counts[key] = counts.get(key, 0) + 1
+
+        # The sampling policy at the same states, before any update: nft's v_old, awm's old log-probabilities.
+        if cfg.algorithm in ("nft", "awm"):
+            with torch.no_grad(), acc.autocast(), self.sampling_policy():
+                for b in batches:
+                    v_old = field(self.unwrapped, b["x_s"], b["sigma"], b["idx"]).float()
+                    b["v_old"] = v_old
+                    b["old_log_prob"] = -O.per_sample_mse(v_old, b["target"])
 
         # Advantages, once: A = clip(r~ - V(x_s, s, c), +-eps_A) with the critic as it was before this iteration;
         # during warm-up V = 0 ("shaped") or the actor waits ("frozen").
@@ -427,10 +445,13 @@ class ACFlowTrainer:
                 if cfg.w2_weight:
                     with torch.no_grad(), self.reference_model() as ref:
                         v_ref = field(ref, x_s, sigma, idx)
-                loss, m = O.acflow_actor_loss(v, b["target"], b["adv"], beta=cfg.beta,
-                                              weighting="exp" if cfg.algorithm == "orw" else cfg.weighting,
-                                              v_ref=v_ref, w2_weight=cfg.w2_weight, fm_scale=b["fm_scale"],
-                                              v_old=b["v_old"])
+                if cfg.algorithm in ("nft", "awm"):
+                    loss, m = self._forward_process_loss(v, b, v_ref)
+                else:
+                    loss, m = O.acflow_actor_loss(v, b["target"], b["adv"], beta=cfg.beta,
+                                                  weighting="exp" if cfg.algorithm == "orw" else cfg.weighting,
+                                                  v_ref=v_ref, w2_weight=cfg.w2_weight, fm_scale=b["fm_scale"],
+                                                  v_old=b["v_old"])
             # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.
             if acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() < 1:
                 self.counters["skipped_updates"] += 1
@@ -442,16 +463,54 @@ class ACFlowTrainer:
             self.optimizer.step()
             add("actor_loss", loss.detach())
             add("grad_norm", grad_norm)
-            for k in ("fm_loss", "w2", "ess"):
-                add(k, m[k])
+            for k in m:
+                if k in ("fm_loss", "w2", "ess", "clip_fraction"):
+                    add(k, m[k])
             timing["time_actor"] += time.perf_counter() - ta
         return {**{k: sums[k] / counts[k] for k in sums}, **timing}
+
+    def _forward_process_loss(self, v, b, v_ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DiffusionNFT or AWM on freshly noised states, plus ``w2_weight ||v - v_ref||^2`` (the anchor)."""
+        cfg = self.config
+        if cfg.algorithm == "nft":  # r = clip(A)/(2c) + 1/2; implicit policies v+- around the sampling policy
+            loss = O.nft_loss(v, b["v_old"], b["target"], O.nft_optimality(b["adv"], cfg.advantage_clip),
+                              beta=cfg.nft_beta)
+            metrics = {"fm_loss": loss.detach()}
+        else:  # awm: advantage-weighted matching with a ratio clip
+            loss, frac = O.awm_loss(v, b["target"], b["adv"], old_log_prob=b["old_log_prob"],
+                                    clip_range=cfg.awm_clip_range)
+            metrics = {"fm_loss": loss.detach(), "clip_fraction": frac}
+        w2 = O.w2_regulariser(v, v_ref) if v_ref is not None else torch.zeros((), device=v.device)
+        metrics["w2"] = w2.detach()
+        return (loss + cfg.w2_weight * w2 if cfg.w2_weight else loss), metrics
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [q for q in self.unwrapped.parameters() if q.requires_grad]
+
+    @contextlib.contextmanager
+    def sampling_policy(self):
+        """The policy that draws the rollouts: the trained one, or (nft with ``nft_ema_decay > 0``) its EMA,
+        swapped into the trainable parameters for the duration."""
+        if self.ema is None:
+            yield
+            return
+        params = self._trainable()
+        with torch.no_grad():
+            saved = [q.detach().clone() for q in params]
+            for q, e in zip(params, self.ema):
+                q.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for q, t in zip(params, saved):
+                    q.copy_(t)
 
     def _draw_states(self, roll, idx: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
         """The states of one minibatch ``idx`` where the critic and the actor are evaluated, with the regression
         target: a random SDE step of each rollout (``fm_states="trajectory"``) or freshly noised samples."""
         cfg = self.config
-        if cfg.fm_states == "trajectory" and cfg.algorithm != "orw":  # a random step k: x_k -> x_{k+1}
+        if cfg.fm_states == "trajectory" and cfg.algorithm == "acflow":  # a random step k: x_k -> x_{k+1}
             traj, grid = roll["trajectory"], roll["sigmas"]
             k = torch.randint(self.sde_steps, (idx.numel(),), generator=gen).to(self.device)
             x_s, sigma = traj[idx, k], grid[k]
@@ -618,7 +677,7 @@ class ACFlowTrainer:
             "iteration": self.iteration, "counters": self.counters, "running": self.running.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
-            "torch_rng": torch.get_rng_state(), "config": asdict(self.config),
+            "torch_rng": torch.get_rng_state(), "config": asdict(self.config), "ema": self.ema,
             "history": self.history, "eval_history": self.eval_history,
         }
         save_state(folder / "trainer_state.pt", state)
@@ -643,6 +702,8 @@ class ACFlowTrainer:
         if self.critic_optimizer is not None and state["critic_optimizer"] is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if self.ema is not None:
+            self.ema = [e.to(self.device) for e in state["ema"]]
         self.iteration, self.counters = state["iteration"], state["counters"]
         self.running.load_state_dict(state["running"])
         self.history, self.eval_history = state["history"], state["eval_history"]

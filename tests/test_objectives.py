@@ -389,3 +389,55 @@ def test_scaled_w2_is_twice_the_step_kl_to_the_reference():
     _, m = acflow_actor_loss(v, u, torch.zeros(3), v_ref=v_ref, w2_weight=1.0, fm_scale=scale)
     kl = gaussian_kl_to_reference(mean, ref_mean, std, reduction="mean").mean()
     assert float(m["w2"]) == pytest.approx(2 * float(kl), rel=1e-4)
+
+
+# --- DiffusionNFT and AWM ---------------------------------------------------------------------------
+def test_nft_with_r_one_is_flow_matching_on_the_positive_policy():
+    from flowalign.objectives import nft_loss, nft_optimality
+
+    g = torch.Generator().manual_seed(0)
+    v, v_old, u = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    v.requires_grad_(True)
+    b = 0.5
+    loss = nft_loss(v, v_old, u, torch.ones(3), beta=b)
+    v_plus = (1 - b) * v_old + b * v
+    expected = ((v_plus - u) ** 2).mean(dim=(1, 2, 3)).mean() / b
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, v)
+    # d/dv of mean_i mean_d (v+ - u)^2 / b = 2 (v+ - u) / (B D)   (the b of v+ cancels the 1 / b)
+    torch.testing.assert_close(grad, 2 * (v_plus - u).detach() / (3 * 32))
+    assert nft_optimality(torch.tensor([-9.0, 0.0, 1.0, 9.0]), 2.0).tolist() == [0.0, 0.5, 0.75, 1.0]
+
+
+def test_nft_minimiser_moves_toward_good_and_away_from_bad_samples():
+    """Pointwise the NFT loss is minimised at v = v_old + (2 r - 1)(u - v_old) / b: the gradient vanishes there."""
+    from flowalign.objectives import nft_loss
+
+    g = torch.Generator().manual_seed(1)
+    v_old, u = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    r, b = torch.tensor([1.0, 0.75, 0.5, 0.0]), 0.7
+    v_star = (v_old + (2 * r[:, None] - 1) * (u - v_old) / b).requires_grad_(True)
+    (grad,) = torch.autograd.grad(nft_loss(v_star, v_old, u, r, beta=b), v_star)
+    assert grad.abs().max() < 1e-6
+    assert torch.equal(v_star[2].detach(), v_old[2])  # r = 1/2: no information, the sampling policy stays
+
+
+def test_awm_equal_advantages_give_no_update_and_its_gradient_is_advantage_weighted_matching():
+    from flowalign.objectives import awm_loss
+
+    g = torch.Generator().manual_seed(2)
+    v, u = torch.randn(4, 2, 3, generator=g).requires_grad_(True), torch.randn(4, 2, 3, generator=g)
+    loss, frac = awm_loss(v, u, torch.zeros(4), old_log_prob=-((v - u) ** 2).mean((1, 2)).detach(), clip_range=0.01)
+    (grad,) = torch.autograd.grad(loss, v)
+    assert torch.count_nonzero(grad) == 0 and float(frac) == 0.0
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    loss, _ = awm_loss(v, u, adv, old_log_prob=-((v - u) ** 2).mean((1, 2)).detach(), clip_range=0.01)
+    (grad,) = torch.autograd.grad(loss, v)
+    # at ratio 1: d/dv mean_i -A_i exp(-||v_i - u_i||^2 + c) = mean_i A_i 2 (v_i - u_i) / D
+    expected = (adv[:, None, None] * 2 * (v - u) / 6 / 4).detach()
+    torch.testing.assert_close(grad, expected)
+    # once the ratio leaves the clip range, the clipped side stops the gradient of that sample
+    far = -((v - u) ** 2).mean((1, 2)).detach() - 1.0  # log p - log p_old = 1: ratio e > 1.01
+    loss, frac = awm_loss(v, u, adv, old_log_prob=far, clip_range=0.01)
+    (grad,) = torch.autograd.grad(loss, v)
+    assert float(frac) == 1.0 and grad[0].abs().max() == 0 and grad[1].abs().max() > 0  # A > 0 clipped, A < 0 not
