@@ -157,7 +157,8 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
 
     Returns a dict: ``cosines`` (one per repeat), ``cosine_mean``, ``cosine_se`` (SE over repeats), ``rho``
     and ``implied_batch`` (from the mean cosine, for ``target_cosine``), ``reward_mean``,
-    ``reward_std_within_groups``, ``half_size``, the settings, ``seconds`` and a ``message`` when there is no
+    ``implied_batch_range`` (the batches implied by ``cosine_mean + cosine_se`` and ``- cosine_se``; ``inf``
+    where that cosine is <= 0), ``reward_std_within_groups``, ``half_size``, the settings, ``seconds`` and a ``message`` when there is no
     gradient (a reward constant within every group: cosine NaN).
     """
     from dataclasses import replace
@@ -212,6 +213,9 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
     finite = [c for c in cosines if math.isfinite(c)]
     cos_mean, cos_se = mean_se(finite) if finite else (float("nan"), float("nan"))
     rho, needed = implied_batch(cos_mean, batch // 2, target)
+    # the cosine's sampling error carries over: the batch implied by cos + SE and by cos - SE (inf if <= 0)
+    needed_range = [implied_batch(cos_mean + cos_se, batch // 2, target)[1] if math.isfinite(cos_se) else float("nan"),
+                    implied_batch(cos_mean - cos_se, batch // 2, target)[1] if math.isfinite(cos_se) else float("nan")]
     if message is None and cos_mean <= 0:
         message = (f"The mean split-half cosine is {cos_mean:.4f} <= 0: no measurable gradient signal at a batch of "
                    f"{batch} (implied batch infinite); probe a larger --batch or more --repeats.")
@@ -221,7 +225,7 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
         "sde_steps": trainer.sde_steps, "sample_steps": cfg.sample_steps, "noise_level": cfg.noise_level,
         "pretrained": cfg.pretrained, "lora": lora,
         "cosines": cosines, "cosine_mean": cos_mean, "cosine_se": cos_se, "rho": rho,
-        "target_cosine": target, "implied_batch": needed,
+        "target_cosine": target, "implied_batch": needed, "implied_batch_range": needed_range,
         "reward_mean": sum(reward_means) / len(reward_means),
         "reward_std_within_groups": sum(within_std) / len(within_std),
         "seconds": time.perf_counter() - start, "message": message,
@@ -310,7 +314,8 @@ def format_result(result: dict) -> str:
              f"{result['cosine_se']:.4f} (SE over {result['repeats']} batches of {result['batch']}; "
              f"{result['half_size']} images per half; per batch {', '.join(f'{c:.4f}' for c in result['cosines'])})",
              f"per-image signal-to-noise rho = {result['rho']:.4g}; a cosine of {result['target_cosine']:g} needs a "
-             f"batch of ~{result['implied_batch']:.0f} images",
+             f"batch of ~{result['implied_batch']:.0f} images (cosine ± 1 SE: "
+             f"{' to '.join(f'{b:.0f}' for b in result['implied_batch_range'])})",
              f"reward mean {result['reward_mean']:.4f}, within-group std {result['reward_std_within_groups']:.4f}; "
              f"{result['seconds']:.0f} s"]
     if result.get("message"):

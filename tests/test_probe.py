@@ -64,8 +64,11 @@ def test_probe_on_the_tiny_model_deterministic_and_constant_rewards():
     assert all(math.isfinite(c) and -1.0 <= c <= 1.0 for c in result["cosines"])
     assert result["cosines"][0] != result["cosines"][1]  # two independent batches
     assert result["reward_std_within_groups"] > 0 and "constant" not in (result["message"] or "")
-    # the implied batch is finite exactly when the mean cosine is positive
+    # the implied batch is finite exactly when the mean cosine is positive; the range brackets it
     assert math.isfinite(result["implied_batch"]) == (result["cosine_mean"] > 0)
+    low, high = result["implied_batch_range"]
+    assert low == pytest.approx(implied_batch(result["cosine_mean"] + result["cosine_se"], 4)[1])
+    assert low <= result["implied_batch"] <= high
 
     def constant(images, prompts):
         return torch.full((images.shape[0],), 0.3)
