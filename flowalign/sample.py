@@ -26,6 +26,12 @@ import re
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from flowalign import tiny
+from flowalign.checkpoints import resolve_checkpoint
+from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,8 +118,6 @@ def _slug(text: str, length: int = 40) -> str:
 
 
 def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
-    from flowalign import tiny
-    from flowalign.pipelines import RLGStableDiffusion3Pipeline
 
     stock = (
         tiny.load_base_pipeline(device=device, dtype=dtype) if base is None else tiny.load_pipeline(base, device, dtype)
@@ -125,7 +129,6 @@ def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
 
 def make_grid(images: list, rows: int, cols: int):
     """Paste ``rows * cols`` equally sized PIL images (row-major) into one image."""
-    from PIL import Image
 
     width, height = images[0].size
     grid = Image.new("RGB", (cols * width, rows * height), "white")
@@ -135,10 +138,7 @@ def make_grid(images: list, rows: int, cols: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
 
-    from flowalign.pipelines import check_rlg_sweep
-    from flowalign.tiny import MAX_SEQUENCE_LENGTH
 
     try:
         check_rlg_sweep(args.scales)  # the pipeline's own check of a sweep (finite numbers, not empty)
@@ -155,10 +155,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     pipe = _load_pipeline(args.base, device, DTYPES[dtype_name])
-    from flowalign.checkpoints import resolve_checkpoint
 
     pipe.load_finetuned(resolve_checkpoint(args.finetuned), mode=args.mode)
-    max_sequence_length = args.max_sequence_length or (MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256)
+    max_sequence_length = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256)
     height = args.height or pipe.default_sample_size * pipe.vae_scale_factor
     width = args.width or pipe.default_sample_size * pipe.vae_scale_factor
 

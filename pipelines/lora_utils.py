@@ -36,7 +36,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig, PeftConfig, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
@@ -80,7 +86,6 @@ def add_random_lora(
     A freshly initialised LoRA has ``lora_B = 0`` (fine-tuned == base); this one does not.
     ``alpha`` defaults to ``rank`` (scaling 1).
     """
-    from peft import LoraConfig
 
     config = LoraConfig(
         r=rank,
@@ -99,7 +104,6 @@ def add_random_lora(
 
 def _adapter_state_dict(transformer: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """``{module.lora_A.weight: tensor, ...}`` of one adapter (adapter name removed from the keys)."""
-    from peft.utils import get_peft_model_state_dict
 
     return {
         k: v.detach().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()
@@ -111,7 +115,6 @@ def save_peft_adapter(transformer: nn.Module, adapter_name: str, path: str | os.
 
     Keys carry PEFT's ``base_model.model.`` prefix, exactly as ``PeftModel.save_pretrained`` writes them.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,6 @@ def save_peft_adapter(transformer: nn.Module, adapter_name: str, path: str | os.
 
 def save_diffusers_lora(transformer: nn.Module, adapter_name: str, path: str | os.PathLike) -> Path:
     """Write one adapter as a diffusers SD3 LoRA (``pytorch_lora_weights.safetensors``) with its config metadata."""
-    from diffusers import StableDiffusion3Pipeline
 
     path = Path(path)
     StableDiffusion3Pipeline.save_lora_weights(
@@ -141,7 +143,6 @@ def merged_copy(transformer: nn.Module, adapter_name: str) -> nn.Module:
 
     The result is a plain transformer equal to base + LoRA: a "full fine-tuned transformer".
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = copy.deepcopy(transformer)
     with torch.no_grad():
@@ -233,8 +234,6 @@ def load_peft_adapter(transformer: nn.Module, path: str | os.PathLike, adapter_n
 
     Example: ``load_peft_adapter(pipe.transformer, "flow-grpo-lora/", adapter_name="rlg")``.
     """
-    from peft import LoraConfig, PeftConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     path = Path(path)
     peft_type = PeftConfig.from_pretrained(str(path)).peft_type
@@ -280,7 +279,6 @@ def load_peft_adapter(transformer: nn.Module, path: str | os.PathLike, adapter_n
 
 def tuner_layers(transformer: nn.Module, adapter_name: str) -> list[nn.Module]:
     """The PEFT LoRA layers of ``transformer`` that carry ``adapter_name``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [
         m for m in transformer.modules() if isinstance(m, BaseTunerLayer) and adapter_name in getattr(m, "lora_B", {})
@@ -362,10 +360,9 @@ def resolve_finetuned_source(source: Any) -> tuple[str, Any]:
                 f"Fine-tuned model {text!r} not found: no such file or folder ({path.absolute()}), and it is not "
                 "a hub id of the form 'owner/name'."
             )
-        from huggingface_hub import snapshot_download
 
         try:
-            path = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "transformer/*"]))
+            path = Path(huggingface_hub.snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "transformer/*"]))
         except Exception as error:  # offline, unknown repo, gated, ...: name the source, keep the cause
             raise FileNotFoundError(
                 f"Fine-tuned model {text!r} not found: there is no local folder {path.absolute()}, and downloading "
@@ -427,7 +424,6 @@ def load_finetuned_model(
     if kind == "peft":
         load_peft_adapter(transformer, payload, adapter_name=adapter_name)
         return None
-    from diffusers import StableDiffusion3Pipeline
 
     loader = pipeline if pipeline is not None else StableDiffusion3Pipeline
     state_dict, metadata = loader.lora_state_dict(

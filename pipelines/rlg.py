@@ -94,6 +94,10 @@ from flowalign.pipelines.lora_utils import (
     save_peft_adapter,
     tuner_layers,
 )
+from flowalign.pipelines.scheduling_flow_match_sde import (
+    FlowMatchSDEScheduler,
+    check_noise_level,
+)
 from PIL import Image
 from torch import nn
 from transformers import (
@@ -1103,8 +1107,6 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if rlg["sampler"] not in ("ode", "sde"):
             raise ValueError(f"sampler must be 'ode' or 'sde', got {rlg['sampler']!r}.")
         if rlg["sampler"] == "sde":
-            from flowalign.pipelines.scheduling_flow_match_sde import check_noise_level
-
             check_noise_level(rlg["sde_noise_level"], "sde_noise_level")
         steps = call["num_inference_steps"]
         if call["sigmas"] is not None:
@@ -1290,10 +1292,6 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
 
         scheduler = self.scheduler
         if sampler == "sde":
-            from flowalign.pipelines.scheduling_flow_match_sde import (
-                FlowMatchSDEScheduler,
-            )
-
             scheduler = FlowMatchSDEScheduler.from_scheduler(scheduler, sde_noise_level, generator=generator)
             scheduler.noise_copies = sweep  # the K copies of an image get the same step noise (paired)
 

@@ -42,6 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+from peft import PeftModel
+
+from flowalign import tiny
+from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
+from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
+from flowalign.sampling import sde_step
 
 SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,7 +106,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Set-up
 # ------------------------------------------------------------------------------------------------
 def _tiny_pipeline(device, dtype):
-    from flowalign import tiny
 
     try:
         return tiny.load_base_pipeline(device=device, dtype=dtype), "embedded tiny base model"
@@ -110,9 +116,7 @@ def _tiny_pipeline(device, dtype):
 
 def _sd3_random_pipeline(device, dtype, layers, resolution):
     """An SD3-medium-sized transformer (random weights) inside a pipeline with tiny text encoders / VAE stand-ins."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from flowalign import tiny
 
     config = dict(SD3_MEDIUM, num_layers=layers or SD3_MEDIUM["num_layers"])
     torch.manual_seed(0)
@@ -140,12 +144,11 @@ def _sd3_random_pipeline(device, dtype, layers, resolution):
 
 def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
     """Inputs shared by all variants; sd3-random feeds random prompt embeddings and returns latents."""
-    from flowalign.tiny import MAX_SEQUENCE_LENGTH
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.model == "tiny":
-        return dict(kw, prompt=prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np")
+        return dict(kw, prompt=prompts, max_sequence_length=tiny.MAX_SEQUENCE_LENGTH, output_type="np")
     g = torch.Generator(device).manual_seed(1)
     emb = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)
     seq, width, pooled = 77 + 256, SD3_MEDIUM["joint_attention_dim"], SD3_MEDIUM["pooled_projection_dim"]
@@ -167,7 +170,6 @@ def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
 @torch.no_grad()
 def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, generator: torch.Generator):
     """Two sequential transformer calls per step (LoRA on, then off), RLG mix, CFG, SDE step with log-prob."""
-    from flowalign.sampling import sde_step
 
     device = pipe._execution_device
     cfg = call_kwargs["guidance_scale"]
@@ -227,11 +229,7 @@ def _as_numpy(output) -> np.ndarray:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run all variants and return the report (a JSON-ready dict); ``run`` prints it."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft import PeftModel
 
-    from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
-    from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
 
     sweep = [float(w) for w in check_rlg_sweep(args.sweep)]
 
