@@ -9,7 +9,7 @@
 - :func:`paired_difference` and :func:`mean_se`: a paired mean difference with its standard error, and a
   mean with its standard error over seeds.
 
-Conventions (``shared/design/algorithms.md``): noise level ``s`` from 1 (noise) to 0 (data); the SDE step
+Conventions (``docs/algorithms.md``): noise level ``s`` from 1 (noise) to 0 (data); the SDE step
 (:func:`flowalign.sampling.sde_step`) with noise level ``a`` has ``mean = c_x x + c_v v`` and
 ``std = sigma_t sqrt(-dt)``, ``sigma_t = a sqrt(s / (1 - s))``. Two models' step kernels at the same state
 ``x`` share the std, so ``KL = ||mean_ft - mean_ref||^2 / (2 std^2) = c_v^2 ||v_ft - v_ref||^2 / (2 std^2)``

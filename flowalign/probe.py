@@ -23,8 +23,8 @@ Example::
     flowalign probe-reward --reward shapes --batch 64 --repeats 3
     flowalign probe-reward --reward jpeg_compressibility --batch 64 --config samples/configs/acflow_shapes.yaml
 
+    from flowalign.config import ACFlowConfig
     from flowalign.probe import probe_reward
-    from flowalign.trainer import ACFlowConfig
     result = probe_reward(ACFlowConfig(reward="shapes", algorithm="grpo"), batch=64, repeats=3)
     result["cosine_mean"], result["implied_batch"]
 """
@@ -35,9 +35,21 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import StableDiffusion3Pipeline
+from peft.utils import set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from flowalign import objectives as O
+from flowalign.checkpoints import resolve_checkpoint
+from flowalign.config import ACFlowConfig, parse_override
+from flowalign.eval import mean_se
+from flowalign.sampling import sde_step
+from flowalign.trainer import ACFlowTrainer
 
 __all__ = ["add_arguments", "half_gradients", "implied_batch", "probe_reward", "run", "split_half_cosine"]
 
@@ -100,8 +112,6 @@ def half_gradients(trainer, roll: dict, advantages: torch.Tensor, halves: list[t
     traj, sigmas = roll["trajectory"], roll["sigmas"]
     embeds, pooled = roll["embeds"], roll["pooled"]
     neg_embeds, neg_pooled = trainer.encode([""] * traj.shape[0])
-    from flowalign.sampling import sde_step
-
     was_training = model.training
     model.eval()  # the rollout's own field (no dropout), as trainer.rollout samples it
     grads = []
@@ -129,11 +139,6 @@ def half_gradients(trainer, roll: dict, advantages: torch.Tensor, halves: list[t
 def _load_lora(trainer, path: str) -> None:
     """Load a LoRA (a training checkpoint folder, its ``latest`` pointer or a run's output_dir) into the
     trainer's adapter, as ``ACFlowTrainer.load_checkpoint`` does for its weights."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import set_peft_model_state_dict
-
-    from flowalign.checkpoints import resolve_checkpoint
-
     if not trainer.config.use_lora:
         raise ValueError("--lora needs use_lora=True (the probe's trainable parameters are the LoRA's).")
     folder = resolve_checkpoint(path)
@@ -161,12 +166,6 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
     where that cosine is <= 0), ``reward_std_within_groups``, ``half_size``, the settings, ``seconds`` and a ``message`` when there is no
     gradient (a reward constant within every group: cosine NaN).
     """
-    from dataclasses import replace
-
-    from flowalign import objectives as O
-    from flowalign.eval import mean_se
-    from flowalign.trainer import ACFlowTrainer
-
     g = images_per_prompt or config.images_per_prompt
     if g < 2 or g % 2:
         raise ValueError(f"images_per_prompt must be even and >= 2 (each prompt group is split in two halves), got {g}.")
@@ -186,8 +185,6 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
     halves = [torch.nonzero(first).flatten(), torch.nonzero(~first).flatten()]
     cosines, reward_means, within_std = [], [], []
     message = None
-    from tqdm.auto import tqdm
-
     for r in tqdm(range(repeats), desc="probe-reward", disable=not progress):
         prompts = [p for p in trainer.iteration_prompts(r) for _ in range(g)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)
@@ -265,27 +262,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _parse_override(key: str, text: str) -> Any:
-    """A ``KEY=VALUE`` override cast to the ACFlowConfig field's type (the trainer's own parser)."""
-    try:
-        from flowalign.config import parse_override
-    except ImportError:  # trees where ACFlowConfig still lives in flowalign.trainer
-        from flowalign.trainer import parse_override
-    return parse_override(key, text)
-
-
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from flowalign.trainer import ACFlowConfig
-
     overrides: dict[str, Any] = {}
     for item in args.sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"flowalign probe-reward: --set expects KEY=VALUE, got {item!r}.")
         try:
-            overrides[key.strip()] = _parse_override(key.strip(), value)
+            overrides[key.strip()] = parse_override(key.strip(), value)
         except ValueError as err:
             raise SystemExit(f"flowalign probe-reward: --set {item}: {err}") from None
     overrides.update(reward=args.reward, seed=args.seed, algorithm="grpo")

@@ -77,16 +77,6 @@ def test_run_name_and_set_parsing():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def _trainer_has_frontier_interface() -> bool:
-    from flowalign.trainer import ACFlowConfig
-
-    names = set(ACFlowConfig.__dataclass_fields__)
-    return {"kl_coef", "eval_seed", "eval_at_start", "eval_kl"} <= names
-
-
-@pytest.mark.skipif(not _trainer_has_frontier_interface(),
-                    reason="needs ACFlowConfig.kl_coef / eval_seed / eval_at_start / eval_kl (the trainer's frontier "
-                           "interface, issue #14)")
 def test_quick_sweep_end_to_end(tmp_path, capsys):
     from flowalign.cli import main
 
@@ -114,7 +104,6 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
     assert json.loads((out / "frontier.json").read_text())["runs"] == data["runs"]
 
 
-@pytest.mark.skipif(not _trainer_has_frontier_interface(), reason="needs the trainer's frontier interface (#14)")
 def test_quick_sweep_without_updates_is_the_control(tmp_path):
     from flowalign.cli import main
 

@@ -49,7 +49,7 @@ def test_cosine_model_recovers_the_per_image_snr():
 
 # ---------------------------------------------------------------------------------------------- tiny model
 def _config(**kw):
-    from flowalign.trainer import ACFlowConfig
+    from flowalign.config import ACFlowConfig
 
     return ACFlowConfig(algorithm="grpo", sample_steps=4, sde_steps_fraction=0.5, eval_prompts=0,
                         output_dir="unused", **kw)

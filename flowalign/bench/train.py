@@ -25,12 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from flowalign.config import ACFlowConfig, parse_override
+from flowalign.eval import mean_se, paired_difference
+from flowalign.probe import probe_reward
+from flowalign.trainer import ACFlowTrainer
 
 DEFAULT_METHODS = ("acflow", "orw", "grpo")
 DEFAULT_KL = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -104,8 +114,6 @@ def run_measures(control: dict, final: dict) -> dict:
 
     Example: control per-image rewards ``[0, 1]``, run ``[1, 1]`` -> ``reward_gain 0.5``, ``reward_gain_se 0.5``.
     """
-    from flowalign.eval import mean_se, paired_difference
-
     run_items, control_items = final.get("per_image"), control.get("per_image")
     if not run_items or not control_items:
         raise ValueError("run_measures needs evaluate() results with per_image lists (ACFlowTrainer.evaluate with "
@@ -134,8 +142,6 @@ def run_measures(control: dict, final: dict) -> dict:
 
 
 def _finite_mean_se(values: list[float]) -> tuple[float, float]:
-    from flowalign.eval import mean_se
-
     values = [v for v in values if v is not None and math.isfinite(v)]
     return mean_se(values) if values else (float("nan"), float("nan"))
 
@@ -194,10 +200,10 @@ def plot_frontier(summary: list[dict], path: str | os.PathLike, reward: str = "r
     control is the star at zero gain (KL 0, diversity ratio 1). The KL axis is symlog: logarithmic above the
     decade below the smallest positive measured KL, linear below it, so the control at KL 0 is drawn.
     """
-    import matplotlib
+    import matplotlib  # heavy, and only needed for the figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     fig, (ax_kl, ax_div) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for method in dict.fromkeys(r["method"] for r in summary):
@@ -264,10 +270,6 @@ def _eval_signature(cfg) -> dict:
 
 def _control_one(config: str, overrides: dict, out: str, threads: int) -> dict:
     """The no-update control: a fresh trainer's ``evaluate()`` (the base model on the held-out set)."""
-    import torch
-
-    from flowalign.trainer import ACFlowConfig, ACFlowTrainer
-
     if threads:
         torch.set_num_threads(threads)
     cfg = ACFlowConfig.from_yaml(config, {**overrides, "output_dir": str(Path(out) / "control"), "progress": False})
@@ -281,10 +283,6 @@ def _control_one(config: str, overrides: dict, out: str, threads: int) -> dict:
 
 def _train_one(config: str, overrides: dict, out: str, threads: int) -> dict:
     """Train one (method, kl_coef, seed) run; writes and returns its ``result.json`` record (with per_image)."""
-    import torch
-
-    from flowalign.trainer import ACFlowConfig, ACFlowTrainer
-
     if threads:
         torch.set_num_threads(threads)
     cfg = ACFlowConfig.from_yaml(config, overrides)
@@ -314,8 +312,6 @@ def _load_if_done(path: Path, overrides: dict) -> dict | None:
 
 
 def _parse_sets(sets: list[str]) -> dict:
-    from flowalign.probe import _parse_override as parse_override  # flowalign.config's or the trainer's
-
     out = {}
     for item in sets:
         key, sep, value = item.partition("=")
@@ -351,10 +347,6 @@ def _command(args, methods, kls, seeds, iterations) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from flowalign.trainer import ACFlowConfig
-
     t_start = time.perf_counter()
     methods = list(args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))
     kls = list(args.kl if args.kl is not None else (QUICK_KL if args.quick else DEFAULT_KL))
@@ -424,9 +416,6 @@ def run(args: argparse.Namespace) -> int:
             done[name] = _train_one(args.config, ov, str(out), threads=0)
             bar.update(1)
     else:  # one process per run, threads shared out
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_train_one, args.config, ov, str(out), threads): name for name, ov in todo}
             if control is None:
@@ -461,8 +450,6 @@ def run(args: argparse.Namespace) -> int:
         "wall_seconds": time.perf_counter() - t_start, "control": control_means, "runs": runs, "summary": summary,
     }
     if args.probe:
-        from flowalign.probe import probe_reward
-
         result["probe"] = probe_reward(ACFlowConfig.from_yaml(args.config, {**common, "algorithm": "grpo",
                                                                              "output_dir": str(out / "probe")}),
                                        batch=args.probe_batch)
