@@ -9,6 +9,7 @@
   count of steps / iterations / prompts is shrunk so the block runs in seconds.
 """
 
+import csv
 import os
 import re
 import shlex
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from flowalign.demo import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -62,6 +65,11 @@ def tiny_world(tmp_path_factory):
     return {"root": root, "sd35m": root / "sd35m", "lora": lora, "pickscore": pick}
 
 
+# Every count shrunk so that a documented training command runs in seconds.
+SMOKE_RUN = ("--iterations 1 --eval-prompts 0 --sample-steps 2 --prompts-per-iteration 2 --images-per-prompt 2 "
+             "--inner-epochs 1 --noise-draws 1")
+
+
 def substitutions(world):
     """Real name in the README -> tiny stand-in (documented in the module docstring)."""
     return [
@@ -80,8 +88,8 @@ def substitutions(world):
         (".to(\"cuda\")", ".to(\"cpu\")"),
         ("num_inference_steps=28", "num_inference_steps=2"),
         ("--steps 28", "--steps 2"),
-        ("--iterations 40", "--iterations 1 --eval-prompts 0 --sample-steps 2 --prompts-per-iteration 2 "
-                           "--images-per-prompt 2 --inner-epochs 1 --noise-draws 1"),
+        ("--iterations 40", SMOKE_RUN),
+        ("--config samples/configs/acflow_jpeg.yaml", f"--config samples/configs/acflow_jpeg.yaml {SMOKE_RUN}"),
         ("--n-prompts 300", "--n-prompts 6"),
         ("max_sequence_length=256", "max_sequence_length=1"),
     ]
@@ -103,14 +111,19 @@ def test_readme_test_command_is_what_ci_runs():
     assert demo_cmd.split(" && flowalign demo")[0].replace("pip install -e .", "") in test_cmd
 
 
-def _checkout_runs() -> set[Path]:
-    """Everything under the checkout's ``runs/``, where the README's relative output folders would land."""
-    return set((ROOT / "runs").rglob("*"))
+def _checkout_outputs(code: str) -> dict[Path, bool]:
+    """The checkout paths where a block's relative outputs would land if it ran in the checkout (every ``--out``,
+    the ``output_dir`` of every ``--config``, ``output_dir=`` / ``"output_dir": ...`` in Python), and whether each
+    exists now. Only these are watched: other jobs may write elsewhere under the checkout's ``runs/`` meanwhile."""
+    names = re.findall(r"--out\s+(\S+)", code) + re.findall(r"""output_dir["']?\s*[:=]\s*["']([^"']+)["']""", code)
+    for config in re.findall(r"--config\s+(\S+)", code):
+        names.append(yaml.safe_load((ROOT / config).read_text())["output_dir"])
+    return {ROOT / name: (ROOT / name).exists() for name in names if not Path(name).is_absolute()}
 
 
 def local_paths(code):
     """Repository-relative inputs (``samples/...``) become absolute, so that a block runs in a temporary folder
-    and its outputs (``runs/...``) land there, never in the checkout."""
+    and its outputs (``runs/...``, ``outputs/...``) land there, never in the checkout."""
     return code.replace("samples/", f"{ROOT / 'samples'}/")
 
 
@@ -118,12 +131,13 @@ def local_paths(code):
 def test_readme_python_blocks_run(tiny_world, tmp_path, monkeypatch):
     """The python blocks run in order in one namespace, as a reader would paste them into one session."""
     monkeypatch.chdir(tmp_path)
-    before = _checkout_runs()
+    before = _checkout_outputs("".join(blocks("python")))
+    assert ROOT / "runs" / "readme" in before
     namespace = {"__name__": "__readme__"}
     for index, code in enumerate(blocks("python")):
         exec(compile(local_paths(substitute(code, tiny_world)), f"README.md python block {index}", "exec"), namespace)
     assert (tmp_path / "runs" / "readme" / "checkpoints" / "latest").is_file()  # the training block's run, here
-    assert _checkout_runs() == before
+    assert {p: p.exists() for p in before} == before, "a README block wrote into the checkout"
 
 
 CLI_BLOCKS = [c for c in blocks("bash") if "pip install" not in c and c.strip().startswith(("flowalign", "accelerate"))]
@@ -132,8 +146,8 @@ CLI_BLOCKS = [c for c in blocks("bash") if "pip install" not in c and c.strip().
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(CLI_BLOCKS)))
 def test_readme_cli_blocks_run(index, tiny_world, tmp_path):
+    before = _checkout_outputs(CLI_BLOCKS[index])
     code = local_paths(substitute(CLI_BLOCKS[index], tiny_world))
-    before = _checkout_runs()
     for line in [l for l in code.replace("\\\n", " ").splitlines() if l.strip() and not l.startswith("#")]:
         args = shlex.split(line)
         if args[0] == "accelerate":  # two CPU processes, as the README says for a CPU machine
@@ -148,4 +162,26 @@ def test_readme_cli_blocks_run(index, tiny_world, tmp_path):
             assert (tmp_path / output_dir / "checkpoints" / "latest").is_file(), proc.stdout[-2000:]
         if args[:2] == ["flowalign", "eval"]:  # the documented output: the accuracy table
             assert "| **all** |" in proc.stdout, proc.stdout[-2000:]
-    assert _checkout_runs() == before, "a README block wrote into the checkout"
+    assert {p: p.exists() for p in before} == before, "a README block wrote into the checkout"
+
+
+def test_readme_demo_section_is_the_committed_demo():
+    """The README shows the committed samples/demo/: its table is results.csv, its figures are the demo's files,
+    and the gain it quotes is the report's."""
+    demo = ROOT / "samples" / "demo"
+    with open(demo / "results.csv") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    assert markdown_table(rows) in README, "README's demo table is not samples/demo/results.csv; copy it again"
+    for name in ("grid.png", "plot.png"):
+        assert f"(samples/demo/{name})" in README and (demo / name).is_file()
+    gain = re.search(r"The training reward changes by ([+-]\d\.\d{4} ± \d\.\d{4})",
+                     (demo / "report.md").read_text().replace("\n", " "))
+    assert gain and gain.group(1) in README, "README quotes another w = 1 gain than samples/demo/report.md"
+
+
+def test_readme_is_for_users():
+    """About 250 lines; the benchmark narrative and the algorithm notes live in docs/, which it links."""
+    assert len(README.splitlines()) <= 260
+    for doc in ("docs/algorithms.md", "docs/benchmarks.md"):
+        assert doc in README and (ROOT / doc).is_file()
+    assert "## Benchmarks" not in README
