@@ -196,7 +196,8 @@ def format_table(summary: list[dict], reward: str = "reward") -> str:
 def plot_frontier(summary: list[dict], path: str | os.PathLike, reward: str = "reward") -> None:
     """``frontier.png``: held-out reward gain vs measured KL (left) and vs diversity ratio (right).
 
-    One curve per method through its kl_coef values in order, error bars = SE over seeds (both axes); the
+    One curve per method through its kl_coef values in order, error bars = SE over seeds (both axes; the paired
+    SE over the held-out images for the gain of a single-seed point); the
     control is the star at zero gain (KL 0, diversity ratio 1). The KL axis is symlog: logarithmic above the
     decade below the smallest positive measured KL, linear below it, so the control at KL 0 is drawn.
     """
@@ -209,7 +210,8 @@ def plot_frontier(summary: list[dict], path: str | os.PathLike, reward: str = "r
     for method in dict.fromkeys(r["method"] for r in summary):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["kl_coef"])
         y = [r["reward_gain"] for r in rows]
-        yerr = [_nan0(r["reward_gain_se_seeds"]) for r in rows]
+        # SE over seeds; with one seed (no spread to measure) the run's paired SE over the held-out images
+        yerr = [_nan0(r["reward_gain_se_seeds"] if r["n_seeds"] > 1 else r["reward_gain_paired_se"]) for r in rows]
         line = ax_kl.errorbar([r["kl_measured"] for r in rows], y, yerr=yerr,
                               xerr=[_nan0(r["kl_measured_se_seeds"]) for r in rows],
                               marker="o", capsize=3, label=method)
@@ -231,7 +233,9 @@ def plot_frontier(summary: list[dict], path: str | os.PathLike, reward: str = "r
         ax.grid(alpha=0.3)
     ax_kl.set_xlabel("measured KL(fine-tuned || base) (nats per image; symlog)")
     ax_div.set_xlabel("diversity ratio (run / control)")
+    bars = "SE over seeds" if all(r["n_seeds"] > 1 for r in summary) else "SE over seeds; paired SE where one seed"
     ax_kl.set_title("reward gain vs KL to the base (labels: kl_coef)")
+    fig.suptitle(f"error bars: {bars}", fontsize=8)
     ax_div.set_title("reward gain vs diversity kept")
     ax_kl.legend(fontsize=8)
     fig.savefig(path, dpi=120)
