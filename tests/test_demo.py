@@ -111,13 +111,15 @@ def test_quick_demo_numbers_figures_report_and_reproducibility(tmp_path):
     fig = first["figure"]
     ax, ax_kl = fig.axes[0], fig.axes[1]
     reward_bars = ax.containers[0]
-    np.testing.assert_allclose(reward_bars.lines[0].get_ydata(), [float(r["reward"]) for r in results])
+    as_floats = lambda values: np.asarray(values, dtype=np.float64)  # matplotlib keeps errorbar data as objects
+    np.testing.assert_allclose(as_floats(reward_bars.lines[0].get_ydata()), [float(r["reward"]) for r in results])
     segments = reward_bars.lines[2][0].get_segments()
-    np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments],
+    np.testing.assert_allclose(as_floats([s[1][1] - s[0][1] for s in segments]),
                                [2 * float(r["reward_paired_se"]) for r in results], atol=1e-9)
     star = [line for line in ax.lines if line.get_marker() == "*"]
     assert len(star) == 1 and list(star[0].get_xdata()) == [1.0]
-    np.testing.assert_allclose(ax_kl.containers[0].lines[0].get_ydata(), [float(r["kl_to_base"]) for r in results])
+    np.testing.assert_allclose(as_floats(ax_kl.containers[0].lines[0].get_ydata()),
+                               [float(r["kl_to_base"]) for r in results])
     assert (out / "plot.png").stat().st_size > 0
 
     # Determinism: the same seed, a second run, the same results.csv byte for byte.
