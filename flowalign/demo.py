@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -52,11 +53,11 @@ UNSEEN_REWARD = "shapes"  # the shapes verifier (fraction of the prompt's constr
 GAIN_IN_SE = 5.0  # the reading calls w = 1's gain clear at this many paired standard errors
 
 # The demo's own settings (the fine-tuning settings come from the config file).
-FULL = dict(prompts=30, images_per_prompt=4, steps=20, batch_size=15)
-QUICK = dict(prompts=4, images_per_prompt=2, steps=4, batch_size=8)
+FULL = {"prompts": 30, "images_per_prompt": 4, "steps": 20, "batch_size": 15}
+QUICK = {"prompts": 4, "images_per_prompt": 2, "steps": 4, "batch_size": 8}
 # --quick shrinks the schedule of the config file (its reward, kl_coef and algorithm stay).
-QUICK_TRAINING = dict(iterations=2, prompts_per_iteration=2, images_per_prompt=2, sample_steps=4,
-                      critic_warmup_iterations=1, inner_epochs=1, noise_draws=1)
+QUICK_TRAINING = {"iterations": 2, "prompts_per_iteration": 2, "images_per_prompt": 2, "sample_steps": 4,
+                  "critic_warmup_iterations": 1, "inner_epochs": 1, "noise_draws": 1}
 
 # Grid layout (pixels); grid_size() is the one formula for the image size.
 CELL, PAD, LABEL_W, HEADER_H, CAPTION_H = 96, 4, 200, 20, 14
@@ -96,8 +97,8 @@ def training_config(config: str | os.PathLike, out: Path, seed: int, quick: bool
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"No fine-tuning config at {path}; pass --config PATH (a YAML of ACFlowConfig keys).")
-    overrides = dict(output_dir=str(out / "acflow_run"), seed=seed, eval_prompts=0, eval_every=0, checkpoint_every=0,
-                     resume=False)
+    overrides = {"output_dir": str(out / "acflow_run"), "seed": seed, "eval_prompts": 0, "eval_every": 0,
+                 "checkpoint_every": 0, "resume": False}
     if quick:
         overrides.update(QUICK_TRAINING)
     return ACFlowConfig.from_yaml(path, overrides)
@@ -225,7 +226,7 @@ def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_sc
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 10**6 + start)
         noise = torch.randn((len(chunk), *shape), generator=gen)
 
-        def guided(scale: float):
+        def guided(scale: float, embeds=embeds, pooled=pooled, neg_embeds=neg_embeds, neg_pooled=neg_pooled):
             def field(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
                 rlg.set_rlg_scale(scale)
                 v = rlg(hidden_states=torch.cat([x, x]), timestep=torch.cat([s, s]) * 1000,
@@ -268,9 +269,9 @@ def summarize(per_image: dict, per_prompt: dict) -> list[dict]:
     paired over images (rewards) or prompts (diversity); the KL's is its plain standard error over images."""
     rows = []
     for w in sorted(per_image):  # values rounded as results.csv writes them
-        reward, reward_se = _paired(per_image[w]["reward"], per_image[0.0]["reward"])
-        unseen, unseen_se = _paired(per_image[w]["unseen"], per_image[0.0]["unseen"])
-        div, div_se = _paired(per_prompt[w], per_prompt[0.0])
+        reward_se = _paired(per_image[w]["reward"], per_image[0.0]["reward"])[1]
+        unseen_se = _paired(per_image[w]["unseen"], per_image[0.0]["unseen"])[1]
+        div_se = _paired(per_prompt[w], per_prompt[0.0])[1]
         kl, kl_se = mean_se(per_image[w]["kl_to_base"])
         values = {"reward": _mean(per_image[w]["reward"]), "reward_paired_se": reward_se,
                   "diversity": _mean(per_prompt[w]), "diversity_paired_se": div_se, "kl_to_base": kl,
@@ -310,7 +311,7 @@ def read_sweep(per_image: dict, per_prompt: dict) -> dict:
                        "clear": delta >= GAIN_IN_SE * se}
     inside = [w for w in scales if 0.0 <= w <= 1.0]
     reading["steps"] = []
-    for a, b in zip(inside, inside[1:]):
+    for a, b in itertools.pairwise(inside):
         d, s = paired_difference(r[b], r[a])
         reading["steps"].append({"from": a, "to": b, "delta": d, "se": s})
     reading["monotone"] = all(step["delta"] >= -step["se"] for step in reading["steps"])

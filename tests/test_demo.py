@@ -2,6 +2,7 @@
 shipped config, and the committed ``samples/demo/`` shows alignment and its dial."""
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -195,7 +196,7 @@ def test_committed_demo_shows_alignment_and_its_dial():
     """samples/demo/ (what the README shows) was written by `flowalign demo` with the config file as it is now,
     its table is its per-image data, w = 1 gains >= 5 paired SEs over w = 0, and the reward does not fall by more
     than one SE from one w to the next over 0 ... 1."""
-    results, data = check_results_match_per_image_data(COMMITTED)
+    data = check_results_match_per_image_data(COMMITTED)[1]
     settings = json.loads((COMMITTED / "settings.json").read_text())
     shipped = yaml.safe_load(D.SHIPPED_CONFIG.read_text())
     assert not settings["quick"] and settings["scales"] == list(D.SCALES)
@@ -207,7 +208,7 @@ def test_committed_demo_shows_alignment_and_its_dial():
     delta, se = paired_se(reward[1.0], reward[0.0])
     assert delta >= 5 * se, f"w = 1 - w = 0: {delta:+.4f} ± {se:.4f} ({delta / se:.1f} SE)"
     inside = [w for w in sorted(reward) if w <= 1.0]
-    for a, b in zip(inside, inside[1:]):
+    for a, b in itertools.pairwise(inside):
         step, step_se = paired_se(reward[b], reward[a])
         assert step >= -step_se, f"the reward falls from w = {a:g} to {b:g}: {step:+.4f} ± {step_se:.4f}"
     report = (COMMITTED / "report.md").read_text()

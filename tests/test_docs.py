@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", flags=re.S | re.M)
+FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 RUNNABLE = ("python", "bash")
 NOTATION = ("", "text")
 CODE_DIRS = ("flowalign", "pipelines", "rewards")
@@ -42,7 +42,7 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     for index, (lang, code) in enumerate(blocks(path)):
         if lang == "python":
             code = code.replace("samples/", f"{ROOT / 'samples'}/")
-            exec(compile(code, f"{path.name} python block {index}", "exec"), namespace)
+            exec(compile(code, f"{path.name} python block {index}", "exec"), namespace)  # noqa: S102 (the docs run as written)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
@@ -54,7 +54,7 @@ def test_bash_blocks_run(path, tmp_path):
             assert line.startswith("flowalign "), f"{path.name}: only flowalign commands are run here: {line}"
             args = line.replace("samples/", f"{ROOT / 'samples'}/").split()[1:]
             proc = subprocess.run([sys.executable, "-m", "flowalign.cli", *args], cwd=tmp_path, capture_output=True,
-                                  text=True, timeout=900)
+                                  text=True, timeout=900, check=False)
             assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
 
 
