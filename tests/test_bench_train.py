@@ -98,10 +98,17 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
     assert data["control"]["kl_to_reference"] == 0.0  # the fresh trainer is the base model
     assert len(data["summary"]) == 4
     # a re-run reads the finished runs back instead of retraining them: identical runs
-    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    assert len(first) == 5  # 4 runs and the control
     assert main(["bench", "train", "--quick", "--out", str(out), "--json"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == first
+    assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == first
     assert json.loads((out / "frontier.json").read_text())["runs"] == data["runs"]
+    # --report-only trains nothing: a run that has not finished is listed as missing, the others are reported
+    (out / "grpo-kl1-seed0" / "result.json").unlink()
+    assert main(["bench", "train", "--quick", "--out", str(out), "--report-only"]) == 0
+    partial = json.loads((out / "frontier.json").read_text())
+    assert partial["missing_runs"] == ["grpo-kl1-seed0"] and partial["runs"] == data["runs"][:3]
+    assert not (out / "grpo-kl1-seed0" / "result.json").exists()
 
 
 def test_quick_sweep_without_updates_is_the_control(tmp_path):

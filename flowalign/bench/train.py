@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Also run the reward learnability probe (flowalign probe-reward) on the base model.")
     parser.add_argument("--probe-batch", type=int, default=64, help="Batch of the probe (default 64).")
     parser.add_argument("--json", action="store_true", help="Print frontier.json's summary as JSON, not a table.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Train nothing: write frontier.json / frontier.png from the runs already finished under "
+                             "--out (a partial or interrupted sweep); the missing runs are listed in the JSON.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,8 +414,16 @@ def run(args: argparse.Namespace) -> int:
             todo.append((name, ov))
         else:
             done[name] = record
+    missing = [name for name, _ in todo]
+    if args.report_only:  # a partial sweep: report what finished, train nothing
+        if control is None:
+            raise SystemExit(f"flowalign bench train --report-only: no finished control under {out}; run the sweep "
+                             "(without --report-only) first.")
+        jobs, todo = [(name, ov) for name, ov in jobs if name in done], []
     bar = tqdm(total=len(jobs) + 1, initial=len(done) + (control is not None), desc="bench train runs")
-    if args.workers == 1:
+    if args.report_only:
+        pass
+    elif args.workers == 1:
         if control is None:
             control = _control_one(args.config, control_overrides, str(out), threads=0)
             bar.update(1)
@@ -452,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
         "reward": base.reward, "command": _command(args, methods, kls, seeds, iterations),
         "config": {"path": args.config, "overrides": common, "resolved": asdict(base)},
         "wall_seconds": time.perf_counter() - t_start, "control": control_means, "runs": runs, "summary": summary,
+        "missing_runs": missing if args.report_only else [],
     }
     if args.probe:
         result["probe"] = probe_reward(ACFlowConfig.from_yaml(args.config, {**common, "algorithm": "grpo",
