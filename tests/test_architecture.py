@@ -263,3 +263,17 @@ def test_function_local_imports_give_their_reason(file):
     missing = local_imports_without_reason(ROOT / file)
     assert not missing, ("function-local imports need a one-line comment saying why they are local (an optional "
                          "or heavy dependency), or belong at module level:\n" + "\n".join(missing))
+
+
+def test_the_readme_layout_names_every_module_once():
+    """README's "Layout": one line per module of flowalign/ (and each package folder), every named path exists."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    named = [line.split()[0] for line in block.strip().splitlines()]
+    assert len(named) == len(set(named)), named
+    for path in named:
+        assert (ROOT / path).exists(), f"README Layout names {path}, which does not exist"
+    modules = sorted(f"flowalign/{p.name}" for p in (ROOT / "flowalign").glob("*.py") if p.name != "__init__.py")
+    missing = [m for m in modules if m not in named]
+    assert not missing, f"README Layout lacks {missing}"
+    assert {"flowalign/bench/", "rewards/", "pipelines/rlg.py"} <= set(named)
