@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
+import math
 import os
 import pickle
 import shutil
@@ -44,7 +46,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_dir", "latest_checkpoint", "load_state", "resolve_checkpoint", "save_state", "write_pointer"]
+__all__ = ["atomic_write_dir", "latest_checkpoint", "load_state", "resolve_checkpoint", "save_state", "strict_json",
+           "write_json", "write_pointer"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -129,6 +132,28 @@ def _write_file_atomic(path: Path, write: Callable[[Any], None], mode: str) -> N
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN / inf float replaced by None, recursively: strict JSON, which ``json`` (and other
+    languages' parsers) read back. Example: ``strict_json({"se": float("nan"), "x": [1.0]}) == {"se": None, "x": [1.0]}``.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write ``data`` as strict JSON (:func:`strict_json`) to ``path`` atomically: a crash leaves the old file or the
+    new one, never half of one. Example: ``write_json("runs/x/result.json", {"gain": 0.1})``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(strict_json(data), indent=1)
+    _write_file_atomic(path, lambda f: f.write(text), "w")
 
 
 def write_pointer(root: Path | str, name: str, pointer: str = "latest") -> None:

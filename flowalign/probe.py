@@ -45,7 +45,7 @@ from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from flowalign import objectives as O
-from flowalign.checkpoints import resolve_checkpoint
+from flowalign.checkpoints import resolve_checkpoint, strict_json, write_json
 from flowalign.config import ACFlowConfig, parse_override
 from flowalign.eval import mean_se
 from flowalign.sampling import sde_step
@@ -251,17 +251,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN / inf -> None, recursively (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for item in args.sets:
@@ -284,9 +273,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"flowalign probe-reward: {err}") from None
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(_jsonable(result), indent=1))
+        write_json(args.out, result)
     if args.json:
-        print(json.dumps(_jsonable(result), indent=1))
+        print(json.dumps(strict_json(result), indent=1))
     else:
         print(format_result(result))
     return 0

@@ -257,3 +257,15 @@ def test_interrupted_pretraining_resumes_from_its_last_checkpoint_and_equals_the
     assert again["step"] == whole["step"] == 5
     assert all(torch.equal(whole["transformer"][k], again["transformer"][k]) for k in whole["transformer"])
     assert torch.equal(whole["generator"], again["generator"])  # same noise drawn after the resume
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    import json
+
+    from flowalign.checkpoints import strict_json, write_json
+
+    assert strict_json({"se": float("nan"), "x": [1.0, float("inf")], "n": 3}) == {"se": None, "x": [1.0, None], "n": 3}
+    path = tmp_path / "a" / "result.json"
+    write_json(path, {"gain": 0.5, "se": float("nan")})
+    assert json.loads(path.read_text()) == {"gain": 0.5, "se": None}
+    assert "NaN" not in path.read_text() and [p.name for p in path.parent.iterdir()] == ["result.json"]

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flowalign.checkpoints import strict_json, write_json
 from flowalign.config import ACFlowConfig, parse_override
 from flowalign.eval import mean_se, paired_difference
 from flowalign.probe import probe_reward
@@ -252,24 +253,6 @@ def _nan0(x: float) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # Running the sweep
 # ----------------------------------------------------------------------------------------------------------
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN / inf -> None, recursively (``frontier.json`` is strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _eval_signature(cfg) -> dict:
     values = asdict(cfg)
     return {k: values[k] for k in EVAL_KEYS if k in values}
@@ -284,7 +267,7 @@ def _control_one(config: str, overrides: dict, out: str, threads: int) -> dict:
     result = ACFlowTrainer(cfg).evaluate()
     record = {"control": result, "eval_signature": _eval_signature(cfg), "overrides": overrides,
               "eval_seconds": time.perf_counter() - start}
-    _write_json_atomic(Path(out) / "control" / "result.json", record)
+    write_json(Path(out) / "control" / "result.json", record)
     return record
 
 
@@ -303,7 +286,7 @@ def _train_one(config: str, overrides: dict, out: str, threads: int) -> dict:
     record = {"method": cfg.algorithm, "kl_coef": cfg.kl_coef, "seed": cfg.seed, "iterations": cfg.iterations,
               "images": trainer.counters["images_seen"], "train_seconds": train_seconds, "wall_seconds": wall,
               "eval_signature": _eval_signature(cfg), "overrides": overrides, "final": final}
-    _write_json_atomic(Path(cfg.output_dir) / "result.json", record)
+    write_json(Path(cfg.output_dir) / "result.json", record)
     return record
 
 
@@ -471,8 +454,8 @@ def run(args: argparse.Namespace) -> int:
                                        batch=args.probe_batch)
     result["wall_seconds"] = time.perf_counter() - t_start  # the sweep (runs re-used from result.json cost ~0)
     out.mkdir(parents=True, exist_ok=True)
-    result = _jsonable(result)  # strict JSON: NaN / inf (e.g. the SE over a single seed) are written as null
-    _write_json_atomic(out / "frontier.json", result)
+    result = strict_json(result)  # NaN / inf (e.g. the SE over a single seed) are written as null
+    write_json(out / "frontier.json", result)
     plot_frontier(summary, out / "frontier.png", reward=str(base.reward))
     if args.json:
         print(json.dumps({k: result[k] for k in ("reward", "command", "control", "summary")}, indent=1))
