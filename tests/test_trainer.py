@@ -113,7 +113,8 @@ def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
     m = trainer.step()
     assert changed(lora0, lora_state(trainer))
     assert {"actor_loss", "w2", "ess", "grad_norm"} <= set(m)
-    assert 1.0 <= m["ess"] <= TINY["minibatch_size"] + 1e-4
+    # exp weights of advantages that differ: fewer effective samples than states (uniform weights would give 4)
+    assert 1.0 <= m["ess"] < TINY["minibatch_size"] - 1e-3
 
 
 def test_warmup_actor_learns_from_shaped_rewards(tmp_path, monkeypatch):
@@ -316,7 +317,8 @@ def test_grpo_updates_with_zero_initial_kl(tmp_path):
     m = trainer.step()
     assert changed(lora0, lora_state(trainer))
     assert m["kl"] == pytest.approx(0.0, abs=1e-12)  # LoRA B starts at 0: policy == reference
-    assert 0.0 <= m["clip_fraction"] <= 1.0
+    # one minibatch, updated once: its ratios are computed before the update, where the policy drew the rollouts
+    assert m["clip_fraction"] == 0.0 and m["approx_kl"] == pytest.approx(0.0, abs=1e-10)
 
 
 def test_reference_is_the_adapter_free_transformer(tmp_path):
