@@ -1,15 +1,20 @@
 """AC-Flow trainer: online actor-critic fine-tuning of flow-matching models, with its baselines.
 
-One loop, three algorithms selected by ``ACFlowConfig.algorithm``:
+One loop, five algorithms selected by ``ACFlowConfig.algorithm``, all regularised on one axis
+(``kl_coef``, nats per image; ``docs/algorithms.md``):
 
 - ``"acflow"`` (default): AC-Flow (ideas from "AC-Flow", arXiv 2510.18072; the concrete design is
   ours, see ``flowalign.objectives``): reward shaping, a light critic ``V(x_s, s, c)`` regressed on the
   shaped reward at noised states, clipped advantages, critic warm-up, critic-weighted flow matching
   and the Wasserstein-2 regulariser toward the reference velocity.
 - ``"orw"``: ORW-CFM-W2 (Fan et al., ICLR 2025), the special case with no critic and no shaping:
-  weights ``exp(beta * r)`` self-normalised.
+  weights ``exp(beta * r)`` on batch-normalised rewards, self-normalised, on freshly noised states.
 - ``"grpo"``: Flow-GRPO (arXiv 2505.05470): SDE rollouts with log-probabilities, per-prompt group
   advantages, the clipped ratio, and a KL to the reference.
+- ``"nft"``: DiffusionNFT (arXiv 2509.16117): implicit positive / negative policies around the sampling
+  policy (optionally an EMA), regressed on freshly noised states.
+- ``"awm"``: Advantage Weighted Matching (arXiv 2509.25050): the flow-matching loss weighted by the group
+  advantage, with a ratio clip.
 
 Every iteration (CleanRL-style, top to bottom in ``ACFlowTrainer.step``)::
 
@@ -18,10 +23,11 @@ Every iteration (CleanRL-style, top to bottom in ``ACFlowTrainer.step``)::
     reward   <- R(decode(x0), prompt); gathered across ranks for group statistics
     shaping  <- per-prompt z-score, clipped                           (acflow)
     critic   <- regress V(x_s, s, c) on the shaped reward             (acflow)
-    actor    <- critic/reward-weighted flow matching + W2 term        (acflow, orw; skipped in warm-up)
+    actor    <- critic/reward-weighted flow matching + W2 term        (acflow, orw; acflow's "frozen" warm-up skips it)
                 on the CFG-guided velocity v_u + g (v_c - v_u) that drew the rollouts (guided_loss),
                 at the rollout's SDE states (fm_states="trajectory", default) or fresh noised ones
                 clipped-ratio policy gradient + KL                    (grpo)
+                implicit-policy / advantage-weighted matching + W2     (nft, awm)
 
 Randomness is a pure function of ``(seed, iteration, rank)``, so a resumed run reproduces an
 uninterrupted one. With LoRA (default) the reference model is the same transformer with its adapters
@@ -352,7 +358,7 @@ class ACFlowTrainer:
         return metrics
 
     def _flow_matching_update(self, roll, rewards, all_rewards, all_groups, mine) -> dict[str, float]:
-        """AC-Flow / ORW-CFM-W2: (critic,) weighted flow matching + W2 on the policy's own samples.
+        """AC-Flow / ORW-CFM-W2 / DiffusionNFT / AWM: (critic,) weighted regression + W2 on the policy's own samples.
 
         PPO-style, every state of the iteration is drawn up front and the critic scores them once, before it
         trains on this batch: the advantages the actor sees do not depend on the critic's updates within the
