@@ -406,9 +406,9 @@ class ACFlowTrainer:
         if cfg.algorithm in ("nft", "awm"):
             with torch.no_grad(), acc.autocast(), self.sampling_policy():
                 for b in batches:
-                    v_old = field(self.unwrapped, b["x_s"], b["sigma"], b["idx"]).float()
-                    b["v_old"] = v_old
-                    b["old_log_prob"] = -O.per_sample_mse(v_old, b["target"])
+                    b["v_old"] = field(self.unwrapped, b["x_s"], b["sigma"], b["idx"]).float()  # nft's v_old
+                    if cfg.algorithm == "awm":  # awm's log p_old = -||v_old - u||^2
+                        b["old_log_prob"] = -O.per_sample_mse(b["v_old"], b["target"])
 
         # Advantages, once: A = clip(r~ - V(x_s, s, c), +-eps_A) with the critic as it was before this iteration;
         # during warm-up V = 0 ("shaped") or the actor waits ("frozen").
