@@ -5,7 +5,14 @@ import math
 
 import pytest
 
-from flowalign.bench.train import _parse_sets, format_table, plot_frontier, run_measures, run_name, summarize
+from flowalign.bench.train import (
+    _parse_sets,
+    format_table,
+    plot_frontier,
+    run_measures,
+    run_name,
+    summarize,
+)
 
 
 def _eval(rewards, binary, kls, diversity=0.2, w2=0.0):
@@ -69,11 +76,21 @@ def test_plot_frontier_writes_a_png(tmp_path):
 
 def test_run_name_and_set_parsing():
     assert run_name("grpo", 0.03, 1) == "grpo-kl0.03-seed1" and run_name("orw", 0.0, 0) == "orw-kl0-seed0"
-    assert _parse_sets(["learning_rate=0", "eval_prompts=4"]) == {"learning_rate": 0.0, "eval_prompts": 4}
+    assert _parse_sets(["learning_rate=0", "eval_prompts=4"]) == ({"learning_rate": 0.0, "eval_prompts": 4}, {})
+    # METHOD:KEY=VALUE reaches that method's runs only; the typed value as for unscoped keys
+    assert _parse_sets(["eval_prompts=4", "acflow:inner_epochs=1", "acflow:minibatch_size=64", "grpo:grpo_clip_range=0.1"],
+                       ["acflow", "grpo"]) == ({"eval_prompts": 4}, {"acflow": {"inner_epochs": 1, "minibatch_size": 64},
+                                                                      "grpo": {"grpo_clip_range": 0.1}})
     with pytest.raises(SystemExit, match="use --kl"):
         _parse_sets(["kl_coef=0.1"])
+    with pytest.raises(SystemExit, match="use --kl"):
+        _parse_sets(["acflow:kl_coef=0.1"])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         _parse_sets(["learning_rate"])
+    with pytest.raises(SystemExit, match="METHOD:KEY=VALUE"):
+        _parse_sets([":learning_rate=1"])
+    with pytest.raises(SystemExit, match="'acflw' is not one of this sweep's --methods"):
+        _parse_sets(["acflw:learning_rate=1"], ["acflow", "orw"])
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -116,7 +133,12 @@ def test_quick_sweep_without_updates_is_the_control(tmp_path):
 
     out = tmp_path / "lr0"
     assert main(["bench", "train", "--quick", "--methods", "grpo", "orw", "--kl", "0.1", "--out", str(out),
-                 "--set", "learning_rate=0", "--set", "grpo_learning_rate=0"]) == 0
+                 "--set", "learning_rate=0", "--set", "grpo:grpo_learning_rate=0"]) == 0
+    # the unscoped override reaches every run and the control, the grpo-scoped one grpo's run only
+    overrides = {p.parent.name: json.loads(p.read_text())["overrides"] for p in out.glob("*/result.json")}
+    assert overrides["control"]["learning_rate"] == 0.0 and "grpo_learning_rate" not in overrides["control"]
+    assert overrides["grpo-kl0.1-seed0"]["grpo_learning_rate"] == 0.0
+    assert overrides["orw-kl0.1-seed0"]["learning_rate"] == 0.0 and "grpo_learning_rate" not in overrides["orw-kl0.1-seed0"]
     for r in json.loads((out / "frontier.json").read_text())["runs"]:
         # no update: the same images as the control, so every paired difference is exactly zero
         assert (r["reward_gain"], r["reward_gain_se"], r["eval_shapes_binary_gain"]) == (0.0, 0.0, 0.0)

@@ -86,8 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Runs trained at once, each in its own process with torch threads = cores / workers.")
     parser.add_argument("--out", default="runs/bench_frontier",
                         help="Folder for the runs, frontier.json and frontier.png (re-running skips finished runs).")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="Extra ACFlowConfig override applied to every run (repeatable).")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                        help="Extra ACFlowConfig override applied to every run, or with METHOD: to that method's "
+                             "runs only (per-method optimiser settings; repeatable). The control gets the "
+                             "unscoped ones.")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized sweep: tiny eval set, 2 iterations, 2 methods x 2 kl x 1 seed (flags given "
                              "explicitly still win).")
@@ -301,21 +303,34 @@ def _load_if_done(path: Path, overrides: dict) -> dict | None:
     return record
 
 
-def _parse_sets(sets: list[str]) -> dict:
-    out = {}
+def _parse_sets(sets: list[str], methods: list[str] | None = None) -> tuple[dict, dict[str, dict]]:
+    """``--set`` items: ``KEY=VALUE`` for every run, ``METHOD:KEY=VALUE`` for that method's runs only.
+
+    Returns ``(common, per_method)``. A method-scoped item must name one of ``methods`` (when given): a typo would
+    otherwise silently leave that method on the base config.
+    Example: ``_parse_sets(["eval_prompts=4", "acflow:inner_epochs=1"])`` ->
+    ``({"eval_prompts": 4}, {"acflow": {"inner_epochs": 1}})``.
+    """
+    common: dict = {}
+    per_method: dict[str, dict] = {}
     for item in sets:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise SystemExit(f"flowalign bench train: --set expects KEY=VALUE, got {item!r}.")
+        lhs, sep, value = item.partition("=")
+        method, colon, key = lhs.rpartition(":") if ":" in lhs else ("", "", lhs)
+        key, method = key.strip().replace("-", "_"), method.strip()
+        if not sep or not key or (colon and not method):
+            raise SystemExit(f"flowalign bench train: --set expects KEY=VALUE or METHOD:KEY=VALUE, got {item!r}.")
+        if method and methods is not None and method not in methods:
+            raise SystemExit(f"flowalign bench train: --set {item}: {method!r} is not one of this sweep's --methods "
+                             f"({' '.join(methods)}).")
         if key in SWEEP_KEYS:
             hint = f"use {SWEEP_KEYS[key]}" if SWEEP_KEYS[key] else "the sweep sets it for every run"
             raise SystemExit(f"flowalign bench train: --set {key}=... is not allowed: {hint}.")
         try:
-            out[key] = parse_override(key, value)
+            parsed = parse_override(key, value)
         except ValueError as err:
             raise SystemExit(f"flowalign bench train: --set {item}: {err}") from None
-    return out
+        (per_method.setdefault(method, {}) if method else common)[key] = parsed
+    return common, per_method
 
 
 def _command(args, methods, kls, seeds, iterations) -> str:
@@ -351,7 +366,8 @@ def run(args: argparse.Namespace) -> int:
                          "keys (e.g. samples/configs/acflow_shapes.yaml from the repository root).")
 
     common = dict(QUICK_OVERRIDES) if args.quick else {}
-    common.update(_parse_sets(args.sets))
+    sets, method_sets = _parse_sets(args.sets, methods)
+    common.update(sets)
     if args.reward:
         common["reward"] = args.reward
     try:
@@ -374,8 +390,8 @@ def run(args: argparse.Namespace) -> int:
         for kl in kls:
             for seed in seeds:
                 name = run_name(method, kl, seed)
-                overrides = {**common, "algorithm": method, "kl_coef": kl, "seed": seed, "iterations": iterations,
-                             "eval_every": 0, "eval_at_start": False, "checkpoint_every": 0, "resume": False,
+                overrides = {**common, **method_sets.get(method, {}), "algorithm": method, "kl_coef": kl,
+                             "seed": seed, "iterations": iterations, "eval_every": 0, "eval_at_start": False, "checkpoint_every": 0, "resume": False,
                              "progress": False, "output_dir": str(out / name)}
                 try:  # validate every run's config before training anything (unknown method, bad key)
                     ACFlowConfig.from_yaml(args.config, overrides)
