@@ -114,6 +114,11 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
         assert r["kl_measured"] > 0  # every run moved away from the base model
     assert data["control"]["kl_to_reference"] == 0.0  # the fresh trainer is the base model
     assert len(data["summary"]) == 4
+    # acflow's points against grpo's frontier, at equal KL then at equal diversity, one row per acflow point
+    assert [(r["method"], r["other"], r["axis"]) for r in data["comparison"]] == (
+        [("acflow", "grpo", "kl_measured")] * 2 + [("acflow", "grpo", "diversity_ratio")] * 2)
+    assert all(r["verdict"] in ("above", "level", "below", "outside") for r in data["comparison"])
+    assert data["runs_wall_seconds"] >= sum(r["train_seconds"] for r in data["runs"]) > 0
     # a re-run reads the finished runs back instead of retraining them: identical runs
     first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     assert len(first) == 5  # 4 runs and the control
@@ -143,3 +148,38 @@ def test_quick_sweep_without_updates_is_the_control(tmp_path):
         # no update: the same images as the control, so every paired difference is exactly zero
         assert (r["reward_gain"], r["reward_gain_se"], r["eval_shapes_binary_gain"]) == (0.0, 0.0, 0.0)
         assert r["kl_measured"] == 0.0 and r["diversity_ratio"] == 1.0
+
+
+def _point(method, kl, gain, se_seeds, kl_measured, div, paired=0.01):
+    return {"method": method, "kl_coef": kl, "reward_gain": gain, "reward_gain_se_seeds": se_seeds,
+            "reward_gain_paired_se": paired, "kl_measured": kl_measured, "diversity_ratio": div}
+
+
+def test_compare_at_equal_interpolates_and_judges_by_hand():
+    from flowalign.bench.train import compare_at_equal, format_comparison
+
+    summary = [_point("grpo", 1.0, 0.1, 0.01, 1.0, 0.9), _point("grpo", 0.1, 0.3, 0.03, 4.0, 0.5),
+               _point("acflow", 0.5, 0.5, 0.04, 2.0, 0.7),   # at KL 2: halfway in log KL between 1 and 4
+               _point("acflow", 0.3, 0.21, float("nan"), 2.0, 0.6, paired=0.02),  # one seed: the paired SE
+               _point("acflow", 5.0, 0.0, 0.01, 0.5, 0.99)]  # below grpo's measured range
+    rows = compare_at_equal(summary, "acflow", "grpo", "kl_measured")
+    first = rows[0]
+    assert first["other_gain"] == pytest.approx(0.2) and first["other_se"] == pytest.approx(0.02)
+    assert first["difference"] == pytest.approx(0.3) and first["difference_se"] == pytest.approx(math.hypot(0.04, 0.02))
+    assert first["verdict"] == "above" and first["se_kind"] == "seeds"
+    # 0.21 vs 0.2 with se sqrt(0.02^2 + 0.02^2): noise
+    assert rows[1]["se_kind"] == "paired" and rows[1]["verdict"] == "level"
+    assert rows[1]["z"] == pytest.approx(0.01 / math.hypot(0.02, 0.02))
+    assert rows[2]["verdict"] == "outside" and "other_gain" not in rows[2]
+    # equal diversity: linear in the ratio; acflow 0.5 at 0.7 against grpo's 0.2 (halfway between 0.9 and 0.5)
+    div = compare_at_equal(summary, "acflow", "grpo", "diversity_ratio")
+    assert div[0]["other_gain"] == pytest.approx(0.2) and div[0]["verdict"] == "above"
+    # acflow 0.21 at diversity 0.6: grpo 0.25 there, -0.04 with se hypot(0.02, 0.025) -> level
+    assert div[1]["other_gain"] == pytest.approx(0.25) and div[1]["verdict"] == "level"
+    below = compare_at_equal([*summary[:2], _point("acflow", 0.5, 0.05, 0.01, 2.0, 0.7)], "acflow", "grpo",
+                             "kl_measured")
+    assert below[0]["verdict"] == "below" and below[0]["z"] < -3
+    table = format_comparison(rows)
+    assert "| acflow | 0.5 | grpo | KL 2 | 0.500 ± 0.040 | 0.200 ± 0.020 |" in table and "outside its range" in table
+    with pytest.raises(ValueError, match="axis"):
+        compare_at_equal(summary, "acflow", "grpo", "reward")

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Extra ACFlowConfig override applied to every run, or with METHOD: to that method's "
                              "runs only (per-method optimiser settings; repeatable). The control gets the "
                              "unscoped ones.")
+    parser.add_argument("--compare", default=None, metavar="METHOD",
+                        help="Compare this method's points with every other method's frontier at equal measured KL "
+                             "and at equal diversity (frontier.json 'comparison'; default acflow when swept).")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized sweep: tiny eval set, 2 iterations, 2 methods x 2 kl x 1 seed (flags given "
                              "explicitly still win).")
@@ -175,6 +178,79 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row[f"{key}_paired_se"] = _finite_mean_se([r.get(f"{key}_se") for r in rs])[0]
             rows.append(row)
     return rows
+
+
+# The house rule for a difference: under ~3 standard errors it is noise.
+VERDICT_SE = 3.0
+
+
+def compare_at_equal(summary: list[dict], method: str, other: str, axis: str) -> list[dict]:
+    """``method``'s frontier points against ``other``'s frontier at the same ``axis`` value (equal KL or diversity).
+
+    For each (``method``, kl_coef) point at ``x`` = its mean ``axis`` value (``"kl_measured"`` or
+    ``"diversity_ratio"``), ``other``'s gain at ``x`` is interpolated linearly between its two points that bracket
+    ``x`` (in ``log x`` for ``kl_measured``), its standard error likewise. The standard error of each point is the
+    SE over seeds (the mean paired SE where a point has one seed: ``se_kind``). The difference
+    ``d = gain - other_gain`` with ``se = sqrt(se^2 + se_other^2)`` gives ``verdict``: ``"above"`` if
+    ``d > VERDICT_SE se``, ``"below"`` if ``d < -VERDICT_SE se``, else ``"level"`` (noise); ``"outside"`` where ``x``
+    is outside ``other``'s measured range (no extrapolation).
+
+    Example: other's gains 0.1 at KL 1 and 0.3 at KL 4, method's 0.5 ± 0.01 at KL 2 -> other's 0.2 at KL 2
+    (halfway in log KL), ``d = 0.3``, ``verdict "above"``.
+    """
+    if axis not in ("kl_measured", "diversity_ratio"):
+        raise ValueError(f"axis={axis!r}: choose 'kl_measured' or 'diversity_ratio'.")
+
+    def se_of(row: dict) -> tuple[float, str]:
+        seeds = row.get("reward_gain_se_seeds", float("nan"))
+        if seeds is not None and math.isfinite(seeds):
+            return seeds, "seeds"
+        return row["reward_gain_paired_se"], "paired"
+
+    def coord(x: float) -> float:
+        return math.log(x) if axis == "kl_measured" else x
+
+    ref = sorted((r for r in summary if r["method"] == other and r[axis] is not None and math.isfinite(r[axis])
+                  and (axis != "kl_measured" or r[axis] > 0)), key=lambda r: r[axis])
+    out = []
+    for row in (r for r in summary if r["method"] == method):
+        x = row[axis]
+        se, kind = se_of(row)
+        item = {"method": method, "kl_coef": row["kl_coef"], "other": other, "axis": axis, axis: x,
+                "gain": row["reward_gain"], "se": se, "se_kind": kind}
+        lo = [r for r in ref if r[axis] <= x]
+        hi = [r for r in ref if r[axis] >= x]
+        if not lo or not hi or (axis == "kl_measured" and x <= 0):
+            out.append({**item, "verdict": "outside"})
+            continue
+        a, b = lo[-1], hi[0]
+        t = 0.0 if a is b or coord(b[axis]) == coord(a[axis]) else (coord(x) - coord(a[axis])) / (
+            coord(b[axis]) - coord(a[axis]))
+        (sa, ka), (sb, kb) = se_of(a), se_of(b)
+        other_gain = (1 - t) * a["reward_gain"] + t * b["reward_gain"]
+        other_se = (1 - t) * sa + t * sb
+        diff, diff_se = row["reward_gain"] - other_gain, math.hypot(se, other_se)
+        z = diff / diff_se if diff_se > 0 else float("inf") * (1 if diff > 0 else -1 if diff < 0 else 0)
+        verdict = "above" if z > VERDICT_SE else "below" if z < -VERDICT_SE else "level"
+        out.append({**item, "other_gain": other_gain, "other_se": other_se,
+                    "other_se_kind": ka if ka == kb else "mixed", "difference": diff, "difference_se": diff_se,
+                    "z": z, "verdict": verdict})
+    return out
+
+
+def format_comparison(rows: list[dict]) -> str:
+    """Markdown table of :func:`compare_at_equal` rows."""
+    lines = ["| method | kl_coef | other | at | gain ± SE | other's gain ± SE | difference ± SE | z | verdict |",
+             "|---|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        at = f"{'KL' if r['axis'] == 'kl_measured' else 'diversity'} {r[r['axis']]:.3g}"
+        if r["verdict"] == "outside":
+            cells = [_fmt(r["gain"], r["se"]), "outside its range", "", "", "outside"]
+        else:
+            cells = [_fmt(r["gain"], r["se"]), _fmt(r["other_gain"], r["other_se"]),
+                     _fmt(r["difference"], r["difference_se"]), f"{r['z']:.1f}", r["verdict"]]
+        lines.append("| " + " | ".join([r["method"], f"{r['kl_coef']:g}", r["other"], at] + cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(mean: float, se: float, digits: int = 3) -> str:
@@ -342,6 +418,8 @@ def _command(args, methods, kls, seeds, iterations) -> str:
         parts += ["--reward", args.reward]
     for item in args.sets:
         parts += ["--set", item]
+    if args.compare is not None:
+        parts += ["--compare", args.compare]
     if args.quick:
         parts.append("--quick")
     if args.probe:
@@ -460,10 +538,19 @@ def run(args: argparse.Namespace) -> int:
     control_means = {k: v for k, v in control["control"].items() if k != "per_image"}
     result = {
         "reward": base.reward, "command": _command(args, methods, kls, seeds, iterations),
-        "config": {"path": args.config, "overrides": common, "resolved": asdict(base)},
+        "config": {"path": args.config, "overrides": common, "method_overrides": method_sets,
+                   "resolved": asdict(base)},
         "wall_seconds": time.perf_counter() - t_start, "control": control_means, "runs": runs, "summary": summary,
         "missing_runs": missing if args.report_only else [],
+        "runs_wall_seconds": sum(done[name].get("wall_seconds", 0.0) for name, _ in jobs),
     }
+    compare = args.compare if args.compare is not None else ("acflow" if "acflow" in methods else None)
+    if compare is not None and compare not in methods:
+        raise SystemExit(f"flowalign bench train: --compare {compare!r} is not one of --methods ({' '.join(methods)}).")
+    if compare is not None:
+        result["comparison"] = [row for other in methods if other != compare
+                                for axis in ("kl_measured", "diversity_ratio")
+                                for row in compare_at_equal(summary, compare, other, axis)]
     if args.probe:
         result["probe"] = probe_reward(ACFlowConfig.from_yaml(args.config, {**common, "algorithm": "grpo",
                                                                              "output_dir": str(out / "probe")}),
@@ -474,9 +561,13 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "frontier.json", result)
     plot_frontier(summary, out / "frontier.png", reward=str(base.reward))
     if args.json:
-        print(json.dumps({k: result[k] for k in ("reward", "command", "control", "summary")}, indent=1))
+        print(json.dumps({k: result[k] for k in ("reward", "command", "control", "summary", "comparison")
+                          if k in result}, indent=1))
     else:
         print(format_table(summary, reward=str(base.reward)))
+        if result.get("comparison"):
+            print(f"\n{compare} against the others at equal measured KL and at equal diversity "
+                  f"(SE over seeds; verdict at {VERDICT_SE:g} SE):\n" + format_comparison(result["comparison"]))
         print(f"\ncontrol (no update): {json.dumps(control_means)}\nwrote {out / 'frontier.json'} and "
               f"{out / 'frontier.png'}")
     return 0
