@@ -150,7 +150,11 @@ class ACFlowConfig:
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (acflow, orw)"})
     adam_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the actor"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip of the actor"})
-    inner_epochs: int = field(default=2, metadata={"help": "passes over the rollout batch per iteration"})
+    inner_epochs: int = field(default=2, metadata={"help": (
+        "passes over the rollout batch per iteration (Adam steps per iteration = inner_epochs x noise_draws x "
+        "batch / minibatch_size: with a noisy reward gradient fewer, larger steps spend less KL per unit of reward;"
+        " AC-Flow on JPEG: 1 pass of 64-state minibatches, docs/algorithms.md)"
+    )})
     noise_draws: int = field(default=2, metadata={"help": (
         "states per sample per pass: (s, eps) draws, or trajectory steps k"
     )})

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,26 @@ def test_shipped_configs_load():
     assert cfg.algorithm == "acflow" and cfg.reward == "shapes" and cfg.fm_states == "trajectory"
     real = ACFlowConfig.from_yaml(configs / "acflow_sd35m.yaml")
     assert real.pretrained == "stabilityai/stable-diffusion-3.5-medium" and real.sampler == "sde"
+    for path in sorted(configs.glob("*.yaml")):  # every shipped config is valid
+        ACFlowConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    # what `flowalign bench train --config samples/configs/frontier_jpeg.yaml` ran for each shipped method config
+    ("acflow_jpeg.yaml", {"algorithm": "acflow", "kl_coef": 0.25, "inner_epochs": 1, "minibatch_size": 64}),
+    ("nft_jpeg.yaml", {"algorithm": "nft", "kl_coef": 0.15}),
+    ("awm_jpeg.yaml", {"algorithm": "awm", "kl_coef": 0.15}),
+])
+def test_method_configs_are_the_frontiers_runs(name, overrides):
+    """The shipped per-method configs resolve to the frontier's shared setup plus that method's run settings, so
+    the figures docs/benchmarks.md gives for them are the figures of these files."""
+    configs = Path(__file__).parents[1] / "samples" / "configs"
+    shipped = asdict(ACFlowConfig.from_yaml(configs / name))
+    frontier = asdict(ACFlowConfig.from_yaml(configs / "frontier_jpeg.yaml", overrides))
+    other_methods = tuple(f"{m}_" for m in ("grpo", "nft", "awm") if m != overrides["algorithm"])
+    differ = {k: (shipped[k], frontier[k]) for k in shipped
+              if k != "output_dir" and not k.startswith(other_methods) and shipped[k] != frontier[k]}
+    assert differ == {}
 
 
 def test_diversity_metric():

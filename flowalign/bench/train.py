@@ -288,7 +288,7 @@ def plot_frontier(summary: list[dict], path: str | os.PathLike, reward: str = "r
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt  # after use("Agg")
 
-    fig, (ax_kl, ax_div) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, (ax_kl, ax_div) = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
     for method in dict.fromkeys(r["method"] for r in summary):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["kl_coef"])
         y = [r["reward_gain"] for r in rows]
@@ -311,7 +311,7 @@ def plot_frontier(summary: list[dict], path: str | os.PathLike, reward: str = "r
         ax_kl.set_xscale("symlog", linthresh=10.0 ** math.floor(math.log10(min(positive))))
     for ax in (ax_kl, ax_div):
         ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_ylabel(f"held-out {reward} gain vs control (paired, reward units)")
+        ax.set_ylabel(f"held-out {reward} gain vs control\n(paired, reward units)")
         ax.grid(alpha=0.3)
     ax_kl.set_xlabel("measured KL(fine-tuned || base) (nats per image; symlog)")
     ax_div.set_xlabel("diversity ratio (run / control)")
