@@ -183,3 +183,11 @@ def test_compare_at_equal_interpolates_and_judges_by_hand():
     assert "| acflow | 0.5 | grpo | KL 2 | 0.500 ± 0.040 | 0.200 ± 0.020 |" in table and "outside its range" in table
     with pytest.raises(ValueError, match="axis"):
         compare_at_equal(summary, "acflow", "grpo", "reward")
+
+
+def test_compare_must_name_a_swept_method_before_anything_trains(tmp_path):
+    from flowalign.cli import main
+
+    with pytest.raises(SystemExit, match="--compare 'orw' is not one of --methods"):
+        main(["bench", "train", "--quick", "--compare", "orw", "--out", str(tmp_path / "f")])
+    assert not (tmp_path / "f").exists()  # refused before the control or any run

@@ -446,6 +446,9 @@ def run(args: argparse.Namespace) -> int:
     common = dict(QUICK_OVERRIDES) if args.quick else {}
     sets, method_sets = _parse_sets(args.sets, methods)
     common.update(sets)
+    compare = args.compare if args.compare is not None else ("acflow" if "acflow" in methods else None)
+    if compare is not None and compare not in methods:  # checked before training anything
+        raise SystemExit(f"flowalign bench train: --compare {compare!r} is not one of --methods ({' '.join(methods)}).")
     if args.reward:
         common["reward"] = args.reward
     try:
@@ -469,8 +472,8 @@ def run(args: argparse.Namespace) -> int:
             for seed in seeds:
                 name = run_name(method, kl, seed)
                 overrides = {**common, **method_sets.get(method, {}), "algorithm": method, "kl_coef": kl,
-                             "seed": seed, "iterations": iterations, "eval_every": 0, "eval_at_start": False, "checkpoint_every": 0, "resume": False,
-                             "progress": False, "output_dir": str(out / name)}
+                             "seed": seed, "iterations": iterations, "eval_every": 0, "eval_at_start": False,
+                             "checkpoint_every": 0, "resume": False, "progress": False, "output_dir": str(out / name)}
                 try:  # validate every run's config before training anything (unknown method, bad key)
                     ACFlowConfig.from_yaml(args.config, overrides)
                 except ValueError as err:
@@ -544,9 +547,6 @@ def run(args: argparse.Namespace) -> int:
         "missing_runs": missing if args.report_only else [],
         "runs_wall_seconds": sum(done[name].get("wall_seconds", 0.0) for name, _ in jobs),
     }
-    compare = args.compare if args.compare is not None else ("acflow" if "acflow" in methods else None)
-    if compare is not None and compare not in methods:
-        raise SystemExit(f"flowalign bench train: --compare {compare!r} is not one of --methods ({' '.join(methods)}).")
     if compare is not None:
         result["comparison"] = [row for other in methods if other != compare
                                 for axis in ("kl_measured", "diversity_ratio")
