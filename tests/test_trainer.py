@@ -75,7 +75,7 @@ def test_shipped_configs_load():
 
 
 @pytest.mark.parametrize("name, overrides", [
-    # what `flowalign bench train --config samples/configs/frontier_jpeg.yaml` ran for each shipped method config
+    # the frontier's shared setup plus what the bench set for that method's runs (acflow at its shipped kl_coef)
     ("acflow_jpeg.yaml", {"algorithm": "acflow", "kl_coef": 0.25, "inner_epochs": 1, "minibatch_size": 64}),
     ("nft_jpeg.yaml", {"algorithm": "nft", "kl_coef": 0.15}),
     ("awm_jpeg.yaml", {"algorithm": "awm", "kl_coef": 0.15}),

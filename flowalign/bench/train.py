@@ -391,7 +391,7 @@ def _parse_sets(sets: list[str], methods: list[str] | None = None) -> tuple[dict
     per_method: dict[str, dict] = {}
     for item in sets:
         lhs, sep, value = item.partition("=")
-        method, colon, key = lhs.rpartition(":") if ":" in lhs else ("", "", lhs)
+        method, colon, key = lhs.rpartition(":")  # ("", "", lhs) without a colon
         key, method = key.strip().replace("-", "_"), method.strip()
         if not sep or not key or (colon and not method):
             raise SystemExit(f"flowalign bench train: --set expects KEY=VALUE or METHOD:KEY=VALUE, got {item!r}.")
