@@ -54,6 +54,10 @@ class ACFlowConfig:
     resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoints/latest if present"})
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints (and one at the end)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
+    distributed_timeout: int = field(default=3600, metadata={"help": (
+        "seconds a rank waits in a collective before the run fails (torch's default is 600 s for NCCL; rank 0 "
+        "alone writes checkpoints, which for a full fine-tune of a large model can take minutes)"
+    )})
     # --- model ---------------------------------------------------------------------------------
     pretrained: str | None = field(default=None, metadata={"help": (
         "SD3 pipeline folder or hub id; None = the embedded tiny base model"
@@ -64,12 +68,40 @@ class ACFlowConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS_SD3), metadata={"help": (
         "transformer modules that get LoRA adapters (SD3 attention projections)"
     )})
-    mixed_precision: str = field(default="no", metadata={"help": "'no' | 'fp16' | 'bf16' (accelerate autocast)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": (
-        "recompute activations in the backward pass (less memory, ~30% slower)"
+    init_lora: str | None = field(default=None, metadata={"help": (
+        "start from an existing LoRA (a flowalign checkpoint, a diffusers LoRA file or folder, a PEFT adapter "
+        "folder, or a hub id); its rank, alpha and target modules must equal lora_rank, lora_alpha and "
+        "lora_target_modules"
+    )})
+    mixed_precision: str = field(default="auto", metadata={"help": (
+        "'auto' (bf16 on a GPU, 'no' on a CPU) | 'no' | 'fp16' | 'bf16' (accelerate autocast; fp16 adds a "
+        "gradient scaler)"
+    )})
+    weight_dtype: str | None = field(default=None, metadata={"help": (
+        "dtype of the frozen weights (base transformer, text encoders, VAE): 'fp32' | 'bf16' | 'fp16'; None = the"
+        " mixed-precision dtype. Trainable parameters (LoRA, or the full transformer) stay fp32"
+    )})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "recompute activations in the backward pass (a fraction of the activation memory, ~30% slower); None ="
+        " on a GPU, off on a CPU"
+    )})
+    optimizer: str = field(default="adamw", metadata={"help": (
+        "'adamw' (torch) | 'adamw8bit' (bitsandbytes: the optimizer states in 8 bits, needs `pip install "
+        "bitsandbytes`)"
+    )})
+    compile: bool = field(default=False, metadata={"help": (
+        "run the transformer of the rollouts and the evaluation under torch.compile (flowalign.compile)"
     )})
     cache_prompt_embeddings: bool = field(default=True, metadata={"help": (
-        "encode each distinct prompt once (frozen text encoders)"
+        "encode each distinct prompt once (frozen text encoders); the cache lives on the CPU"
+    )})
+    prompt_cache_size: int = field(default=1024, metadata={"help": (
+        "most prompts whose embeddings are cached (least recently used evicted; ~5 MiB per prompt for SD3 in "
+        "fp32, 256 T5 tokens); when every training and held-out prompt fits, all are encoded once at start"
+    )})
+    offload_text_encoders: bool = field(default=True, metadata={"help": (
+        "keep the text encoders on the CPU and move them to the accelerator only to encode prompts missing from "
+        "the cache (a no-op on a CPU)"
     )})
     max_sequence_length: int | None = field(default=None, metadata={"help": (
         "T5 tokens; None = 1 for the tiny model (no T5), else 256"
@@ -90,6 +122,15 @@ class ACFlowConfig:
         "noise did; None = G (every image its own x_1)"
     )})
     sample_steps: int = field(default=16, metadata={"help": "sampling steps of the rollouts"})
+    resolution: int | None = field(default=None, metadata={"help": (
+        "image side in pixels of rollouts and evaluation (a multiple of the VAE's downsampling times the "
+        "transformer's patch size); None = the transformer's sample_size times the VAE's downsampling"
+    )})
+    rollout_batch_size: int = field(default=16, metadata={"help": (
+        "images per transformer call in rollouts and evaluation (CFG doubles the rows); the results do not "
+        "depend on it"
+    )})
+    decode_batch_size: int = field(default=8, metadata={"help": "images per VAE decode"})
     guidance_scale: float | None = field(default=None, metadata={"help": (
         "CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5"
     )})
@@ -233,8 +274,9 @@ class ACFlowConfig:
         "stochastic transition of the rollout sampler (the first sde_steps_fraction of sample_steps, noise_level), "
         "summed (flowalign.eval.sde_path_kl); the Euler steps after the window have no density and are not counted"
     )})
-    eval_rewards: list[str] = field(default_factory=lambda: ["shapes_binary", "jpeg_compressibility"], metadata={"help": (
-        "unseen rewards"
+    eval_rewards: list[str] | None = field(default=None, metadata={"help": (
+        "unseen rewards scored on the held-out images; None = the prompt source's own (shapes: shapes_binary and "
+        "jpeg_compressibility), else jpeg_compressibility, which reads any prompt"
     )})
 
     # ------------------------------------------------------------------------------------------
@@ -243,7 +285,8 @@ class ACFlowConfig:
         for f in fields(self):  # values as the field types say (YAML reads "1e-4" as a string)
             setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
         choices = {"algorithm": ALGORITHMS, "sampler": ("euler", "sde"),
-                   "mixed_precision": ("no", "fp16", "bf16"), "sigma_sampling": ("logit_normal", "uniform"),
+                   "mixed_precision": ("auto", "no", "fp16", "bf16"), "weight_dtype": (None, "fp32", "bf16", "fp16"),
+                   "optimizer": ("adamw", "adamw8bit"), "sigma_sampling": ("logit_normal", "uniform"),
                    "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -278,7 +321,7 @@ class ACFlowConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
-                    "inner_epochs", "noise_draws"):
+                    "inner_epochs", "noise_draws", "rollout_batch_size", "decode_batch_size", "prompt_cache_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
 

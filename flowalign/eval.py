@@ -39,21 +39,28 @@ import torch
 from flowalign.objectives import gaussian_kl_to_reference, w2_distance
 from flowalign.sampling import sample_latents, sde_step
 
-__all__ = ["diversity", "eval_features", "mean_se", "paired_difference", "sde_path_kl", "w2_distance"]
+__all__ = ["diversity", "diversity_per_group", "eval_features", "mean_se", "paired_difference", "sde_path_kl", "w2_distance"]
 
 
 def diversity(images: torch.Tensor, groups: list[int]) -> float:
     """Mean pairwise RMS pixel distance between images of the same prompt, averaged over prompts."""
+    values = list(diversity_per_group(images, groups).values())
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def diversity_per_group(images: torch.Tensor, groups: list[int]) -> dict[int, float]:
+    """``{group: mean pairwise RMS pixel distance between its images}`` for every group of two or more images (the
+    terms :func:`diversity` averages; a sharded evaluation gathers them)."""
     feats = images.flatten(1).float()
-    values = []
+    values = {}
     for g in sorted(set(groups)):
         idx = [i for i, x in enumerate(groups) if x == g]
         if len(idx) < 2:
             continue
         d = torch.cdist(feats[idx], feats[idx]) / math.sqrt(feats.shape[1])
         n = len(idx)
-        values.append(d.sum().item() / (n * (n - 1)))
-    return float(sum(values) / len(values)) if values else float("nan")
+        values[g] = d.sum().item() / (n * (n - 1))
+    return values
 
 
 def eval_features(images: torch.Tensor) -> torch.Tensor:
@@ -73,6 +80,7 @@ def sde_path_kl(
     noise_level: float,
     generator: torch.Generator | list[torch.Generator] | None = None,
     sde_steps: int | None = None,
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-image KL (nats) of the SDE sampler of ``velocity`` to that of ``ref_velocity``, on ``velocity``'s paths.
 
@@ -95,6 +103,7 @@ def sde_path_kl(
         noise_level: the SDE noise level ``a`` (> 0: at ``a = 0`` the steps have no density and no KL).
         generator: the SDE noise's generator(s).
         sde_steps: how many of the first steps inject noise (None = every step).
+        step_noise: the SDE draws given up front instead of ``generator`` (``flowalign.sampling.draw_step_noise``).
 
     Returns:
         ``[B]`` float32, the KL of each image in nats.
@@ -114,7 +123,7 @@ def sde_path_kl(
         return velocity(x, s)
 
     out = sample_latents(field, noise, sigmas, sampler="sde", noise_level=noise_level, generator=generator,
-                         return_trajectory=True, return_velocities=True, sde_steps=sde_steps)
+                         return_trajectory=True, return_velocities=True, sde_steps=sde_steps, step_noise=step_noise)
     kl = torch.zeros(noise.shape[0], dtype=torch.float32, device=noise.device)
     for k in range(window):
         x, x_next = out.trajectory[:, k], out.trajectory[:, k + 1]

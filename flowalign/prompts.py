@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,12 +30,14 @@ BUILTIN_SOURCES = {"shapes": "flowalign.shapes:prompt_source"}
 
 @dataclass
 class PromptSource:
-    """Training prompts, their sampling weights (None = uniform) and a held-out generator ``(n, seed) -> list``
-    (None = the first ``n`` training prompts)."""
+    """Training prompts, their sampling weights (None = uniform), a held-out generator ``(n, seed) -> list``
+    (None = the first ``n`` training prompts) and the unseen rewards a training run scores its held-out images
+    with by default (rewards that read these prompts; the default reads any prompt)."""
 
     train: list[str]
     weights: Sequence[float] | None = None
     heldout: Callable[[int, int], list[str]] | None = None
+    unseen_rewards: list[str] = field(default_factory=lambda: ["jpeg_compressibility"])
 
     def __post_init__(self) -> None:
         self.train = list(self.train)

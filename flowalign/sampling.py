@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 __all__ = [
     "SamplerOutput",
+    "draw_step_noise",
     "euler_step",
     "flow_sigmas",
     "sample_latents",
@@ -259,6 +260,7 @@ def sample_latents(
     log_prob_reduction: Literal["sum", "mean"] = "sum",
     return_velocities: bool = False,
     sde_steps: int | None = None,
+    step_noise: torch.Tensor | None = None,
 ) -> SamplerOutput:
     """Integrate from ``latents`` (at ``sigmas[0]``) to ``sigmas[-1]`` with Euler or the Flow-GRPO SDE.
 
@@ -268,6 +270,10 @@ def sample_latents(
     ``sde_steps``: with ``sampler="sde"``, only the first ``sde_steps`` steps (the high-noise ones that lay out
     the image) inject noise; the rest are Euler steps (a = 0: std 0, log-prob 0). A fixed SDE window at the
     start (MixGRPO, arXiv 2507.21802, slides one along the trajectory). None = every step.
+
+    ``step_noise``: the SDE's Gaussian draws ``z`` given up front, ``[B, K, ...]`` for the first ``K`` steps (the
+    noisy ones; :func:`draw_step_noise` draws them in the order ``generator`` would), instead of ``generator``:
+    a batch sampled in micro-batches, each with its rows of ``step_noise``, equals the batch sampled at once.
 
     Example::
 
@@ -298,8 +304,13 @@ def sample_latents(
         else:
             # a = 0 after the SDE window: the step is Euler's (std 0, log-prob 0)
             a = noise_level if sde_steps is None or k < sde_steps else 0.0
+            z = None
+            if step_noise is not None:  # pre-drawn; past its steps a = 0 must hold (std 0: z is irrelevant)
+                if k >= step_noise.shape[1] and a > 0:
+                    raise ValueError(f"step_noise covers {step_noise.shape[1]} steps, but step {k} is noisy.")
+                z = step_noise[:, k] if k < step_noise.shape[1] else torch.zeros_like(x, dtype=torch.float32)
             x, log_prob, _, _ = sde_step(
-                x, v, sigma, sigma_next, noise_level=a, generator=generator,
+                x, v, sigma, sigma_next, noise_level=a, generator=generator, noise=z,
                 log_prob_reduction=log_prob_reduction,
             )
             if log_probs is not None:
@@ -313,3 +324,15 @@ def sample_latents(
         sigmas=sigmas,
         velocities=torch.stack(velocities, dim=1) if velocities is not None else None,
     )
+
+
+def draw_step_noise(shape: Sequence[int], steps: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The SDE sampler's Gaussian draws for ``steps`` steps of a batch of ``shape``, ``[B, steps, ...]`` float32 on
+    the CPU, in the order :func:`sample_latents` draws them from a CPU ``generator`` (step by step, the whole batch
+    each step), so ``sample_latents(..., step_noise=draw_step_noise(x.shape, K, g))`` equals
+    ``sample_latents(..., generator=g)`` on its first ``K`` (noisy) steps, in any micro-batching.
+
+    Example: ``z = draw_step_noise(noise.shape, 4, torch.Generator().manual_seed(0))``.
+    """
+    draws = [torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for _ in range(steps)]
+    return torch.stack(draws, dim=1) if draws else torch.zeros((shape[0], 0, *shape[1:]))

@@ -386,7 +386,8 @@ def prompt_source() -> PromptSource:
     train = all_prompts("train")
     families = [family_of(p) for p in train]
     sizes = {f: families.count(f) for f in set(families)}
-    return PromptSource(train, weights=[1.0 / (len(sizes) * sizes[f]) for f in families], heldout=heldout_prompts)
+    return PromptSource(train, weights=[1.0 / (len(sizes) * sizes[f]) for f in families], heldout=heldout_prompts,
+                        unseen_rewards=["shapes_binary", "jpeg_compressibility"])
 
 
 # ----------------------------------------------------------------------------------------------

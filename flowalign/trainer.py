@@ -50,13 +50,17 @@ import math
 import os
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 from diffusers import StableDiffusion3Pipeline
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -66,23 +70,42 @@ from tqdm.auto import tqdm
 from flowalign import objectives as O
 from flowalign import rewards as R
 from flowalign.checkpoints import atomic_write_dir, latest_checkpoint, load_state, save_state, write_pointer
+from flowalign.compile import compile_transformer
 from flowalign.config import ACFlowConfig
 from flowalign.critic import Critic
-from flowalign.eval import diversity, eval_features, sde_path_kl
+from flowalign.eval import diversity_per_group, eval_features, sde_path_kl
+from flowalign.pipelines.lora_utils import load_lora_state
 from flowalign.prompts import PromptSource, load_prompts, read_prompt_file
 from flowalign.rewards import NonFiniteRewardError
-from flowalign.sampling import flow_sigmas, sample_latents, sde_step, sde_step_velocity
+from flowalign.sampling import draw_step_noise, flow_sigmas, sample_latents, sde_step, sde_step_velocity
 from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline, load_pipeline
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EVAL_NOISE_BLOCK = 64  # held-out noises are drawn per block of 64 images: the same images at any batch or world size
+
+
 def _generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded by a tuple of integers (seed, iteration, rank, purpose)."""
     seed = 0
     for k in keys:
         seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
     return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    """AdamW from torch (``"adamw"``) or with 8-bit states from bitsandbytes (``"adamw8bit"``, 1/4 of the memory of
+    the two fp32 moments; worth it for full fine-tuning, a LoRA's states are small)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    try:
+        import bitsandbytes  # noqa: PLC0415  (an optional dependency, imported only when asked for)
+    except ImportError as err:
+        raise ImportError("ACFlowConfig.optimizer='adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, or "
+                          "set optimizer='adamw'.") from err
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,8 +123,14 @@ class ACFlowTrainer:
     def __init__(self, config: ACFlowConfig, reward: Any = None, pipeline: Any = None, accelerator: Any = None,
                  prompts: PromptSource | list[str] | None = None):
         self.config = cfg = config
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-        acc = self.accelerator
+        if accelerator is None:
+            on_gpu = torch.cuda.is_available()
+            mixed = cfg.mixed_precision
+            if mixed == "auto":  # bf16 where the hardware has it; full precision on a CPU (usability over speed)
+                mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+            timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout))
+            accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu, kwargs_handlers=[timeout])
+        self.accelerator = acc = accelerator
         self.device = acc.device
         if cfg.images_per_prompt % acc.num_processes:
             raise ValueError(
@@ -114,14 +143,29 @@ class ACFlowTrainer:
         self.group_size = self.branches if cfg.initial_noises else cfg.images_per_prompt
         self.output_dir = Path(cfg.output_dir)
 
-        # Pipeline: frozen text encoders and VAE; the transformer is the policy.
+        # Pipeline: frozen text encoders and VAE in the weight dtype; the transformer is the policy.
+        amp = {"bf16": "bf16", "fp16": "fp16"}.get(acc.mixed_precision, "fp32")
+        self.weight_dtype = DTYPES[cfg.weight_dtype or amp]
+        if self.weight_dtype != torch.float32 and amp == "fp32":
+            raise ValueError(f"ACFlowConfig.weight_dtype={cfg.weight_dtype!r} with mixed_precision "
+                             f"{acc.mixed_precision!r}: half-precision frozen weights need autocast to mix them with "
+                             f"the fp32 trainable parameters; set mixed_precision to {cfg.weight_dtype!r}, or "
+                             "weight_dtype='fp32'.")
         if pipeline is None:
-            pipeline = load_base_pipeline() if cfg.pretrained is None else load_pipeline(cfg.pretrained)
+            pipeline = (load_base_pipeline(dtype=self.weight_dtype) if cfg.pretrained is None
+                        else load_pipeline(cfg.pretrained, dtype=self.weight_dtype))
         self.pipe = pipeline.to(self.device)
+        if self.pipe.transformer.dtype != self.weight_dtype:
+            self.pipe.to(dtype=self.weight_dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        for module in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3, self.pipe.vae):
-            if module is not None:
-                module.requires_grad_(False)
+        self.text_encoders = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3)
+                              if m is not None]
+        for module in (*self.text_encoders, self.pipe.vae):
+            module.requires_grad_(False)
+        self._offload_encoders = cfg.offload_text_encoders and self.device.type != "cpu"
+        if self._offload_encoders:  # on the CPU between encodes (every prompt embedding is cached)
+            for module in self.text_encoders:
+                module.to("cpu")
         no_t5 = self.pipe.text_encoder_3 is None
         self.max_sequence_length = cfg.max_sequence_length or (MAX_SEQUENCE_LENGTH if no_t5 else 256)
         self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else (
@@ -133,23 +177,32 @@ class ACFlowTrainer:
         transformer.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # the LoRA's random init (lora_A) and the critic's depend on the seed only
         if cfg.use_lora:
-            transformer.add_adapter(LoraConfig(
+            self.lora_config = LoraConfig(
                 r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                 target_modules=list(cfg.lora_target_modules),
-            ))
+            )
+            transformer.add_adapter(self.lora_config)
+            if cfg.init_lora:  # continue from an existing LoRA (checked against this adapter's config)
+                self._load_lora(transformer, load_lora_state(cfg.init_lora, self.lora_config), source=cfg.init_lora)
+            cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights in fp32
             self.reference = None  # the same transformer, adapters disabled
         else:
-            transformer.requires_grad_(True)
-            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
-        if cfg.gradient_checkpointing:
+            if cfg.init_lora:
+                raise ValueError(f"ACFlowConfig.init_lora={cfg.init_lora!r} needs use_lora=True.")
+            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()  # frozen, weight dtype
+            transformer.to(torch.float32).requires_grad_(True)
+        checkpointing = cfg.gradient_checkpointing
+        if checkpointing is None:  # on a GPU memory is the limit, on a CPU time is
+            checkpointing = self.device.type != "cpu"
+        if checkpointing:
             transformer.enable_gradient_checkpointing()
         params = [p for p in transformer.parameters() if p.requires_grad]
         lr = cfg.grpo_learning_rate if cfg.algorithm == "grpo" else cfg.learning_rate
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.adam_weight_decay)
+        optimizer = make_optimizer(cfg.optimizer, params, lr=lr, weight_decay=cfg.adam_weight_decay)
 
-        # The critic (AC-Flow only): V(x_s, s, pooled prompt embedding).
+        # The critic (AC-Flow only): V(x_s, s, pooled prompt embedding). Latents at the configured resolution.
         tcfg = transformer.config
-        latent_shape = (tcfg.in_channels, tcfg.sample_size, tcfg.sample_size)
+        latent_shape = (tcfg.in_channels, *self._latent_size(tcfg))
         self.critic = self.critic_optimizer = None
         if cfg.algorithm == "acflow":
             torch.manual_seed(cfg.seed)
@@ -158,6 +211,8 @@ class ACFlowTrainer:
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
             self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        # rollouts and evaluation (no grad) through a compiled forward of the same module (shared weights)
+        self._compiled = compile_transformer(self.unwrapped) if cfg.compile else None
         # nft: the sampling policy, an EMA of the trained parameters (None: the trained policy itself)
         self.ema = ([q.detach().clone() for q in self._trainable()]
                     if cfg.algorithm == "nft" and cfg.nft_ema_decay > 0 else None)
@@ -166,19 +221,23 @@ class ACFlowTrainer:
 
         # Reward(s).
         self.reward = R.as_reward(reward) if reward is not None else self._load_reward(cfg.reward, cfg.reward_normalize)
-        self.eval_rewards = {name: R.load(name) for name in cfg.eval_rewards}
 
-        # Prompts, and their embeddings (cached).
+        # Prompts, and their embeddings (cached on the CPU, least recently used evicted).
         self.prompt_source = load_prompts(prompts if prompts is not None else cfg.prompts)
         self.train_prompts = self.prompt_source.train
         self.prompt_weights = self.prompt_source.sampling_weights()
-        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        unseen = cfg.eval_rewards if cfg.eval_rewards is not None else self.prompt_source.unseen_rewards
+        self.eval_rewards = {name: R.load(name) for name in unseen}
+        self._embed_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.encoded_prompts = 0  # prompts run through the text encoders so far
+        if self._offload_encoders:
+            self.precompute_embeddings()
         self.running = O.RunningMeanStd()
         self.iteration = 0
         self.counters = {"skipped_updates": 0, "images_seen": 0}
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
-        self._ref_eval_images: torch.Tensor | None = None
+        self._ref_eval_features: torch.Tensor | None = None
         self._tb = None
 
     # -- set-up helpers ---------------------------------------------------------------------------
@@ -190,6 +249,35 @@ class ACFlowTrainer:
             return R.load_mixture([spec], normalize=normalize)
         return R.load(spec)
 
+    def _latent_size(self, tcfg) -> tuple[int, int]:
+        """The latent side ``(h, w)`` of ``resolution`` pixels (default: the transformer's ``sample_size``)."""
+        down = self.pipe.vae_scale_factor
+        if self.config.resolution is None:
+            return tcfg.sample_size, tcfg.sample_size
+        unit = down * tcfg.patch_size
+        if self.config.resolution % unit:
+            raise ValueError(f"ACFlowConfig.resolution={self.config.resolution} must be a multiple of {unit} (the VAE "
+                             f"downsamples by {down}, the transformer patches {tcfg.patch_size}x{tcfg.patch_size} "
+                             f"latents); e.g. {max(unit, round(self.config.resolution / unit) * unit)}.")
+        side = self.config.resolution // down
+        limit = getattr(tcfg, "pos_embed_max_size", None)
+        if limit and side // tcfg.patch_size > limit:
+            raise ValueError(f"ACFlowConfig.resolution={self.config.resolution} is larger than this transformer's "
+                             f"positional embedding allows ({limit * tcfg.patch_size * down} px); lower it.")
+        return side, side
+
+    @staticmethod
+    def _load_lora(model, state_dict: dict[str, torch.Tensor], source: Any) -> None:
+        """LoRA weights (keys without prefix, ``a.b.lora_A.weight``) into ``model``'s adapter: every weight of the
+        adapter given, and no other."""
+        result = set_peft_model_state_dict(model, state_dict)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
+        if unexpected or missing:
+            raise ValueError(f"The LoRA of {source} does not match the trainer's adapter (lora_target_modules): "
+                             f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                             f"(e.g. {unexpected[:3]}).")
+
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
@@ -200,17 +288,55 @@ class ACFlowTrainer:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings ``[N, L, D]`` and pooled embeddings ``[N, P]`` (cached per prompt)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        """Prompt embeddings ``[N, L, D]`` and pooled embeddings ``[N, P]`` on the device.
+
+        Each distinct prompt is encoded once and cached on the CPU; the cache holds at most ``prompt_cache_size``
+        prompts (least recently used evicted). With ``offload_text_encoders`` the encoders come to the device only
+        for the prompts missing from the cache."""
+        cache, cfg = self._embed_cache, self.config
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
-            pe, pp = encode_prompts(self.pipe, missing, max_sequence_length=self.max_sequence_length, device=self.device)
+            with self._text_encoders_on_device():
+                pe, pp = encode_prompts(self.pipe, missing, max_sequence_length=self.max_sequence_length,
+                                        device=self.device)
+            self.encoded_prompts += len(missing)
             for i, p in enumerate(missing):
-                self._embed_cache[p] = (pe[i], pp[i])
-        embeds = torch.stack([self._embed_cache[p][0] for p in prompts])
-        pooled = torch.stack([self._embed_cache[p][1] for p in prompts])
-        if not self.config.cache_prompt_embeddings:
-            self._embed_cache.clear()
+                cache[p] = (pe[i].cpu(), pp[i].cpu())
+        rows = []
+        for p in prompts:
+            cache.move_to_end(p)  # most recently used last
+            rows.append(cache[p])
+        embeds = torch.stack([r[0] for r in rows]).to(self.device)
+        pooled = torch.stack([r[1] for r in rows]).to(self.device)
+        limit = cfg.prompt_cache_size if cfg.cache_prompt_embeddings else 0
+        while len(cache) > limit:
+            cache.popitem(last=False)
         return embeds, pooled
+
+    def precompute_embeddings(self) -> bool:
+        """Encode every training and held-out prompt (and "") now, when they all fit in the cache: the text
+        encoders then never come back to the device. Returns whether they fit. (Done at start when the encoders
+        are offloaded; on a CPU the encoders are where they run, and prompts are encoded as they come.)"""
+        cfg = self.config
+        known = list(dict.fromkeys(["", *self.train_prompts, *(self.eval_prompt_list() if cfg.eval_prompts else [])]))
+        if not (cfg.cache_prompt_embeddings and len(known) <= cfg.prompt_cache_size):
+            return False
+        self.encode(known)
+        return True
+
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self):
+        """The text encoders on the device for the duration (they live on the CPU with ``offload_text_encoders``)."""
+        if not self._offload_encoders:
+            yield
+            return
+        for module in self.text_encoders:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in self.text_encoders:
+                module.to("cpu")
 
     # -- model evaluations ----------------------------------------------------------------------
     def velocity(self, model, x, sigma, embeds, pooled):
@@ -244,41 +370,57 @@ class ACFlowTrainer:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], exactly as the stock pipeline's ``output_type="pt"``."""
+        """Latents -> images in [0, 1], exactly as the stock pipeline's ``output_type="pt"``, ``decode_batch_size``
+        images per VAE call (a 1024 px decode holds GiBs of activations per image)."""
         vae = self.pipe.vae
-        x = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return (vae.decode(x.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        images = []
+        for chunk in latents.split(self.config.decode_batch_size):
+            x = chunk / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            images.append((vae.decode(x.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(images)
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator, sampler: str, model=None,
                 steps: int | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Sample one image per entry of ``prompts`` with the frozen current policy (or ``model``), from
-        ``noise`` (drawn from ``generator`` when None; the SDE noise always comes from ``generator``)."""
+        ``noise`` (drawn from ``generator`` when None; the SDE noise always comes from ``generator``).
+
+        The transformer runs on ``rollout_batch_size`` images at a time; every random draw is made up front in the
+        order of one batched call, so the result does not depend on the micro-batch size."""
         cfg = self.config
         model = model if model is not None else self.unwrapped
         was_training = model.training
         model.eval()
+        if self._compiled is not None and model is self.unwrapped:  # the same weights, compiled forward
+            model = self._compiled
         embeds, pooled = self.encode(prompts)
         neg_embeds, neg_pooled = self.encode([""] * len(prompts))
         if noise is None:
             noise = torch.randn((len(prompts), *self.latent_shape), generator=generator)
-        noise = noise.to(self.device)
         n_steps = steps or cfg.sample_steps
+        window = cfg.sde_steps(n_steps)
+        step_noise = draw_step_noise(noise.shape, window, generator) if sampler == "sde" else None
         sigmas = flow_sigmas(self.pipe.scheduler, n_steps, self.device)
-        with self.accelerator.autocast():
-            out = sample_latents(
-                lambda x, s: self.cfg_velocity(model, x, s, embeds, pooled, neg_embeds, neg_pooled),
-                noise, sigmas, sampler=sampler, noise_level=cfg.noise_level,
-                sde_steps=cfg.sde_steps(n_steps),
-                generator=generator if sampler == "sde" else None,
-                return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
-                return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
-                log_prob_reduction="mean",  # per-dimension mean, the scale Flow-GRPO's clip range is set for
-            )
-        model.train(was_training)
-        return {"latents": out.latents.float(), "trajectory": out.trajectory, "log_probs": out.log_probs,
-                "velocities": out.velocities,
-                "sigmas": sigmas, "embeds": embeds, "pooled": pooled}
+        parts = []
+        for rows in torch.arange(len(prompts)).split(cfg.rollout_batch_size):
+            i = slice(int(rows[0]), int(rows[-1]) + 1)
+            with self.accelerator.autocast():
+                parts.append(sample_latents(
+                    lambda x, s, i=i: self.cfg_velocity(model, x, s, embeds[i], pooled[i], neg_embeds[i], neg_pooled[i]),
+                    noise[i].to(self.device), sigmas, sampler=sampler, noise_level=cfg.noise_level, sde_steps=window,
+                    step_noise=step_noise[i].to(self.device) if step_noise is not None else None,
+                    return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
+                    return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
+                    log_prob_reduction="mean",  # per-dimension mean, the scale Flow-GRPO's clip range is set for
+                ))
+        getattr(model, "_orig_mod", model).train(was_training)
+
+        def cat(name):
+            values = [getattr(part, name) for part in parts]
+            return torch.cat(values) if values[0] is not None else None
+
+        return {"latents": cat("latents").float(), "trajectory": cat("trajectory"), "log_probs": cat("log_probs"),
+                "velocities": cat("velocities"), "sigmas": sigmas, "embeds": embeds, "pooled": pooled}
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         try:
@@ -465,8 +607,7 @@ class ACFlowTrainer:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(self.transformer.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
+            grad_norm = self._optimizer_step()
             add("actor_loss", loss.detach())
             add("grad_norm", grad_norm)
             for k in m:
@@ -489,6 +630,22 @@ class ACFlowTrainer:
         w2 = O.w2_regulariser(v, v_ref) if v_ref is not None else torch.zeros((), device=v.device)
         metrics["w2"] = w2.detach()
         return (loss + cfg.w2_weight * w2 if cfg.w2_weight else loss), metrics
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip the actor's gradient to ``max_grad_norm`` and step; a non-finite gradient skips the step (counted).
+
+        Under fp16 the gradient scaler owns the skip: ``optimizer.step()`` must run after every unscale (clipping
+        unscales) so the scaler updates; it then skips an overflowing step itself and lowers its scale. Skipping
+        the call instead leaves the optimizer "already unscaled" and the next clip raises."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.transformer.parameters(), self.config.max_grad_norm)
+        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite or self.accelerator.scaler is not None:
+            self.optimizer.step()
+        if not finite:
+            self.counters["skipped_updates"] += 1
+            warnings.warn(f"iteration {self.iteration}: non-finite actor gradient (norm {float(grad_norm)}); "
+                          "update skipped" + (" by the fp16 gradient scaler." if self.accelerator.scaler else "."))
+        return grad_norm
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [q for q in self.unwrapped.parameters() if q.requires_grad]
@@ -570,12 +727,7 @@ class ACFlowTrainer:
                 sums["kl"] += kl.item() / len(chosen)
                 sums["clip_fraction"] += float(clip_frac) / len(chosen)
                 sums["approx_kl"] += float(approx_kl) / len(chosen)
-            grad_norm = acc.clip_grad_norm_(self.transformer.parameters(), cfg.max_grad_norm)
-            if torch.isfinite(torch.as_tensor(grad_norm)):
-                self.optimizer.step()
-            else:
-                self.counters["skipped_updates"] += 1
-                warnings.warn(f"iteration {self.iteration}: non-finite GRPO gradient; update skipped.")
+            grad_norm = self._optimizer_step()
             sums["grad_norm"] += float(grad_norm)
         n_mb = math.ceil(n / cfg.minibatch_size)
         return {k: v / n_mb for k, v in sums.items()}
@@ -592,58 +744,81 @@ class ACFlowTrainer:
     def evaluate(self) -> dict[str, Any]:
         """Training reward, unseen rewards, diversity, W2 and KL to the reference on held-out prompts.
 
-        Runs on rank 0 only (the evaluation set is small). The prompts and noises depend on ``eval_seed`` alone,
-        so every run with the same evaluation settings is scored on the same images, and a fresh trainer's
-        evaluation is the paired no-update control; the reference samples (adapters disabled) are computed
-        once. Returns the means and ``per_image``: equal-length lists (``reward``, ``eval_<name>``,
-        ``kl_to_reference``) in a fixed order (prompt-major, ``eval_images_per_prompt`` images each).
+        Every rank takes part: each samples, decodes and scores its contiguous share of the held-out prompts, and
+        the per-image values are gathered in prompt order (no rank waits on another's evaluation, and a sharded
+        model sees every rank in every forward). The prompts and noises depend on ``eval_seed`` and the image's
+        index alone, so every run with the same evaluation settings is scored on the same images, at any batch
+        size and number of processes, and a fresh trainer's evaluation is the paired no-update control; the
+        reference samples (adapters disabled) are computed once. Returns the means and ``per_image``: equal-length
+        lists (``reward``, ``eval_<name>``, ``kl_to_reference``) in a fixed order (prompt-major,
+        ``eval_images_per_prompt`` images each).
         """
-        cfg = self.config
+        cfg, acc = self.config, self.accelerator
         base_prompts = self.eval_prompt_list()
         k = cfg.eval_images_per_prompt
-        prompts = [p for p in base_prompts for _ in range(k)]
-        groups = [i for i in range(len(base_prompts)) for _ in range(k)]
-        images = self._eval_images(prompts, model=None)
-        if self._ref_eval_images is None:
+        per_rank = math.ceil(len(base_prompts) / acc.num_processes)
+        first = min(acc.process_index * per_rank, len(base_prompts))
+        last = min(first + per_rank, len(base_prompts))
+        rows = range(first * k, last * k)  # this rank's images, by global index
+        prompts = [base_prompts[j // k] for j in rows]
+        groups = [j // k for j in rows]
+        images = self._eval_images(prompts, rows, model=None)
+        if self._ref_eval_features is None:
             with self.reference_model() as ref:
-                self._ref_eval_images = self._eval_images(prompts, model=ref)
+                self._ref_eval_features = eval_features(self._eval_images(prompts, rows, model=ref))
         per_image = {"reward": self.reward(images, prompts).float().flatten().tolist()}
         for name, reward in self.eval_rewards.items():
             per_image[f"eval_{name}"] = reward(images, prompts).float().flatten().tolist()
         if cfg.eval_kl:
-            per_image["kl_to_reference"] = self._eval_kl(prompts)
+            per_image["kl_to_reference"] = self._eval_kl(prompts, rows)
+        per_image = {key: gather_object(values) for key, values in per_image.items()}  # rank order = prompt order
         result: dict[str, Any] = {"iteration": self.iteration, "images_seen": self.counters["images_seen"]}
         result.update({key: sum(values) / len(values) for key, values in per_image.items()})
-        result["diversity"] = diversity(images, groups)
-        result["w2_to_reference"] = O.w2_distance(eval_features(self._ref_eval_images), eval_features(images))
+        group_diversity = gather_object(list(diversity_per_group(images, groups).values()))
+        result["diversity"] = sum(group_diversity) / len(group_diversity) if group_diversity else float("nan")
+        features = torch.cat(gather_object([eval_features(images)]))
+        reference = torch.cat(gather_object([self._ref_eval_features]))
+        result["w2_to_reference"] = O.w2_distance(reference, features)
         result["per_image"] = per_image
         return result
 
-    def _eval_images(self, prompts: list[str], model) -> torch.Tensor:
-        out = []
-        for start in range(0, len(prompts), 64):
-            chunk = prompts[start : start + 64]
-            roll = self.rollout(chunk, _generator(self.config.eval_seed, 10**6, start), "euler", model=model,
-                                steps=self.config.eval_steps)
-            out.append(self.decode(roll["latents"]).cpu())
-        return torch.cat(out)
+    def _eval_noise(self, rows: range, purpose: int, sde_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The starting noises (and the first ``sde_steps`` SDE draws) of the held-out images ``rows`` (global
+        indices): each block of ``EVAL_NOISE_BLOCK`` images is drawn from its own generator, so an image's noise
+        depends on its index alone, not on how the images are batched or sharded."""
+        total = len(self.eval_prompt_list()) * self.config.eval_images_per_prompt
+        noises, draws = [], []
+        for lo in range(rows.start - rows.start % EVAL_NOISE_BLOCK, rows.stop, EVAL_NOISE_BLOCK):
+            hi = min(lo + EVAL_NOISE_BLOCK, total)
+            gen = _generator(self.config.eval_seed, purpose, lo)
+            block = torch.randn((hi - lo, *self.latent_shape), generator=gen)
+            keep = slice(max(rows.start, lo) - lo, min(rows.stop, hi) - lo)
+            noises.append(block[keep])
+            if sde_steps:
+                draws.append(draw_step_noise(block.shape, sde_steps, gen)[keep])
+        return torch.cat(noises), (torch.cat(draws) if sde_steps else None)
 
-    def _eval_kl(self, prompts: list[str]) -> list[float]:
+    def _eval_images(self, prompts: list[str], rows: range, model) -> torch.Tensor:
+        """Euler samples (``eval_steps``) of the held-out images ``rows``, decoded, on the CPU."""
+        noise, _ = self._eval_noise(rows, 10**6)
+        roll = self.rollout(prompts, None, "euler", model=model, steps=self.config.eval_steps, noise=noise)
+        return self.decode(roll["latents"]).cpu()
+
+    def _eval_kl(self, prompts: list[str], rows: range) -> list[float]:
         """KL(p_theta || p_ref) of each held-out image in nats: the rollout sampler's stochastic transitions (the
         first ``sde_steps`` of ``sample_steps``, noise ``noise_level``) on the policy's own paths, the exact
         Gaussian KL of each transition summed. The deterministic steps after the window have no density and
         are not counted (only the window's grid is sampled)."""
         cfg, model = self.config, self.unwrapped
         sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)[: self.sde_steps + 1]
+        noise, step_noise = self._eval_noise(rows, 10**6 + 1, sde_steps=self.sde_steps)
         was_training = model.training
         model.eval()
         out = []
-        for start in range(0, len(prompts), 64):
-            chunk = prompts[start : start + 64]
-            embeds, pooled = self.encode(chunk)
-            neg = self.encode([""] * len(chunk))
-            gen = _generator(cfg.eval_seed, 10**6 + 1, start)
-            noise = torch.randn((len(chunk), *self.latent_shape), generator=gen).to(self.device)
+        for start in range(0, len(prompts), cfg.rollout_batch_size):
+            i = slice(start, start + cfg.rollout_batch_size)
+            embeds, pooled = self.encode(prompts[i])
+            neg = self.encode([""] * len(prompts[i]))
 
             def policy(x, s):
                 return self.cfg_velocity(model, x, s, embeds, pooled, *neg)
@@ -653,7 +828,8 @@ class ACFlowTrainer:
                     return self.cfg_velocity(ref, x, s, embeds, pooled, *neg)
 
             with self.accelerator.autocast():
-                out += sde_path_kl(policy, reference, noise, sigmas, cfg.noise_level, generator=gen).tolist()
+                out += sde_path_kl(policy, reference, noise[i].to(self.device), sigmas, cfg.noise_level,
+                                   step_noise=step_noise[i].to(self.device)).tolist()
         model.train(was_training)
         return out
 
@@ -674,7 +850,10 @@ class ACFlowTrainer:
     def _write_checkpoint(self, folder: Path) -> None:
         model = self.unwrapped
         if self.config.use_lora:
-            StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
+            # with the adapter's config (rank, alpha, targets): load_lora_weights then scales by alpha / r as trained
+            StableDiffusion3Pipeline.save_lora_weights(
+                folder, transformer_lora_layers=get_peft_model_state_dict(model),
+                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
         else:
             model.save_pretrained(folder / "transformer")
         if self.critic is not None:
@@ -693,11 +872,7 @@ class ACFlowTrainer:
         folder = Path(folder)
         model = self.unwrapped
         if self.config.use_lora:
-            state_dict = StableDiffusion3Pipeline.lora_state_dict(folder)
-            state_dict = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
-            result = set_peft_model_state_dict(model, state_dict)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"Checkpoint {folder} has LoRA keys the model does not: {result.unexpected_keys[:5]}")
+            self._load_lora(model, load_lora_state(folder, self.lora_config), source=folder)
         else:
             model.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
         if self.critic is not None:
@@ -761,7 +936,7 @@ class ACFlowTrainer:
                       f"critic {info['critic']:,} ({100 * info['critic_fraction_of_transformer']:.1f}% of the transformer)")
         evaluate = bool(cfg.eval_prompts)
         result: dict[str, Any] = {}
-        if evaluate and self.is_main and cfg.eval_at_start and not self.eval_history:
+        if evaluate and cfg.eval_at_start and not self.eval_history:
             result = self._record_evaluation()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"{cfg.algorithm}", disable=not (cfg.progress and self.is_main))
         while self.iteration < cfg.iterations:
@@ -771,7 +946,7 @@ class ACFlowTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             last = self.iteration == cfg.iterations
-            if evaluate and self.is_main and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
+            if evaluate and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
                 result = self._record_evaluation()
             if last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
@@ -788,6 +963,7 @@ class ACFlowTrainer:
         means = {k: v for k, v in result.items() if k != "per_image"}
         self.eval_history.append(means)
         self._log(means, "eval.csv")
-        with open(self.output_dir / "eval_per_image.jsonl", "a") as f:
-            f.write(json.dumps({"iteration": self.iteration, **result["per_image"]}) + "\n")
+        if self.is_main:
+            with open(self.output_dir / "eval_per_image.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": self.iteration, **result["per_image"]}) + "\n")
         return result

@@ -51,6 +51,7 @@ __all__ = [
     "check_lora_fits",
     "check_same_architecture",
     "load_finetuned_model",
+    "load_lora_state",
     "load_peft_adapter",
     "merged_copy",
     "resolve_finetuned_source",
@@ -236,20 +237,7 @@ def load_peft_adapter(transformer: nn.Module, path: str | os.PathLike, adapter_n
     """
 
     path = Path(path)
-    peft_type = PeftConfig.from_pretrained(str(path)).peft_type
-    if str(peft_type) not in ("LORA", "PeftType.LORA"):
-        raise ValueError(f"{path} holds a {peft_type} adapter; RLG supports LoRA adapters only.")
-    config = LoraConfig.from_pretrained(str(path))
-    if config.use_dora:
-        raise ValueError(f"{path} is a DoRA adapter; RLG supports plain LoRA only (DoRA is not linear in its scale).")
-    weights = path / "adapter_model.safetensors"
-    if weights.exists():
-        state_dict = load_file(str(weights))
-    elif (path / "adapter_model.bin").exists():
-        state_dict = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} has adapter_config.json but no adapter_model.safetensors (or .bin).")
-    state_dict = {_strip_lora_prefix(k): v for k, v in state_dict.items()}
+    config, state_dict = _read_peft_folder(path)
     check_lora_fits(transformer, state_dict, target_modules=config.target_modules)
 
     if adapter_name in getattr(transformer, "peft_config", {}):
@@ -275,6 +263,58 @@ def load_peft_adapter(transformer: nn.Module, path: str | os.PathLike, adapter_n
             f"{len(missing)} LoRA weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})."
         )
 
+
+
+def _read_peft_folder(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PEFT LoRA folder's config and weights (keys without PEFT's ``base_model.model.`` prefix)."""
+    peft_type = PeftConfig.from_pretrained(str(path)).peft_type
+    if str(peft_type) not in ("LORA", "PeftType.LORA"):
+        raise ValueError(f"{path} holds a {peft_type} adapter; only LoRA adapters are supported.")
+    config = LoraConfig.from_pretrained(str(path))
+    if config.use_dora:
+        raise ValueError(f"{path} is a DoRA adapter; only plain LoRA is supported (DoRA is not linear in its scale).")
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        state_dict = load_file(str(weights))
+    elif (path / "adapter_model.bin").exists():
+        state_dict = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path} has adapter_config.json but no adapter_model.safetensors (or .bin).")
+    return config, {_strip_lora_prefix(k): v for k, v in state_dict.items()}
+
+
+def load_lora_state(source: Any, expected: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+    """The transformer LoRA weights of ``source`` (a flowalign checkpoint, a diffusers LoRA file or folder, a PEFT
+    adapter folder, a state dict or a hub id), keys ``<module>.lora_A.weight`` without prefix or adapter name.
+
+    With ``expected`` (the adapter the weights go into), the source's own rank and alpha, where it records them
+    (PEFT config, diffusers LoRA metadata), must equal the expected ones: the same weights at another ``alpha / r``
+    are another model. Raises ``ValueError`` naming both values.
+
+    Example: ``state = load_lora_state("runs/x/checkpoints/latest", LoraConfig(r=32, lora_alpha=64))``.
+    """
+    kind, payload = resolve_finetuned_source(source)
+    if kind == "peft":
+        config, state_dict = _read_peft_folder(payload)
+        recorded = {"r": config.r, "lora_alpha": config.lora_alpha}
+    elif kind == "lora":
+        state_dict, metadata = StableDiffusion3Pipeline.lora_state_dict(
+            payload if isinstance(payload, dict) else str(payload), return_lora_metadata=True)
+        text_keys = [k for k in state_dict if not k.startswith("transformer.")]
+        if text_keys:
+            raise ValueError(f"The LoRA of {source} also changes other modules than the transformer ({text_keys[0]!r},"
+                             " ...); give a LoRA of the transformer alone.")
+        state_dict = {_strip_lora_prefix(k): v for k, v in state_dict.items()}
+        metadata = metadata or {}
+        recorded = {k: metadata[f"transformer.{k}"] for k in ("r", "lora_alpha") if f"transformer.{k}" in metadata}
+    else:
+        raise ValueError(f"{source} holds a full transformer, not a LoRA; start from it with pretrained= instead.")
+    if expected is not None:
+        differ = {k: (v, getattr(expected, k)) for k, v in recorded.items() if float(v) != float(getattr(expected, k))}
+        if differ:
+            detail = ", ".join(f"{k}={v!r} (expected {e!r})" for k, (v, e) in differ.items())
+            raise ValueError(f"The LoRA of {source} has {detail}; set lora_rank / lora_alpha to the LoRA's own values.")
+    return state_dict
 
 
 def tuner_layers(transformer: nn.Module, adapter_name: str) -> list[nn.Module]:

@@ -123,7 +123,7 @@ def test_adapter_whose_config_does_not_fit(world, tmp_path):
     config = json.loads((bad / "adapter_config.json").read_text())
     config["use_dora"] = True
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"DoRA adapter; RLG supports plain LoRA only"):
+    with pytest.raises(ValueError, match=r"DoRA adapter; only plain LoRA is supported"):
         load_finetuned_model(world.pipe.transformer, bad)
     (bad / "adapter_model.safetensors").unlink()
     config["use_dora"] = False
