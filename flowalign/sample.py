@@ -16,6 +16,9 @@ one forward per model and step (``--max-rows`` bounds the rows of one forward).
 Each image depends only on its own (prompt, scale, seed), not on the batch it was drawn in:
 ``pipe(prompt, rlg_scale=scale, generator=torch.Generator(device).manual_seed(seed), ...)`` reproduces it
 (to float rounding of the batching).
+
+``--compile`` samples with ``pipe.enable_compile()``: the transformer, the RLG mix and the SDE step under
+``torch.compile`` (the first batch compiles; the images equal eager ones to float rounding).
 """
 
 from __future__ import annotations
@@ -92,6 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Memory bound: the most rows (images x CFG branches x models) one transformer forward takes "
         "(default: no bound).",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Run the transformer, the RLG mix and the SDE step under torch.compile (the first batch compiles).",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile backend of --compile (default inductor).",
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, float32 on cpu."
@@ -157,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args.base, device, DTYPES[dtype_name])
 
     pipe.load_finetuned(resolve_checkpoint(args.finetuned), mode=args.mode)
+    if args.compile:
+        pipe.enable_compile(backend=args.compile_backend)
     max_sequence_length = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256)
     height = args.height or pipe.default_sample_size * pipe.vae_scale_factor
     width = args.width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -212,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
                                 "max_sequence_length": max_sequence_length,
                                 "device": str(device),
                                 "dtype": dtype_name,
+                                "compile": args.compile_backend if args.compile else None,
                                 "grid_row": i * len(args.seed) + s,
                                 "grid_col": j,
                             }

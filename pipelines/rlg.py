@@ -32,6 +32,8 @@ What is in this file, top to bottom:
 3. :class:`RLGTransformer`, the model-level wrapper, with its evaluation modes.
 4. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned``,
    ``rlg_scale`` and ``rlg_sweep``; it runs the stock ``__call__`` with the wrapper swapped in.
+   ``enable_compile()`` runs the transformer, the RLG mix and the SDE step under ``torch.compile`` (one
+   graph each, none recompiled from step to step; ``flowalign.compile``).
 
 Evaluation modes (``mode=``); model evaluations per step with CFG at 0 < w != 1 (2 at w = 0 or 1):
 
@@ -108,6 +110,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from flowalign.compile import compile_function, compile_sde_step, compile_transformer
 
 __all__ = [
     "RLG_MODES",
@@ -439,6 +443,8 @@ class RLGTransformer(nn.Module):
         self.row_scales: list[float] | None = None  # w on the host, repeating over the rows; None: tensor only
         self.shared_blocks: tuple[int, int] | None = None  # (K, B): K identical blocks of B rows (see _row_sources)
         self._gate: _LoRAGate | None = None
+        # v_base + w (v_ft - v_base) for w a tensor; the RLG pipeline's enable_compile swaps in a compiled copy
+        self.mix_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _mix
         if finetuned is not None:
             if adapter_name is not None:
                 raise ValueError(
@@ -640,7 +646,7 @@ class RLGTransformer(nn.Module):
             w = torch.tensor(scales[0], dtype=torch.float32, device=v_base.device)
         else:
             w = torch.tensor(scales, dtype=torch.float32, device=v_base.device).view(n, *([1] * (v_base.ndim - 1)))
-        return _mix(v_base, v_ft, w)
+        return self.mix_fn(v_base, v_ft, w)
 
     def _row_sources(self, n: int) -> list[int] | None:
         """For each row, the first row with the same inputs, or ``None`` (all rows distinct).
@@ -701,7 +707,7 @@ class RLGTransformer(nn.Module):
             # One pass on [x; x]: LoRA off for the first n rows (base), on for the last n (fine-tuned).
             rows = _stack_rows(self.unbatched_inputs, n, hidden_states, args, kwargs, 2)
             both = self._run(self.base, rows[0], *rows[1], adapter_names=self._names(n, n), **rows[2])
-            return _mix(both[:n], both[n:], w)
+            return self.mix_fn(both[:n], both[n:], w)
         if mode == "shared_uncond":
             if not self.cfg_batch or n % 2:
                 raise RuntimeError(
@@ -719,11 +725,11 @@ class RLGTransformer(nn.Module):
                 v_base = self._eval_base(hidden_states, *args, **kwargs)
                 v_ft_cond = self._eval_finetuned(cond[0], *cond[1], **cond[2])
             # uncond rows: base only; cond rows: the RLG mix
-            return torch.cat([v_base[:m], _mix(v_base[m:], v_ft_cond, w)], dim=0)
+            return torch.cat([v_base[:m], self.mix_fn(v_base[m:], v_ft_cond, w)], dim=0)
         # exact_two_pass (or exact_batched with inputs that cannot be stacked)
         v_base = self._eval_base(hidden_states, *args, **kwargs)
         v_ft = self._eval_finetuned(hidden_states, *args, **kwargs)
-        return _mix(v_base, v_ft, w)
+        return self.mix_fn(v_base, v_ft, w)
 
     def _names(self, base: int, finetuned: int) -> list[str] | None:
         if self.adapter_name is None:
@@ -920,6 +926,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         images = pipe(["a red circle"], rlg_scale=1.6, num_inference_steps=28, guidance_scale=4.5).images
         sweep = pipe(["a red circle"], rlg_sweep=[0, 1, 2], num_inference_steps=28).images  # 3 images
         pipe.save_pretrained("rlg-pipeline/")
+        pipe.enable_compile()                            # torch.compile of every denoising step's work
     """
 
     _optional_components = StableDiffusion3Pipeline._optional_components + ["finetuned_transformer"]
@@ -953,6 +960,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             feature_extractor=feature_extractor,
         )
         self.rlg_transformer: RLGTransformer | None = None
+        self._compiled: dict[str, Any] | None = None  # enable_compile's options and compiled functions
         self._rlg_ready = True  # from here on, setting finetuned_transformer attaches / detaches
         self.register_modules(finetuned_transformer=finetuned_transformer)
 
@@ -1048,6 +1056,73 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         The same as ``pipe.finetuned_transformer = None``.
         """
         self.finetuned_transformer = None
+
+    # ---- torch.compile ---------------------------------------------------------------------------------
+    def enable_compile(
+        self,
+        mode: str | None = None,
+        fullgraph: bool = True,
+        dynamic: bool | None = False,
+        backend: str = "inductor",
+    ) -> None:
+        """Run what every denoising step runs under ``torch.compile``, with no graph break and no recompilation.
+
+        Compiled: the transformer (base, and a full fine-tuned one), in place as diffusers does it
+        (``pipe.transformer.compile(fullgraph=True)``), with the RLG LoRA gate inside its graph; the RLG mix
+        ``v_base + w (v_ft - v_base)`` as a function of the two velocities and w as a tensor (a new w, or a
+        schedule's next w, reuses the graph); with ``sampler="sde"`` the SDE step and its log-probability
+        (``flowalign.compile.compile_sde_step``; the noise still comes from ``generator``). The row
+        selection of RLG (which rows need which model) stays eager: it decides, on the host, the shape of
+        each forward. The timestep enters as a tensor, so every step of a run reuses the graphs compiled at
+        its first step (asserted in ``tests/test_compile.py``); a sweep's first step then evaluates every
+        row (the shared-noise saving of an eager sweep would add a graph of another batch size).
+
+        Transformer graphs are compiled per input shape (``dynamic=False``) and per row layout of the
+        forward: at most three for a call (w = 0: base rows, w = 1: fine-tuned rows, otherwise both), each
+        compiled once, plus one for the mix and one for the SDE step. A fine-tune attached later is compiled
+        at the next call. Outputs equal eager sampling to float rounding (the kernels differ; measured in
+        docs/benchmarks.md, "Compiled sampling"). The diffusers convention alone,
+        ``pipe.transformer.compile(fullgraph=True)``, works too (RLG calls the compiled module) but leaves
+        the mix and the SDE step eager.
+
+        Args:
+            mode, fullgraph, dynamic, backend: ``torch.compile``'s; ``fullgraph=True`` raises on any graph break.
+
+        Example::
+
+            pipe.load_finetuned("flow-grpo-lora/")
+            pipe.enable_compile()                       # the first call compiles; later calls run compiled
+            images = pipe("a photo of a cat", rlg_scale=1.5, num_inference_steps=28).images
+            pipe.disable_compile()                      # back to eager
+        """
+        options = {"mode": mode, "fullgraph": fullgraph, "dynamic": dynamic, "backend": backend}
+        self._compiled = {
+            "options": options,
+            "sde_step": compile_sde_step(**options),
+            "mix": compile_function(_mix, **options),
+        }
+        self._compile_transformers()
+
+    def disable_compile(self) -> None:
+        """Undo :meth:`enable_compile`: the transformers, the mix and the SDE step run eagerly again.
+
+        Example: ``pipe.enable_compile(); pipe.disable_compile(); assert pipe.compile_options is None``.
+        """
+        for module in (self.transformer, self.finetuned_transformer):
+            if module is not None:
+                module._compiled_call_impl = None  # nn.Module.compile's attribute: None is the eager forward
+        self._compiled = None
+
+    @property
+    def compile_options(self) -> dict[str, Any] | None:
+        """The ``torch.compile`` options given to :meth:`enable_compile`, or ``None`` when sampling runs eagerly."""
+        return None if self._compiled is None else dict(self._compiled["options"])
+
+    def _compile_transformers(self) -> None:
+        """Compile (in place) the base and a full fine-tuned transformer that are not compiled yet."""
+        for module in (self.transformer, self.finetuned_transformer):
+            if module is not None and getattr(module, "_compiled_call_impl", None) is None:
+                compile_transformer(module, in_place=True, **self._compiled["options"])
 
     # ---- saving and loading -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -1290,10 +1365,14 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if options["rlg_sweep"] is not None:
             call, rows_per_scale = self._tile_for_sweep(call, sweep, device)
 
+        compiled = self._compiled
+        if compiled is not None:
+            self._compile_transformers()  # a fine-tune attached after enable_compile
         scheduler = self.scheduler
         if sampler == "sde":
             scheduler = FlowMatchSDEScheduler.from_scheduler(scheduler, sde_noise_level, generator=generator)
             scheduler.noise_copies = sweep  # the K copies of an image get the same step noise (paired)
+            scheduler.compiled_step = None if compiled is None else compiled["sde_step"]
 
         def set_cfg_layout(module: nn.Module, args: Any, kw: Any) -> None:
             module.cfg_batch = self.do_classifier_free_guidance  # SD3 stacks [uncond; cond] when guidance_scale > 1
@@ -1301,9 +1380,12 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         mode = rlg.mode if rlg_mode is None else rlg_mode
         saved = rlg.mode, rlg.max_rows
         rlg.mode, rlg.max_rows = mode, rlg_max_rows
+        rlg.mix_fn = _mix if compiled is None else compiled["mix"]
+        # compiled: every step forwards the same rows (no smaller first step of a sweep: one graph per run)
+        same_start = sweep > 1 and compiled is None
         handles = [
             rlg.register_forward_pre_hook(set_cfg_layout, with_kwargs=True),
-            rlg.follow_sweep(scheduler, entries, rows_per_scale=rows_per_scale, same_start=sweep > 1),
+            rlg.follow_sweep(scheduler, entries, rows_per_scale=rows_per_scale, same_start=same_start),
         ]
         base_transformer, base_scheduler = self.transformer, self.scheduler
         try:
@@ -1316,6 +1398,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             object.__setattr__(self, "transformer", base_transformer)
             object.__setattr__(self, "scheduler", base_scheduler)
             rlg.mode, rlg.max_rows = saved
+            rlg.mix_fn = _mix
             rlg.set_rlg_scale(1.0)
             rlg.shared_blocks = None
             for handle in handles:

@@ -8,12 +8,15 @@ ODE; ``noise_level = 0`` is exactly Euler). Any stock flow pipeline can use it, 
         pipe.scheduler, noise_level=0.7, generator=torch.Generator().manual_seed(0))
     image = pipe(prompt).images[0]
 
-The log-probability of every transition is kept in ``last_log_prob`` (not accumulated).
+The log-probability of every transition is kept in ``last_log_prob`` (not accumulated). For a compiled
+step set ``compiled_step = flowalign.compile.compile_sde_step()`` (what ``RLGStableDiffusion3Pipeline.enable_compile``
+does): the same numbers from one graph per run, the noise still drawn from ``generator``.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -38,6 +41,9 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         noise_copies: the batch is this many copies of the same images (an RLG sweep): one Gaussian draw
             per image, shared by its copies, so each copy sees the noise a single run would (default 1).
         last_log_prob: ``[B]`` log p(x_next | x) of the last step (float32).
+        compiled_step: ``None`` (eager ``sde_step``) or a function with ``sde_step``'s signature that runs it
+            compiled (``flowalign.compile.compile_sde_step()``); sigmas enter it as tensors, so the steps of a
+            run share one graph.
 
     Example::
 
@@ -49,6 +55,7 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
     generator: torch.Generator | list[torch.Generator] | None = None
     noise_copies: int = 1
     last_log_prob: torch.Tensor | None = None
+    compiled_step: Callable | None = None
 
     def __init__(self, *args, noise_level: float = 0.7, **kwargs):
         super().__init__(*args, **kwargs)  # the parent's @register_to_config records its own arguments
@@ -73,6 +80,7 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         config = {k: v for k, v in scheduler.config.items() if k != "noise_level"}
         sde = cls.from_config(config, noise_level=noise_level)
         sde.generator = generator
+        sde.compiled_step = getattr(scheduler, "compiled_step", None)
         return sde
 
     def step(
@@ -99,7 +107,8 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
             z = randn_tensor(shape, generator=generator, device=sample.device, dtype=torch.float32)
             noise = torch.cat([z] * copies, dim=0)
         # x_next = mean + sigma_t * sqrt(-dt) * z  (flowalign.sampling.sde_step; a = 0 is the Euler step)
-        prev_sample, log_prob, _, _ = sde_step(
+        step = self.compiled_step if self.compiled_step is not None else sde_step
+        prev_sample, log_prob, _, _ = step(
             sample,
             model_output,
             sigma,

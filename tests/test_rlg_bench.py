@@ -16,7 +16,8 @@ def test_bench_rlg_report():
     parser = argparse.ArgumentParser()
     bench_rlg.add_arguments(parser)
     args = parser.parse_args(
-        ["--repeats", "1", "--steps", "2", "--batch", "2", "--lora-rank", "8", "--device", "cpu", "--sweep", "0", "1", "2"]
+        ["--repeats", "1", "--steps", "2", "--batch", "2", "--lora-rank", "8", "--device", "cpu", "--sweep", "0", "1", "2",
+         "--compile", "--compile-backend", "aot_eager"]  # aot_eager: the compiled pipeline's graphs in seconds
     )
     report = bench_rlg.run_benchmark(args)
     results = report["results"]
@@ -30,6 +31,9 @@ def test_bench_rlg_report():
         "reference_loop",
         "rlg_sweep",
         "reference_loop_sweep",
+        "rlg_sde",
+        "rlg_exact_compiled",
+        "rlg_sde_compiled",
     }
     assert report["exact_mode"] == "exact_batched"
     assert results["stock_cfg"]["ratio_vs_stock_cfg"] == 1.0
@@ -58,3 +62,13 @@ def test_bench_rlg_report():
         "sweep_vs_reference_le_0.7",
     }
     assert report["targets"]["sweep_vs_reference_le_0.7"] == (report["sweep_vs_reference"] <= 0.7)
+    # --compile: the compiled pipeline draws the eager pipeline's images (Euler and SDE, the same noise); its first
+    # call compiled (graphs of the tiny transformer: seconds, against a fraction of a second per call).
+    compiled = report["compiled"]
+    assert compiled["backend"] == "aot_eager"
+    assert set(compiled["pairs"]) == {"rlg_exact_compiled", "rlg_sde_compiled"}
+    assert [compiled["pairs"][n]["eager"] for n in ("rlg_exact_compiled", "rlg_sde_compiled")] == ["rlg_exact", "rlg_sde"]
+    for pair in compiled["pairs"].values():
+        assert pair["max_abs_diff"] <= 1e-4
+        assert pair["speed_ratio_eager_over_compiled"] > 0
+    assert compiled["pairs"]["rlg_exact_compiled"]["compile_s"] > compiled["pairs"]["rlg_exact_compiled"]["compiled_median_s"]

@@ -16,6 +16,12 @@ Variants (all: CFG, same prompts, steps and seed; RLG at ``--scale``):
   into one forward per step.
 - ``reference_loop_sweep``: the same scales with ``reference_loop``, scale by scale (what a user of the
   reference does to pick w). ``sweep_vs_reference`` = median(``rlg_sweep``) / median(this).
+- with ``--compile``: ``rlg_exact_compiled`` and ``rlg_sde_compiled``, an RLG pipeline of its own (a copy of
+  the transformer with the same LoRA) after ``enable_compile()`` (``--compile-backend``, default inductor),
+  against ``rlg_exact`` and ``rlg_sde`` (eager, the Flow-GRPO SDE at noise level 0.7) on the same noise.
+  The report's ``compiled`` section gives, per pair, the max abs pixel difference, the speed ratio
+  median(eager) / median(compiled) and the seconds of the first compiled call (compilation; the warm-up,
+  excluded from the medians).
 
 Variants run round-robin (one call of each per repeat) after a warm-up, so machine noise hits all
 alike; the JSON reports median wall times, ratios to ``stock_cfg`` and, for each RLG variant, the
@@ -26,7 +32,8 @@ approximation error otherwise).
 ``--model sd3-random`` builds an SD3-medium-sized transformer with random weights (for a GPU, bf16)
 and feeds random prompt embeddings (the text encoders are not timed there).
 
-Example: ``flowalign bench rlg --json --repeats 5 --steps 10 --batch 4 --sweep 0 0.5 1 1.5 2``.
+Example: ``flowalign bench rlg --json --repeats 5 --steps 10 --batch 4 --sweep 0 0.5 1 1.5 2``
+(``--compile`` adds the compiled pipeline).
 """
 
 from __future__ import annotations
@@ -96,6 +103,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["tiny", "sd3-random"], default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="sd3-random: override the number of layers.")
     parser.add_argument("--resolution", type=int, default=1024, help="sd3-random: image size (default 1024).")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Also time RLG under torch.compile (enable_compile) against eager, Euler and SDE: max abs difference, "
+        "speed ratio and compile time.",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile backend of --compile (default inductor; aot_eager / eager only trace, for checks).",
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--dtype", default=None, choices=sorted(DTYPES), help="Default: bfloat16 on cuda, else float32."
@@ -249,6 +268,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     save_peft_adapter(base, "bench", lora_dir)
     base.unload_lora()
 
+    compiled_rlg = None
+    if args.compile:  # its own transformer: an in-place compile must not reach the eager variants' modules
+        compiled_rlg = RLGStableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
+        compiled_rlg.set_progress_bar_config(disable=True)
+        compiled_rlg.load_finetuned(lora_dir)
+        compiled_rlg.enable_compile(backend=args.compile_backend)
     finetuned_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
     finetuned_pipe.transformer.load_lora_adapter(
         str(lora_dir / "adapter_model.safetensors"), prefix="base_model.model", adapter_name="bench"
@@ -295,6 +320,18 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             4 * len(sweep),
         ),
     }
+    # eager -> compiled pairs (the same call, the same seed)
+    compiled_pairs = {}
+    if compiled_rlg is not None:
+        sde = dict(sampler="sde", sde_noise_level=0.7)
+        variants["rlg_sde"] = (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, **sde), True, 4)
+        variants["rlg_exact_compiled"] = (lambda: compiled_rlg(**call, generator=seed(), rlg_scale=args.scale), True, 4)
+        variants["rlg_sde_compiled"] = (
+            lambda: compiled_rlg(**call, generator=seed(), rlg_scale=args.scale, **sde),
+            True,
+            4,
+        )
+        compiled_pairs = {"rlg_exact_compiled": "rlg_exact", "rlg_sde_compiled": "rlg_sde"}
 
     def timed(fn):
         if str(device).startswith("cuda"):
@@ -305,7 +342,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
-    outputs = {name: _as_numpy(fn()) for name, (fn, _, _) in variants.items()}  # warm-up (and the images)
+    outputs, first_call = {}, {}
+    for name, (fn, _, _) in variants.items():  # warm-up (and the images); compiled variants compile here
+        first_call[name], out = timed(fn)
+        outputs[name] = _as_numpy(out)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, (fn, _, _) in variants.items():
@@ -321,7 +361,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for name, (_, exact, evaluations) in variants.items():
         median = statistics.median(times[name])
         against = "reference_loop_sweep" if name == "rlg_sweep" else "rlg_exact"
-        if name.startswith("stock") or name == "reference_loop_sweep":
+        if name.startswith("stock") or name == "reference_loop_sweep" or name == "rlg_sde" or name in compiled_pairs:
             diff = None
         else:
             diff = float(np.abs(outputs[name] - outputs[against]).max())
@@ -366,6 +406,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         },
     )
     report["targets"]["sweep_vs_reference_le_0.7"] = report["sweep_vs_reference"] <= 0.7
+    if compiled_pairs:
+        report["compiled"] = dict(
+            backend=args.compile_backend,
+            pairs={
+                name: dict(
+                    eager=eager,
+                    max_abs_diff=float(np.abs(outputs[name] - outputs[eager]).max()),
+                    # > 1: compiled is faster; the medians exclude the first (compiling) call
+                    speed_ratio_eager_over_compiled=round(statistics.median(times[eager]) / statistics.median(times[name]), 3),
+                    eager_median_s=results[eager]["median_s"],
+                    compiled_median_s=results[name]["median_s"],
+                    first_call_s=round(first_call[name], 3),
+                    # compilation: the first compiled call's time beyond a compiled call's median
+                    compile_s=round(first_call[name] - statistics.median(times[name]), 3),
+                )
+                for name, eager in compiled_pairs.items()
+            },
+        )
     return report
 
 
@@ -388,4 +446,10 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"  {name:22s} {r['median_s']:8.4f} s  {r['ratio_vs_stock_cfg']:5.2f}x  {label:6s}{diff}")
         print(f"  sweep {report['sweep']} in one call vs the reference loop scale by scale: {report['sweep_vs_reference']:.3f}x")
+        for name, pair in report.get("compiled", {}).get("pairs", {}).items():
+            print(
+                f"  {name} ({report['compiled']['backend']}) vs {pair['eager']}: eager/compiled "
+                f"{pair['speed_ratio_eager_over_compiled']:.3f}x, max|d| {pair['max_abs_diff']:.2e}, "
+                f"compile {pair['compile_s']:.1f} s (first call, excluded)"
+            )
     return 0
