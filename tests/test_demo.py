@@ -2,6 +2,7 @@
 shipped config, and the committed ``samples/demo/`` shows alignment and its dial."""
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -39,6 +40,17 @@ def by_scale(rows, key, index_key):
     return {w: [v for _, v in sorted(vals)] for w, vals in out.items()}
 
 
+def png_pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def figure_pixels(fig, dpi: int = 100) -> np.ndarray:
+    """The figure rendered again as plot_sweep saves it (PNG at 100 dpi), decoded."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    return png_pixels(buffer)
+
+
 def check_results_match_per_image_data(folder: Path) -> tuple[list[dict], dict]:
     """results.csv is what per_image.csv / per_prompt.csv say (recomputed here with numpy, not the demo's code)."""
     results = read_csv(folder / "results.csv")
@@ -61,6 +73,25 @@ def check_results_match_per_image_data(folder: Path) -> tuple[list[dict], dict]:
     # w = 0 is the base model: no difference from itself, and its KL to itself is exactly 0
     assert float(results[0]["reward_paired_se"]) == 0.0 and set(kl[0.0]) == {0.0}
     return results, {"reward": reward, "unseen": unseen, "kl": kl, "diversity": div}
+
+
+def check_grid_layout(path: Path, rows: int) -> None:
+    """grid.png decodes to the labelled layout (prompt column, header of scales, a caption under every image), with
+    text drawn in the label column of every row, in every caption and in the header, and cells that are not all
+    alike."""
+    grid = np.asarray(Image.open(path).convert("L"))
+    assert (grid.shape[1], grid.shape[0]) == D.grid_size(rows, len(D.SCALES))
+    assert grid.shape[1] == D.LABEL_W + len(D.SCALES) * (D.CELL + D.PAD) + D.PAD  # not the bare image grid
+    cells = set()
+    for i in range(rows):
+        y = D.HEADER_H + i * (D.CELL + D.CAPTION_H + D.PAD)
+        assert (grid[y : y + D.CELL, : D.LABEL_W - D.PAD] < 100).any(), f"no prompt text on row {i}"
+        for j in range(len(D.SCALES)):
+            x = D.LABEL_W + D.PAD + j * (D.CELL + D.PAD)
+            assert (grid[y + D.CELL : y + D.CELL + D.CAPTION_H, x : x + D.CELL] < 100).any(), f"no reward under ({i}, {j})"
+            cells.add(grid[y : y + D.CELL, x : x + D.CELL].tobytes())
+    assert (grid[: D.HEADER_H, D.LABEL_W :] < 100).any(), "no scale labels"
+    assert len(cells) > 1, "every cell of the grid holds the same pixels"
 
 
 @pytest.mark.slow
@@ -95,19 +126,8 @@ def test_quick_demo_numbers_figures_report_and_reproducibility(tmp_path):
     assert D.describe_reading(reading) in report and first["table"] in report
     assert "![grid" in report and "(grid.png)" in report and "(plot.png)" in report
 
-    # grid.png: the labelled layout (prompt column, header of scales, a caption under every image), with text
-    # drawn in the label column of every row and in every caption.
-    grid = np.asarray(Image.open(out / "grid.png").convert("L"))
-    rows = min(D.QUICK["prompts"], 6)
-    assert (grid.shape[1], grid.shape[0]) == D.grid_size(rows, len(D.SCALES))
-    assert grid.shape[1] == D.LABEL_W + len(D.SCALES) * (D.CELL + D.PAD) + D.PAD  # not the bare image grid
-    for i in range(rows):
-        y = D.HEADER_H + i * (D.CELL + D.CAPTION_H + D.PAD)
-        assert (grid[y : y + D.CELL, : D.LABEL_W - D.PAD] < 100).any(), f"no prompt text on row {i}"
-        for j in range(len(D.SCALES)):
-            x = D.LABEL_W + D.PAD + j * (D.CELL + D.PAD)
-            assert (grid[y + D.CELL : y + D.CELL + D.CAPTION_H, x : x + D.CELL] < 100).any(), f"no reward under ({i}, {j})"
-    assert (grid[: D.HEADER_H, D.LABEL_W :] < 100).any(), "no scale labels"
+    # grid.png: the labelled layout (prompt column, header of scales, a caption under every image)
+    check_grid_layout(out / "grid.png", min(D.QUICK["prompts"], 6))
 
     # plot.png: reward with its paired SE as error bars, the fine-tuned point marked, the KL panel.
     fig = first["figure"]
@@ -122,7 +142,8 @@ def test_quick_demo_numbers_figures_report_and_reproducibility(tmp_path):
     assert len(star) == 1 and list(star[0].get_xdata()) == [1.0]
     np.testing.assert_allclose(as_floats(ax_kl.containers[0].lines[0].get_ydata()),
                                [float(r["kl_to_base"]) for r in results])
-    assert (out / "plot.png").stat().st_size > 0
+    # ... and plot.png is that figure, pixel for pixel
+    np.testing.assert_array_equal(png_pixels(out / "plot.png"), figure_pixels(fig))
 
     # Determinism: the same seed, a second run, the same results.csv byte for byte.
     second = D.demo(out=tmp_path / "b", quick=True, seed=0)
@@ -192,8 +213,9 @@ def test_read_sweep_on_hand_values():
     assert not r["gain"]["clear"] and "short of the 5 standard errors" in D.describe_reading(r)
 
 
+@pytest.mark.committed
 @pytest.mark.skipif(not (COMMITTED / "per_image.csv").exists(), reason="samples/demo/ has not been generated")
-def test_committed_demo_shows_alignment_and_its_dial():
+def test_committed_demo_shows_alignment_and_its_dial(tmp_path):
     """samples/demo/ (what the README shows) was written by `flowalign demo` with the config file as it is now,
     its table is its per-image data, w = 1 gains >= 5 paired SEs over w = 0, and the reward does not fall by more
     than one SE from one w to the next over 0 ... 1."""
@@ -218,5 +240,66 @@ def test_committed_demo_shows_alignment_and_its_dial():
     assert quoted, "report.md does not quote the w = 1 gain"
     assert float(quoted.group(1)) == pytest.approx(delta, abs=2e-4) and float(quoted.group(2)) == pytest.approx(se, abs=2e-4)
     assert float(quoted.group(3)) == pytest.approx(delta / se, abs=0.06)  # printed to 1 decimal
-    grid = Image.open(COMMITTED / "grid.png")
-    assert grid.size == D.grid_size(settings["grid_rows"], len(D.SCALES))
+    # the figures: grid.png has the labelled layout with an image in every cell, and plot.png is what plot_sweep
+    # draws from results.csv, pixel for pixel (a figure from other numbers, or a stale one, differs)
+    check_grid_layout(COMMITTED / "grid.png", settings["grid_rows"])
+    with open(COMMITTED / "results.csv") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    D.plot_sweep(rows, tmp_path / "plot.png", reward_name=settings["training"]["reward"])
+    assert np.array_equal(png_pixels(COMMITTED / "plot.png"), png_pixels(tmp_path / "plot.png")), (
+        "samples/demo/plot.png is not plot_sweep(results.csv): rerun `flowalign demo` (or matplotlib's version differs "
+        "from the one that drew it)")
+
+
+def test_draw_grid_pastes_each_prompts_first_image_under_its_scale(tmp_path):
+    """Solid-colour images, a different colour per (prompt, scale): every cell of grid.png holds exactly its image's
+    colour (first image of each prompt, k = 2 images per prompt), and its caption is drawn under it."""
+    scales, k, n_rows = [0.0, 1.0, 2.0], 2, 2
+    colour = {(i, j): (40 * i + 10, 80 * j + 20, 200 - 50 * i) for i in range(n_rows) for j in range(len(scales))}
+    images, per_image = {}, {}
+    for j, w in enumerate(scales):
+        batch = torch.zeros(n_rows * k, 3, 8, 8)
+        for i in range(n_rows):
+            batch[i * k] = torch.tensor(colour[i, j]).view(3, 1, 1) / 255
+            batch[i * k + 1] = 1.0  # the prompt's second image (white) is not shown
+        images[w] = batch
+        per_image[w] = {"reward": [0.5 * j - i for i in range(n_rows) for _ in range(k)]}
+    D.draw_grid(images, per_image, ["a photo of a red circle", "a photo of two squares"], k, tmp_path / "grid.png",
+                n_rows=n_rows)
+    grid = png_pixels(tmp_path / "grid.png")
+    assert (grid.shape[1], grid.shape[0]) == D.grid_size(n_rows, len(scales))
+    for (i, j), rgb in colour.items():
+        y = D.HEADER_H + i * (D.CELL + D.CAPTION_H + D.PAD)
+        x = D.LABEL_W + D.PAD + j * (D.CELL + D.PAD)
+        cell = grid[y : y + D.CELL, x : x + D.CELL]
+        assert (cell == rgb).all(), f"cell ({i}, {j}) is not its image's colour {rgb}"
+        assert (grid[y + D.CELL : y + D.CELL + D.CAPTION_H, x : x + D.CELL] < 100).any(), f"no caption under ({i}, {j})"
+    assert (grid[:, : D.LABEL_W - D.PAD] < 100).any() and (grid[D.HEADER_H :, : D.LABEL_W - D.PAD] < 255).any()
+
+
+def test_plot_sweep_draws_its_rows_where_they_belong(tmp_path):
+    """plot.png decoded: the fine-tuned star sits at (w = 1, reward(1)) in the star's colour, and each measured KL at
+    (w, KL(w)) in the KL colour, at the pixels matplotlib maps those data points to."""
+    rows = [{"rlg_scale": w, "reward": r, "reward_paired_se": 0.02, "diversity": d, "diversity_paired_se": 0.01,
+             "kl_to_base": kl, "kl_to_base_se": 0.1}
+            for w, r, d, kl in [(0.0, 0.0, 0.30, 0.0), (0.5, 0.5, 0.28, 0.5), (1.0, 1.0, 0.25, 2.0),
+                                (2.0, 1.2, 0.20, 6.0)]]
+    fig = D.plot_sweep(rows, tmp_path / "plot.png", reward_name="redness")
+    image = png_pixels(tmp_path / "plot.png").astype(int)
+    assert image.shape == (380, 1000, 3)  # figsize (10, 3.8) at 100 dpi
+    ax, ax_kl = fig.axes[0], fig.axes[1]
+
+    def coloured_pixels(axes, x, y, rgb, radius=12):
+        """How many pixels within `radius` of data point (x, y) have colour `rgb` (antialiasing aside)."""
+        px, py = axes.transData.transform((x, y)) * 100 / fig.dpi  # display -> saved pixels (origin bottom-left)
+        row, col = int(round(image.shape[0] - py)), int(round(px))
+        window = image[row - radius : row + radius + 1, col - radius : col + radius + 1]
+        return int((np.abs(window - rgb).max(axis=-1) <= 10).sum())
+
+    star, kl_colour = (214, 39, 40), (255, 127, 14)  # matplotlib's C3 and C1
+    assert coloured_pixels(ax, 1.0, 1.0, star) >= 30  # a 16-point star, less the marker and bar drawn over it (46)
+    for w, r in [(0.0, 0.0), (0.5, 0.5), (2.0, 1.2)]:
+        assert coloured_pixels(ax, w, r, star) == 0, f"a star at w = {w}"
+    for w, kl in [(0.5, 0.5), (1.0, 2.0), (2.0, 6.0)]:
+        assert coloured_pixels(ax_kl, w, kl, kl_colour, radius=5) >= 15, (w, kl)
+    assert coloured_pixels(ax_kl, 1.5, 6.0, kl_colour, radius=5) == 0  # where nothing was drawn
