@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from flowalign import objectives
 from flowalign.eval import diversity, eval_features, mean_se, paired_difference, sde_path_kl, w2_distance
 from flowalign.sampling import sample_latents
 
@@ -43,10 +42,13 @@ def test_eval_features_pool_to_8x8():
     assert feats[0, 0].item() == pytest.approx(8.5)
 
 
-def test_w2_distance_is_objectives_and_shift_value():
-    assert w2_distance is objectives.w2_distance
+def test_w2_distance_hand_values():
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    assert w2_distance(x, x + torch.tensor([3.0, 0.0, 4.0])) == pytest.approx(5.0, rel=1e-6)
+    assert w2_distance(x, x + torch.tensor([3.0, 0.0, 4.0])) == pytest.approx(5.0, rel=1e-6)  # a shift: its length
+    # the optimal matching, not the distance of the means: {0, 0} vs {0, 2} is sqrt((0 + 4) / 2), the means are 1 apart
+    assert w2_distance(torch.zeros(2, 1), torch.tensor([[0.0], [2.0]])) == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    # and not the distance of paired rows in their given order: {0, 10} vs {10, 0} is 0
+    assert w2_distance(torch.tensor([[0.0], [10.0]]), torch.tensor([[10.0], [0.0]])) == pytest.approx(0.0, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- sde_path_kl

@@ -116,11 +116,11 @@ def test_advantages_and_clip_fraction():
 
 def test_exp_weights_hand_values_sum_and_stability():
     torch.testing.assert_close(exp_weights(torch.tensor([0.0, math.log(3.0)]), 1.0), torch.tensor([0.5, 1.5]))
-    adv = torch.tensor([-2.0, 0.0, 1.0, 3.0])
-    w = exp_weights(adv, 0.7)
+    # beta A = log [1, 2, 4, 9] (beta = 0.5): exp -> [1, 2, 4, 9], mean 4 -> weights [0.25, 0.5, 1, 2.25]
+    adv = 2.0 * torch.log(torch.tensor([1.0, 2.0, 4.0, 9.0]))
+    w = exp_weights(adv, 0.5)
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.5, 1.0, 2.25]))
     assert float(w.sum()) == pytest.approx(4.0, rel=1e-6)
-    expected = torch.exp(0.7 * adv) / torch.exp(0.7 * adv).mean()
-    torch.testing.assert_close(w, expected)
     # huge beta * A: no overflow, all mass on the best sample
     w_big = exp_weights(torch.tensor([0.0, 1000.0, 999.0]), 10.0)
     assert torch.isfinite(w_big).all()
@@ -294,7 +294,7 @@ def test_noised_states():
     eps = torch.tensor([[0.0, 4.0], [3.0, -1.0]])
     x_s, target = noised_states(x0, torch.tensor([0.25, 1.0]), eps)
     torch.testing.assert_close(x_s, torch.tensor([[1.5, 1.0], [3.0, -1.0]]))
-    torch.testing.assert_close(target, eps - x0)
+    torch.testing.assert_close(target, torch.tensor([[-2.0, 4.0], [2.0, -2.0]]))  # eps - x0, by hand
     # the target is the derivative d x_s / d s
     x_s2, _ = noised_states(x0, torch.tensor([0.35, 1.0]), eps)
     torch.testing.assert_close((x_s2 - x_s)[0] / 0.1, target[0])
@@ -403,6 +403,16 @@ def test_nft_with_r_one_is_flow_matching_on_the_positive_policy():
     v_plus = (1 - b) * v_old + b * v
     expected = ((v_plus - u) ** 2).mean(dim=(1, 2, 3)).mean() / b
     torch.testing.assert_close(loss, expected)
+    # by hand, one sample of 2 dimensions, b = 0.5: v_old = [0, 2], v = [2, 0]
+    # v+ = 0.5 v_old + 0.5 v = [1, 1], v- = 1.5 v_old - 0.5 v = [-1, 3]; the per-sample MSE averages the 2 dims
+    # u = [1, 3]: r = 1 -> |v+ - u|^2 / 2 = (0 + 4) / 2 = 2, / b -> 4
+    # u = [1, 1]: |v+ - u|^2 / 2 = 0, |v- - u|^2 / 2 = (4 + 4) / 2 = 4
+    #   r = 1 -> 0;  r = 0 -> 4 / b = 8;  r = 1/4 -> (0.25 * 0 + 0.75 * 4) / b = 6
+    one = dict(v_pred=torch.tensor([[2.0, 0.0]]), v_old=torch.tensor([[0.0, 2.0]]), beta=0.5)
+    assert float(nft_loss(target=torch.tensor([[1.0, 3.0]]), r=torch.tensor([1.0]), **one)) == pytest.approx(4.0)
+    assert float(nft_loss(target=torch.tensor([[1.0, 1.0]]), r=torch.tensor([1.0]), **one)) == pytest.approx(0.0)
+    assert float(nft_loss(target=torch.tensor([[1.0, 1.0]]), r=torch.tensor([0.0]), **one)) == pytest.approx(8.0)
+    assert float(nft_loss(target=torch.tensor([[1.0, 1.0]]), r=torch.tensor([0.25]), **one)) == pytest.approx(6.0)
     (grad,) = torch.autograd.grad(loss, v)
     # d/dv of mean_i mean_d (v+ - u)^2 / b = 2 (v+ - u) / (B D)   (the b of v+ cancels the 1 / b)
     torch.testing.assert_close(grad, 2 * (v_plus - u).detach() / (3 * 32))

@@ -214,13 +214,15 @@ def test_parse_reward_spec():
 
 # -- mixtures ------------------------------------------------------------------------------------
 def test_zscore_and_combine_by_hand():
-    a = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    b = torch.tensor([10.0, 10.0, 20.0, 40.0])
-    mean, std = a.mean(), ((a - a.mean()) ** 2).mean().sqrt()
-    torch.testing.assert_close(zscore(a, eps=0.0), (a - mean) / std)
+    # a: mean 5, population std 2 (deviations -3 -1 -1 -1 0 0 2 4, squares sum to 32, / 8 = 4)
+    a = torch.tensor([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0])
+    b = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0, 10.0, 10.0, 10.0])  # mean 5, std 5: z-scores -1 and 1
+    za = torch.tensor([-1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 1.0, 2.0])
+    torch.testing.assert_close(zscore(a, eps=0.0), za)
     assert zscore(torch.tensor([5.0])).item() == 0.0  # one image: 0, not NaN
-    torch.testing.assert_close(combine([a, b], [0.5, 2.0]), 0.5 * a + 2.0 * b)
-    torch.testing.assert_close(combine({"a": a, "b": b}, [1.0, 1.0], "zscore"), zscore(a) + zscore(b))
+    torch.testing.assert_close(combine([a, b], [0.5, 2.0]), torch.tensor([1.0, 2.0, 2.0, 2.0, 22.5, 22.5, 23.5, 24.5]))
+    torch.testing.assert_close(combine({"a": a, "b": b}, [1.0, 1.0], "zscore"),
+                               torch.tensor([-2.5, -1.5, -1.5, -1.5, 1.0, 1.0, 2.0, 3.0]), atol=1e-5, rtol=0)
 
 
 def test_mixture_weights_normalisation_and_components():
