@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flowalign.train", "Fine-tune a flow model with AC-Flow (or ORW-CFM-W2 / Flow-GRPO)."),
     "bench": ("flowalign.bench", "Benchmarks (rlg, rewards, train); not tests."),
     "probe-reward": ("flowalign.probe", "Is a reward learnable at a batch size? The split-half policy-gradient cosine."),
+    "plan": ("flowalign.plan", "Peak GPU memory of each training stage, traced on the meta device (no weights)."),
 }
 
 
