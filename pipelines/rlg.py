@@ -21,17 +21,19 @@ free end points ``w = 0`` / ``w = 1`` (per step, so schedules get it too) and th
 samples a list of scales for every prompt from the same initial noise, the rows of every scale that
 need a model batched into one forward of that model per step.
 
-What is in this file, top to bottom:
+Schedules of w over the sampling steps (constant, linear ramp, "fine-tuned only for the first k
+steps", any callable) and THE check of every w live in :mod:`flowalign.pipelines.rlg_schedules`
+(re-exported here). What is in this file, top to bottom:
 
-1. Schedules of w over the sampling steps (constant, linear ramp, "fine-tuned only for the first
-   k steps", any callable), their validation (:func:`check_rlg_scale`, :func:`check_rlg_sweep`: one
-   owner for each check) and :func:`resolve_rlg_scales`.
+1. (schedules: see above)
 2. The *gate* on each LoRA branch that lets one forward pass evaluate base rows (LoRA skipped) and
    fine-tuned rows (LoRA on) together. Loading adapters lives in :mod:`flowalign.pipelines.lora_utils`
    (its names are re-exported here).
 3. :class:`RLGTransformer`, the model-level wrapper, with its evaluation modes.
 4. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned``,
-   ``rlg_scale`` and ``rlg_sweep``; it runs the stock ``__call__`` with the wrapper swapped in.
+   ``rlg_scale`` and ``rlg_sweep``. Its ``__call__`` is the stock SD3 loop written out: prompts and
+   x_T (repeated per scale of a sweep), timesteps, w of every row at every step (resolved and checked
+   once), then per step the RLG velocity ``v_base + w_t (v_ft - v_base)``, CFG and the scheduler step.
    ``enable_compile()`` runs the transformer, the RLG mix and the SDE step under ``torch.compile`` (one
    graph each, none recompiled from step to step; ``flowalign.compile``).
 
@@ -68,17 +70,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
-import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -86,8 +87,17 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+from diffusers.pipelines.stable_diffusion_3.pipeline_output import (
+    StableDiffusion3PipelineOutput,
+)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    XLA_AVAILABLE,
+    calculate_shift,
+    retrieve_timesteps,
+)
 from flowalign.pipelines.lora_utils import (
     check_lora_fits,
     check_same_architecture,
@@ -95,6 +105,21 @@ from flowalign.pipelines.lora_utils import (
     load_peft_adapter,
     save_peft_adapter,
     tuner_layers,
+)
+from flowalign.pipelines.rlg_schedules import (
+    ConstantSchedule,
+    FinetunedFirstSchedule,
+    LinearSchedule,
+    RLGScale,
+    RLGSchedule,
+    _as_scale,
+    _sweep_entries,
+    check_rlg_scale,
+    check_rlg_sweep,
+    constant_schedule,
+    finetuned_first_schedule,
+    linear_schedule,
+    resolve_rlg_scales,
 )
 from flowalign.pipelines.scheduling_flow_match_sde import (
     FlowMatchSDEScheduler,
@@ -112,6 +137,9 @@ from transformers import (
 )
 
 from flowalign.compile import compile_function, compile_sde_step, compile_transformer
+
+if XLA_AVAILABLE:  # the stock pipeline's TPU step marker
+    import torch_xla.core.xla_model as xm
 
 __all__ = [
     "RLG_MODES",
@@ -135,208 +163,6 @@ __all__ = [
 RLGMode = Literal["exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond"]
 RLG_MODES: tuple[str, ...] = ("exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond")
 APPROXIMATE_MODES: tuple[str, ...] = ("lora_scaled", "shared_uncond")
-
-
-# =============================================================================================
-# 1. Schedules of the RLG scale w over the sampling steps, and their validation
-# =============================================================================================
-class RLGSchedule:
-    """Base class of schedules: w for every step of one sampling run.
-
-    Subclasses implement ``scales(timesteps) -> list[float]`` with exactly one finite value per
-    timestep, where ``timesteps`` are the scheduler's timesteps of the run (SD3: ``1000 * sigma``, from
-    ~1000 down to ~0). The pipeline checks the count and the values before the first step.
-    """
-
-    def scales(self, timesteps: Sequence[float]) -> list[float]:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class ConstantSchedule(RLGSchedule):
-    """``w_i = scale`` at every step."""
-
-    scale: float
-
-    def scales(self, timesteps: Sequence[float]) -> list[float]:
-        return [float(self.scale)] * len(timesteps)
-
-
-@dataclass(frozen=True)
-class LinearSchedule(RLGSchedule):
-    """Linear ramp ``w_i = start + (end - start) * i / (n - 1)`` over the n steps (``start`` if n = 1)."""
-
-    start: float
-    end: float
-
-    def scales(self, timesteps: Sequence[float]) -> list[float]:
-        n = len(timesteps)
-        if n == 1:
-            return [float(self.start)]
-        return [float(self.start) + (float(self.end) - float(self.start)) * i / (n - 1) for i in range(n)]
-
-
-@dataclass(frozen=True)
-class FinetunedFirstSchedule(RLGSchedule):
-    """The fine-tuned model alone (w = 1) for the first ``num_steps`` steps, then ``scale``.
-
-    This is the public reference's option of letting the fine-tuned model lay out the image
-    before guiding (those steps cost what the stock pipeline costs: only the fine-tuned model runs).
-    """
-
-    num_steps: int
-    scale: float
-
-    def __post_init__(self):
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, numbers.Integral) or self.num_steps < 0:
-            raise ValueError(f"FinetunedFirstSchedule.num_steps must be an integer >= 0, got {self.num_steps!r}.")
-
-    def scales(self, timesteps: Sequence[float]) -> list[float]:
-        return [1.0 if i < self.num_steps else float(self.scale) for i in range(len(timesteps))]
-
-
-def constant_schedule(scale: float) -> ConstantSchedule:
-    """w = ``scale`` at every step. Example: ``pipe(prompt, rlg_scale=constant_schedule(1.6))``."""
-    return ConstantSchedule(_as_scale(scale, "constant_schedule(scale)"))
-
-
-def linear_schedule(start: float, end: float) -> LinearSchedule:
-    """w ramps linearly from ``start`` (first step) to ``end`` (last step).
-
-    Example: ``pipe(prompt, rlg_scale=linear_schedule(0.0, 2.0))``.
-    """
-    return LinearSchedule(_as_scale(start, "linear_schedule(start)"), _as_scale(end, "linear_schedule(end)"))
-
-
-def finetuned_first_schedule(num_steps: int, scale: float) -> FinetunedFirstSchedule:
-    """w = 1 (fine-tuned model only) for the first ``num_steps`` steps, then ``scale``.
-
-    Example: ``pipe(prompt, rlg_scale=finetuned_first_schedule(5, 1.6))``.
-    """
-    return FinetunedFirstSchedule(num_steps, _as_scale(scale, "finetuned_first_schedule(scale)"))
-
-
-RLGScale = Union[float, Sequence[float], Callable[[int, float], float], RLGSchedule]
-
-
-def _as_scale(value: Any, where: str) -> float:
-    """THE check of one w value (every other check calls it): a real number, finite. Returns it as a float."""
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{where} must be a real number, got {value!r} ({type(value).__name__}); use a finite scale such as 1.5."
-        )
-    w = float(value)
-    if not math.isfinite(w):
-        raise ValueError(f"{where} must be finite, got {w}; use a finite scale (e.g. 0 to 3).")
-    return w
-
-
-def _scale_kind(rlg_scale: Any) -> str:
-    """``'number' | 'schedule' | 'callable' | 'sequence'``; a ``TypeError`` naming the value otherwise."""
-    if isinstance(rlg_scale, (bool, str, bytes)) or rlg_scale is None:
-        raise TypeError(
-            f"rlg_scale must be a number, a per-step sequence, an RLGSchedule or a callable "
-            f"(step_index, timestep) -> float; got {rlg_scale!r}."
-        )
-    if isinstance(rlg_scale, numbers.Real) or (isinstance(rlg_scale, torch.Tensor) and rlg_scale.ndim == 0):
-        return "number"
-    if isinstance(rlg_scale, RLGSchedule):
-        return "schedule"
-    if callable(rlg_scale):
-        return "callable"
-    if isinstance(rlg_scale, (Sequence, torch.Tensor)) or hasattr(rlg_scale, "__len__"):
-        return "sequence"
-    raise TypeError(
-        f"rlg_scale must be a number, a per-step sequence, an RLGSchedule or a callable "
-        f"(step_index, timestep) -> float; got {type(rlg_scale).__name__}."
-    )
-
-
-def _check_count(values: Any, num_steps: int, source: str) -> list:
-    """THE check of a per-step list's length: exactly one value per sampling step."""
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise TypeError(f"{source} must give a list of numbers (one per sampling step), got {values!r}.")
-    values = list(values)
-    if len(values) != num_steps:
-        raise ValueError(
-            f"{source} has {len(values)} values but this run has {num_steps} sampling steps; give exactly one value "
-            "per step (or a number, a schedule such as linear_schedule(0, 2), or a callable)."
-        )
-    return values
-
-
-def check_rlg_scale(rlg_scale: RLGScale, num_steps: int | None = None) -> None:
-    """Check an ``rlg_scale`` before sampling: its type, its values and (with ``num_steps``) its length.
-
-    Schedules and callables are checked where their values exist, in :func:`resolve_rlg_scales` (the
-    RLG pipeline calls it before the first denoising step).
-
-    >>> check_rlg_scale([1.0, float("nan")])
-    Traceback (most recent call last):
-    ...
-    ValueError: rlg_scale[1] must be finite, got nan; use a finite scale (e.g. 0 to 3).
-    """
-    kind = _scale_kind(rlg_scale)
-    if kind == "number":
-        _as_scale(rlg_scale, "rlg_scale")
-    elif kind == "sequence":
-        values = list(rlg_scale)
-        for i, w in enumerate(values):
-            _as_scale(w, f"rlg_scale[{i}]")
-        if num_steps is not None:
-            _check_count(values, num_steps, "rlg_scale")
-
-
-def check_rlg_sweep(rlg_sweep: Sequence[RLGScale], num_steps: int | None = None) -> list[RLGScale]:
-    """Check a sweep (a non-empty list of scales, each anything ``rlg_scale`` accepts); returns it as a list.
-
-    >>> check_rlg_sweep([0, 0.5, 1])
-    [0, 0.5, 1]
-    """
-    if isinstance(rlg_sweep, (str, bytes, numbers.Real, RLGSchedule)) or callable(rlg_sweep) or rlg_sweep is None:
-        raise TypeError(
-            f"rlg_sweep must be a list of scales (e.g. [0, 0.5, 1, 1.5, 2]), got {rlg_sweep!r}; for a single scale "
-            "or per-step values use rlg_scale."
-        )
-    entries = list(rlg_sweep)
-    if not entries:
-        raise ValueError("rlg_sweep is empty; give at least one scale, e.g. rlg_sweep=[0, 1, 2].")
-    for k, entry in enumerate(entries):
-        try:
-            check_rlg_scale(entry, num_steps)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"rlg_sweep[{k}]: {error}") from None
-    return entries
-
-
-def resolve_rlg_scales(rlg_scale: RLGScale, timesteps: Sequence[float]) -> list[float]:
-    """Turn any accepted ``rlg_scale`` into one finite float per sampling step.
-
-    Accepted: a number (constant), a sequence with one value per step, an :class:`RLGSchedule`
-    (``scales(timesteps)`` must return one value per timestep), or a callable
-    ``f(step_index, timestep) -> float`` (``timestep`` as the scheduler gives it, a float in
-    [0, 1000] for SD3). Wrong counts, non-numeric and non-finite values raise, naming the value.
-
-    >>> resolve_rlg_scales(1.5, [1000.0, 500.0])
-    [1.5, 1.5]
-    >>> resolve_rlg_scales(lambda i, t: t / 1000, [1000.0, 500.0])
-    [1.0, 0.5]
-    """
-    timesteps = [float(t) for t in timesteps]
-    n = len(timesteps)
-    kind = _scale_kind(rlg_scale)
-    if kind == "number":
-        return [_as_scale(rlg_scale, "rlg_scale")] * n
-    if kind == "schedule":
-        name = f"{type(rlg_scale).__name__}.scales()"
-        values = _check_count(rlg_scale.scales(timesteps), n, name)
-        return [_as_scale(w, f"{name}[{i}]") for i, w in enumerate(values)]
-    if kind == "callable":
-        return [_as_scale(rlg_scale(i, t), f"rlg_scale({i}, {t:g}) (the callable's value at step {i})") for i, t in enumerate(timesteps)]
-    values = _check_count(rlg_scale, n, "rlg_scale")
-    return [_as_scale(w, f"rlg_scale[{i}]") for i, w in enumerate(values)]
 
 
 # =============================================================================================
@@ -548,9 +374,13 @@ class RLGTransformer(nn.Module):
         values = [_as_scale(w, f"row scale {i}") for i, w in enumerate(scales)]
         if not values:
             raise ValueError("set_row_scales needs at least one scale.")
-        self.row_scales = values
-        if len(set(values)) == 1:
-            self.rlg_scale.fill_(values[0])
+        self.use_row_scales(values)
+
+    def use_row_scales(self, scales: list[float]) -> None:
+        """:meth:`set_row_scales` for values already checked (the RLG pipeline's loop: w is checked once per call)."""
+        self.row_scales = scales
+        if len(set(scales)) == 1:
+            self.rlg_scale.fill_(scales[0])
 
     def check_lora_state(self) -> None:
         """Raise if the LoRA cannot be switched per pass: fused, disabled, a variant (DoRA), or not the only active one."""
@@ -912,8 +742,11 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     fine-tuned model with :meth:`load_finetuned` (or set ``pipe.finetuned_transformer`` to a full
     fine-tuned transformer; ``None`` detaches any fine-tune), then call it with every stock argument plus
     ``rlg_scale`` (one scale, possibly per step) or ``rlg_sweep`` (several scales in one call). It returns
-    the stock ``StableDiffusion3PipelineOutput``. The sampling loop *is* the stock one: during the call
-    ``self.transformer`` is an :class:`RLGTransformer`.
+    the stock ``StableDiffusion3PipelineOutput``. The sampling loop is the stock one written out
+    (:meth:`_denoise`), its velocity the :class:`RLGTransformer`'s; ``self.transformer`` stays the base model.
+    Without a fine-tune (``finetuned_transformer=None``, e.g. after diffusers' optional-component round
+    trip) the pipeline samples the base model: at ``rlg_scale=0``, and at the default scale with a
+    warning; any other w raises.
 
     ``save_pretrained`` writes the stock folder plus the fine-tune (a full one as the
     ``finetuned_transformer`` component, a LoRA as a PEFT adapter in ``finetuned_lora/``);
@@ -1172,37 +1005,33 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         return pipe
 
     # ---- input checks ------------------------------------------------------------------------------
-    def _check_rlg_call(self, call: dict, rlg: dict) -> list[RLGScale]:
-        """Every check that can run before sampling; returns the scales of the call (one entry without a sweep)."""
+    def _check_rlg_call(self, call: dict, rlg: dict) -> tuple[list[RLGScale], bool]:
+        """Every check of the call's form before sampling; returns the scales (one entry without a sweep) and
+        whether the call asked for RLG at all. The VALUES of w are checked once, by :meth:`_resolve_scales`."""
         attached = self.rlg_transformer
-        if attached is None:
-            raise RuntimeError(
-                "No fine-tuned model attached: call pipe.load_finetuned(path_or_module) before sampling with RLG."
-            )
         if rlg["sampler"] not in ("ode", "sde"):
             raise ValueError(f"sampler must be 'ode' or 'sde', got {rlg['sampler']!r}.")
         if rlg["sampler"] == "sde":
             check_noise_level(rlg["sde_noise_level"], "sde_noise_level")
         steps = call["num_inference_steps"]
-        if call["sigmas"] is not None:
-            steps = len(call["sigmas"])
-        elif isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        if call["sigmas"] is None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}.")
+        asked = rlg["rlg_scale"] is not None or rlg["rlg_sweep"] is not None
         if rlg["rlg_sweep"] is not None:
             if rlg["rlg_scale"] is not None:
                 raise ValueError(
                     "Give rlg_scale (one scale, or one value per step) or rlg_sweep (several scales in one call), "
                     f"not both; got rlg_scale={rlg['rlg_scale']!r} and rlg_sweep={rlg['rlg_sweep']!r}."
                 )
-            entries = check_rlg_sweep(rlg["rlg_sweep"], steps)
-        else:
-            scale = 1.0 if rlg["rlg_scale"] is None else rlg["rlg_scale"]
-            check_rlg_scale(scale, steps)
-            entries = [scale]
-        mode = attached.mode if rlg["rlg_mode"] is None else rlg["rlg_mode"]
+            entries = _sweep_entries(rlg["rlg_sweep"])
+        elif rlg["rlg_scale"] is not None:
+            entries = [rlg["rlg_scale"]]
+        else:  # the default: the fine-tuned model (w = 1), or the base model when none is attached
+            entries = [1.0 if attached is not None else 0.0]
+        mode = rlg["rlg_mode"] if rlg["rlg_mode"] is not None else (attached.mode if attached else "exact")
         if mode not in RLG_MODES:
             raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
-        if mode in ("exact_batched", "lora_scaled") and attached.adapter_name is None:
+        if attached is not None and mode in ("exact_batched", "lora_scaled") and attached.adapter_name is None:
             raise ValueError(
                 f"rlg_mode={mode!r} needs a LoRA fine-tune; with a full fine-tuned transformer use 'exact' or "
                 "'shared_uncond'."
@@ -1218,7 +1047,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"rlg_max_rows must be None (no bound) or an integer >= 1, got {max_rows!r}.")
         self._check_batch(call)
-        return entries
+        return entries, asked
 
     def _check_batch(self, call: dict) -> None:
         """Batch sizes of prompts, negative prompts, embeddings, generators and latents must agree."""
@@ -1312,7 +1141,8 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         """Stock ``StableDiffusion3Pipeline.__call__`` (every argument, same meaning) plus RLG.
 
         Args:
-            rlg_scale: w for this call (default 1.0, the fine-tuned model): a number, a list with ONE VALUE
+            rlg_scale: w for this call (default 1.0, the fine-tuned model; 0, the base model, with a warning when
+                no fine-tune is attached): a number, a list with ONE VALUE
                 PER STEP, a schedule (:func:`linear_schedule`, :func:`finetuned_first_schedule`) or a
                 callable ``(step_index, timestep) -> float``. At a step where w = 0 only the base model runs,
                 where w = 1 only the fine-tuned model (the stock CFG cost; the stock pipeline's output).
@@ -1328,8 +1158,8 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 ``flowalign.sampling.sde_step``; noise drawn from ``generator``).
             sde_noise_level: the SDE's ``a`` (Flow-GRPO uses 0.7).
 
-        Every input is checked before the first denoising step (schedules and callables when the
-        timesteps exist, before the first model evaluation); errors name the value and the fix.
+        Every input is checked before the first denoising step; every value of w once, when the timesteps
+        exist (``resolve_rlg_scales``), before the first model evaluation. Errors name the value and the fix.
 
         Returns the stock ``StableDiffusion3PipelineOutput`` (or a tuple with ``return_dict=False``).
 
@@ -1342,113 +1172,212 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         arguments = dict(locals())  # first statement: exactly the call's arguments
         call = {name: arguments[name] for name in STOCK_CALL_PARAMETERS}
         options = {name: arguments[name] for name in RLG_CALL_PARAMETERS}
-        entries = self._check_rlg_call(call, options)
-        if height is None or width is None:
-            default = self.default_sample_size * self.vae_scale_factor
-            call["height"], call["width"] = height or default, width or default
-        self.check_inputs(  # the stock checks, now rather than after encoding
+        entries, asked = self._check_rlg_call(call, options)
+        call["height"] = height or self.default_sample_size * self.vae_scale_factor
+        call["width"] = width or self.default_sample_size * self.vae_scale_factor
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            call["callback_on_step_end_tensor_inputs"] = callback_on_step_end.tensor_inputs
+        self.check_inputs(  # the stock checks, before anything runs
             prompt, prompt_2, prompt_3, call["height"], call["width"],
             negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
             negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
             max_sequence_length=max_sequence_length,
         )  # fmt: skip
-
-        rlg = self.rlg_transformer
-        rlg.check_lora_state()
+        self._guidance_scale, self._skip_layer_guidance_scale = guidance_scale, skip_layer_guidance_scale
+        self._clip_skip, self._joint_attention_kwargs, self._interrupt = clip_skip, joint_attention_kwargs, False
         device = self._execution_device
-        rlg.place_buffers(device)
-        sweep = len(entries)
-        rows_per_scale = 1
-        if options["rlg_sweep"] is not None:
-            call, rows_per_scale = self._tile_for_sweep(call, sweep, device)
+        scheduler = self._sampling_scheduler(options, generator, len(entries))
 
-        compiled = self._compiled
-        if compiled is not None:
+        # 1. Prompt embeddings and initial noise, once per image; a sweep repeats both for each of its scales.
+        embeds, latents, n_images = self._prepare(call, len(entries), device)
+        # 2. The timesteps, and w at every step for every scale (the one check of every value of w).
+        timesteps = self._prepare_timesteps(scheduler, call, latents, device)
+        scales = self._resolve_scales(entries, timesteps, options, asked)
+        self._prepare_ip_adapter(call, n_images * len(entries), device)
+        # 3. The denoising loop: v_rlg = v_base + w_t (v_ft - v_base) per row, then CFG, then the scheduler step.
+        with self._rlg_velocity(options) as model:
+            latents = self._denoise(model, scheduler, timesteps, scales, n_images, latents, embeds, call)
+        # 4. Decode.
+        return self._decode(latents, output_type, return_dict)
+
+    def _sampling_scheduler(self, options: dict, generator: Any, copies: int):
+        """The stock scheduler (``sampler="ode"``), or the Flow-GRPO SDE scheduler on its timestep grid."""
+        if options["sampler"] != "sde":
+            return self.scheduler
+        scheduler = FlowMatchSDEScheduler.from_scheduler(self.scheduler, options["sde_noise_level"], generator=generator)
+        scheduler.noise_copies = copies  # the K copies of an image (a sweep) get the same step noise: paired
+        scheduler.compiled_step = None if self._compiled is None else self._compiled["sde_step"]
+        return scheduler
+
+    def _prepare(self, call: dict, sweep: int, device: torch.device) -> tuple[dict, torch.Tensor, int]:
+        """Encode the prompts and draw x_T as the stock call does, then repeat both ``sweep`` times (sweep-major).
+
+        Returns the transformer's text inputs (``[uncond; cond]`` with CFG, and the conditional ones alone for
+        skip-layer guidance), the latents and the number of images of one scale.
+        """
+        cfg = self.do_classifier_free_guidance
+        lora_scale = (self.joint_attention_kwargs or {}).get("scale")
+        pe, npe, ppe, nppe = self.encode_prompt(
+            prompt=call["prompt"], prompt_2=call["prompt_2"], prompt_3=call["prompt_3"],
+            negative_prompt=call["negative_prompt"], negative_prompt_2=call["negative_prompt_2"],
+            negative_prompt_3=call["negative_prompt_3"], do_classifier_free_guidance=cfg,
+            prompt_embeds=call["prompt_embeds"], negative_prompt_embeds=call["negative_prompt_embeds"],
+            pooled_prompt_embeds=call["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"], device=device,
+            clip_skip=self.clip_skip, num_images_per_prompt=call["num_images_per_prompt"],
+            max_sequence_length=call["max_sequence_length"], lora_scale=lora_scale,
+        )  # fmt: skip
+        n_images = pe.shape[0]
+        latents = self.prepare_latents(
+            n_images, self.transformer.config.in_channels, call["height"], call["width"], pe.dtype, device,
+            call["generator"], call["latents"],
+        )  # fmt: skip
+        if sweep > 1:  # the same prompts and the same x_T at every scale
+            pe, npe, ppe, nppe, latents = (None if t is None else torch.cat([t] * sweep) for t in (pe, npe, ppe, nppe, latents))
+        embeds = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "cond_embeds": pe, "cond_pooled": ppe}
+        if cfg:
+            embeds["prompt_embeds"] = torch.cat([npe, pe], dim=0)
+            embeds["pooled_prompt_embeds"] = torch.cat([nppe, ppe], dim=0)
+        return embeds, latents, n_images
+
+    def _prepare_timesteps(self, scheduler, call: dict, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The stock timesteps: ``scheduler.set_timesteps`` with ``sigmas`` / ``mu`` (dynamic shifting) as the stock call."""
+        kwargs, mu = {}, call["mu"]
+        if scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+            patch = self.transformer.config.patch_size
+            image_seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+            mu = calculate_shift(
+                image_seq_len,
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        if mu is not None:
+            kwargs["mu"] = mu
+        timesteps, _ = retrieve_timesteps(
+            scheduler, call["num_inference_steps"], "cpu" if XLA_AVAILABLE else device, sigmas=call["sigmas"], **kwargs
+        )
+        self._num_timesteps = len(timesteps)
+        return timesteps
+
+    def _resolve_scales(self, entries: list, timesteps: torch.Tensor, options: dict, asked: bool) -> list[list[float]]:
+        """w of every scale at every step (``resolve_rlg_scales``: THE check of each value, before any model runs)."""
+        values = timesteps.tolist()
+        sweep = options["rlg_sweep"] is not None
+        scales = []
+        for k, entry in enumerate(entries):
+            try:
+                scales.append(resolve_rlg_scales(entry, values))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"rlg_sweep[{k}]: {error}" if sweep else str(error)) from None
+        if self.rlg_transformer is None:
+            if any(w != 0.0 for ws in scales for w in ws):
+                raise RuntimeError(
+                    "No fine-tuned model attached: RLG at w != 0 needs one; call pipe.load_finetuned(path_or_module) "
+                    "first (without one, the pipeline samples the base model, w = 0)."
+                )
+            if not asked:
+                warnings.warn(
+                    "No fine-tuned model attached: sampling the base model (w = 0). Attach one with "
+                    "pipe.load_finetuned(path_or_module) to sample with RLG.",
+                    stacklevel=4,  # the caller of pipe(...): past __call__ and its no_grad wrapper
+                )
+        return scales
+
+    def _prepare_ip_adapter(self, call: dict, images: int, device: torch.device) -> None:
+        """The stock IP-adapter step: image embeddings into ``joint_attention_kwargs``."""
+        image, embeds = call["ip_adapter_image"], call["ip_adapter_image_embeds"]
+        if (image is not None and self.is_ip_adapter_active) or embeds is not None:
+            embeds = self.prepare_ip_adapter_image_embeds(image, embeds, device, images, self.do_classifier_free_guidance)
+            if self.joint_attention_kwargs is None:
+                self._joint_attention_kwargs = {"ip_adapter_image_embeds": embeds}
+            else:
+                self._joint_attention_kwargs.update(ip_adapter_image_embeds=embeds)
+
+    @contextlib.contextmanager
+    def _rlg_velocity(self, options: dict):
+        """The model of the loop: the :class:`RLGTransformer` set up for this call (restored afterwards), or the
+        base transformer when no fine-tune is attached (every w is then 0)."""
+        if self._compiled is not None:
             self._compile_transformers()  # a fine-tune attached after enable_compile
-        scheduler = self.scheduler
-        if sampler == "sde":
-            scheduler = FlowMatchSDEScheduler.from_scheduler(scheduler, sde_noise_level, generator=generator)
-            scheduler.noise_copies = sweep  # the K copies of an image get the same step noise (paired)
-            scheduler.compiled_step = None if compiled is None else compiled["sde_step"]
-
-        def set_cfg_layout(module: nn.Module, args: Any, kw: Any) -> None:
-            module.cfg_batch = self.do_classifier_free_guidance  # SD3 stacks [uncond; cond] when guidance_scale > 1
-
-        mode = rlg.mode if rlg_mode is None else rlg_mode
+        rlg = self.rlg_transformer
+        if rlg is None:
+            yield self.transformer
+            return
+        rlg.check_lora_state()
+        rlg.place_buffers(self._execution_device)
         saved = rlg.mode, rlg.max_rows
-        rlg.mode, rlg.max_rows = mode, rlg_max_rows
-        rlg.mix_fn = _mix if compiled is None else compiled["mix"]
-        # compiled: every step forwards the same rows (no smaller first step of a sweep: one graph per run)
-        same_start = sweep > 1 and compiled is None
-        handles = [
-            rlg.register_forward_pre_hook(set_cfg_layout, with_kwargs=True),
-            rlg.follow_sweep(scheduler, entries, rows_per_scale=rows_per_scale, same_start=same_start),
-        ]
-        base_transformer, base_scheduler = self.transformer, self.scheduler
+        rlg.mode = rlg.mode if options["rlg_mode"] is None else options["rlg_mode"]
+        rlg.max_rows = options["rlg_max_rows"]
+        rlg.cfg_batch = self.do_classifier_free_guidance  # SD3 stacks [uncond; cond] when guidance_scale > 1
+        rlg.mix_fn = _mix if self._compiled is None else self._compiled["mix"]
         try:
-            # Swapped in place of the stock modules for this call only (object.__setattr__: the pipeline's
-            # config, which save_pretrained writes, keeps naming the stock components).
-            object.__setattr__(self, "transformer", rlg)
-            object.__setattr__(self, "scheduler", scheduler)
-            return super().__call__(**call)
+            yield rlg
         finally:
-            object.__setattr__(self, "transformer", base_transformer)
-            object.__setattr__(self, "scheduler", base_scheduler)
-            rlg.mode, rlg.max_rows = saved
-            rlg.mix_fn = _mix
+            rlg.mode, rlg.max_rows, rlg.mix_fn = *saved, _mix
             rlg.set_rlg_scale(1.0)
             rlg.shared_blocks = None
-            for handle in handles:
-                handle.remove()
 
-    def _tile_for_sweep(self, call: dict, sweep: int, device: torch.device) -> tuple[dict, int]:
-        """Encode the prompts and draw the initial noise once (as the stock call would), then repeat both ``sweep`` times.
+    def _denoise(self, model, scheduler, timesteps, scales, n_images, latents, embeds, call) -> torch.Tensor:
+        """The stock SD3 denoising loop, with w_t of every row set before each velocity evaluation."""
+        cfg, steps = self.do_classifier_free_guidance, len(timesteps)
+        skip_layers = call["skip_guidance_layers"]
+        callback, tensor_inputs = call["callback_on_step_end"], call["callback_on_step_end_tensor_inputs"]
+        # compiled: every step forwards the same rows (no smaller first step of a sweep: one graph per run)
+        shared_start = len(scales) > 1 and self._compiled is None
+        with self.progress_bar(total=steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if isinstance(model, RLGTransformer):  # w_t of each row: block k of n_images rows has scale k
+                    model.use_row_scales([ws[i] for ws in scales for _ in range(n_images)])
+                    model.shared_blocks = (len(scales), n_images) if shared_start and i == 0 else None
+                x = torch.cat([latents] * 2) if cfg else latents
+                # v_rlg = v_base + w_t (v_ft - v_base), row by row (RLGTransformer; w_t = 0 / 1 rows: one model)
+                v = model(
+                    hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds["prompt_embeds"],
+                    pooled_projections=embeds["pooled_prompt_embeds"], joint_attention_kwargs=self.joint_attention_kwargs,
+                    return_dict=False,
+                )[0]  # fmt: skip
+                if cfg:  # v = v_u + g (v_c - v_u)
+                    v_uncond, v_cond = v.chunk(2)
+                    v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+                    if skip_layers is not None and steps * call["skip_layer_guidance_start"] < i < steps * call["skip_layer_guidance_stop"]:
+                        v_skip = model(
+                            hidden_states=latents, timestep=t.expand(latents.shape[0]),
+                            encoder_hidden_states=embeds["cond_embeds"], pooled_projections=embeds["cond_pooled"],
+                            joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False, skip_layers=skip_layers,
+                        )[0]  # fmt: skip
+                        v = v + (v_cond - v_skip) * self._skip_layer_guidance_scale
+                latents_dtype = latents.dtype
+                latents = scheduler.step(v, t, latents, return_dict=False)[0]  # Euler, or the SDE step
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)
+                if callback is not None:
+                    local = {"latents": latents, "prompt_embeds": embeds["prompt_embeds"],
+                             "pooled_prompt_embeds": embeds["pooled_prompt_embeds"]}  # fmt: skip
+                    outputs = callback(self, i, t, {k: local[k] for k in tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    embeds["prompt_embeds"] = outputs.pop("prompt_embeds", embeds["prompt_embeds"])
+                    embeds["pooled_prompt_embeds"] = outputs.pop("pooled_prompt_embeds", embeds["pooled_prompt_embeds"])
+                progress_bar.update()
+                if XLA_AVAILABLE:
+                    xm.mark_step()
+        return latents
 
-        Returns the stock call's arguments for ``sweep * n_images`` rows (prompt embeddings and latents in
-        sweep-major order) and ``n_images``.
-        """
-        cfg = call["guidance_scale"] > 1  # the stock do_classifier_free_guidance
-        lora_scale = (call["joint_attention_kwargs"] or {}).get("scale")
-        pe, npe, ppe, nppe = self.encode_prompt(
-            prompt=call["prompt"],
-            prompt_2=call["prompt_2"],
-            prompt_3=call["prompt_3"],
-            negative_prompt=call["negative_prompt"],
-            negative_prompt_2=call["negative_prompt_2"],
-            negative_prompt_3=call["negative_prompt_3"],
-            do_classifier_free_guidance=cfg,
-            prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"],
-            pooled_prompt_embeds=call["pooled_prompt_embeds"],
-            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"],
-            device=device,
-            clip_skip=call["clip_skip"],
-            num_images_per_prompt=call["num_images_per_prompt"],
-            max_sequence_length=call["max_sequence_length"],
-            lora_scale=lora_scale,
-        )
-        n_images = pe.shape[0]
-        # The same initial noise at every scale: x_T of image i is drawn once, as the stock call draws it.
-        latents = self.prepare_latents(
-            n_images,
-            self.transformer.config.in_channels,
-            call["height"],
-            call["width"],
-            pe.dtype,
-            device,
-            call["generator"],
-            call["latents"],
-        )
-        tile = lambda t: None if t is None else torch.cat([t] * sweep, dim=0)
-        call = dict(
-            call,
-            prompt=None, prompt_2=None, prompt_3=None,
-            negative_prompt=None, negative_prompt_2=None, negative_prompt_3=None,
-            prompt_embeds=tile(pe), negative_prompt_embeds=tile(npe) if cfg else None,
-            pooled_prompt_embeds=tile(ppe), negative_pooled_prompt_embeds=tile(nppe) if cfg else None,
-            num_images_per_prompt=1, latents=tile(latents),
-        )  # fmt: skip
-        return call, n_images
+    def _decode(self, latents: torch.Tensor, output_type: str | None, return_dict: bool):
+        """The stock end of the call: the VAE decode (or the latents), model hooks freed, the stock output."""
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return StableDiffusion3PipelineOutput(images=image)

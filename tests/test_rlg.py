@@ -335,8 +335,9 @@ def test_finetuned_transformer_of_another_architecture(world, tmp_path):
 
 def test_other_errors(world):
     pipe = RLGStableDiffusion3Pipeline.from_pipe(world.pipe)
-    with pytest.raises(RuntimeError, match="load_finetuned"):
-        pipe(**sd3_kwargs())
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match="RLG at w != 0 needs one; call pipe.load_finetuned"):
+        pipe(**sd3_kwargs(), rlg_scale=2.0)
     with pytest.raises(ValueError, match="Unknown RLG mode"):
         pipe.load_finetuned(world.full, mode="fast")
     pipe.unload_finetuned()

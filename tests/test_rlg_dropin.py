@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import warnings
 
 import pytest
 import test_rlg
@@ -233,8 +234,11 @@ def test_save_pretrained_from_pretrained_round_trip(world, tmp_path, source):
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     if source == "none":
         assert again.rlg_transformer is None and again.finetuned_transformer is None
-        with pytest.raises(RuntimeError, match="No fine-tuned model attached"):
-            again(**sd3_kwargs())
+        # no fine-tune (diffusers' optional-component round trip): the default call samples the base model, warned
+        with pytest.warns(UserWarning, match=r"No fine-tuned model attached: sampling the base model \(w = 0\)"):
+            assert max_diff(again(**sd3_kwargs()).images, world.base_images) == 0.0
+        with pytest.raises(RuntimeError, match=r"No fine-tuned model attached: RLG at w != 0 needs one"):
+            again(**sd3_kwargs(), rlg_scale=1.5)
         again.load_finetuned(world.peft_dir)
         before = None
     else:
@@ -260,8 +264,18 @@ def test_setting_finetuned_transformer_to_none_detaches(world, source):
     assert pipe.rlg_transformer is None and pipe.finetuned_transformer is None
     assert pipe.config.finetuned_transformer == (None, None)
     assert not getattr(world.pipe.transformer, "peft_config", {})  # the adapter is gone from the base
-    with pytest.raises(RuntimeError, match="No fine-tuned model attached"):
-        pipe(**sd3_kwargs())
+    with pytest.warns(UserWarning, match="No fine-tuned model attached: sampling the base model"):
+        assert max_diff(pipe(**sd3_kwargs()).images, world.base_images) == 0.0  # the stock base pipeline's images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # w = 0 asked for: the base model, as requested, without a warning
+        assert max_diff(pipe(**sd3_kwargs(), rlg_scale=0.0).images, world.base_images) == 0.0
+    with pytest.raises(RuntimeError, match=r"No fine-tuned model attached: RLG at w != 0 needs one"):
+        pipe(**sd3_kwargs(), rlg_scale=1.0)
+    with pytest.raises(RuntimeError, match=r"No fine-tuned model attached: RLG at w != 0 needs one"):
+        pipe(**sd3_kwargs(), rlg_sweep=[0.0, 0.5])
+    with forward_rows(world.pipe.transformer) as rows, pytest.raises(RuntimeError, match=r"RLG at w != 0 needs one"):
+        pipe(**sd3_kwargs(), rlg_scale=linear_schedule(0.0, 1.0))
+    assert rows == []  # refused before the first step
     assert max_diff(StableDiffusion3Pipeline(**{k: v for k, v in pipe.components.items() if k != "finetuned_transformer"})(
         **sd3_kwargs()).images, world.base_images) == 0.0
     # a module attaches (and is recorded as the component)
