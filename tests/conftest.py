@@ -36,7 +36,8 @@ def redness() -> Callable:
 def tiny_pipeline() -> Callable:
     """``tiny_pipeline(seed=0, num_layers=None, **kwargs)``: a fresh random tiny ``StableDiffusion3Pipeline``
     (``flowalign.tiny.build_tiny_sd3_pipeline``) on every call, so a test may change it freely."""
-    from flowalign.tiny import build_tiny_sd3_pipeline  # diffusers is heavy: imported only by tests that use it
+    # diffusers is heavy: imported only by the tests that use the fixture
+    from flowalign.tiny import build_tiny_sd3_pipeline
 
     def build(seed: int = 0, num_layers: int | None = None, **kwargs):
         if num_layers is not None:
@@ -51,7 +52,8 @@ def tiny_base_and_lora(tmp_path_factory, tiny_pipeline) -> tuple[Path, Path]:
     """``(base_dir, lora_dir)``: the seed-0 tiny pipeline saved with ``save_pretrained`` and a random PEFT LoRA of
     its transformer (adapter "ft", rank 4, seed 1, std 0.1, so the fine-tuned model differs from the base), saved
     as Flow-GRPO publishes LoRAs. Written once per session; read-only for the tests."""
-    from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter  # peft / diffusers: heavy
+    # peft / diffusers are heavy: imported only by the tests that use the fixture
+    from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
 
     root = tmp_path_factory.mktemp("tiny-base-and-lora")
     pipe = tiny_pipeline(seed=0)
@@ -66,7 +68,8 @@ def tiny_reward_checkpoints(tmp_path_factory) -> Callable:
     """``tiny_reward_checkpoints(*names)`` -> ``{name: load() kwargs}``: tiny checkpoints in the official layouts
     (``flowalign.rewards.testing.save_tiny_checkpoints``), each written once per session; no names: every
     model-based reward. Example: ``rewards.load("pickscore", **tiny_reward_checkpoints("pickscore")["pickscore"])``."""
-    from flowalign.rewards.testing import TINY_BUILDERS, save_tiny_checkpoints  # transformers / open_clip: heavy
+    # transformers / open_clip are heavy: imported only by the tests that use the fixture
+    from flowalign.rewards.testing import TINY_BUILDERS, save_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("tiny-rewards")
     saved: dict[str, dict[str, str]] = {}

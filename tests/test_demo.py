@@ -292,7 +292,7 @@ def test_plot_sweep_draws_its_rows_where_they_belong(tmp_path):
     def coloured_pixels(axes, x, y, rgb, radius=12):
         """How many pixels within `radius` of data point (x, y) have colour `rgb` (antialiasing aside)."""
         px, py = axes.transData.transform((x, y)) * 100 / fig.dpi  # display -> saved pixels (origin bottom-left)
-        row, col = int(round(image.shape[0] - py)), int(round(px))
+        row, col = round(float(image.shape[0] - py)), round(float(px))
         window = image[row - radius : row + radius + 1, col - radius : col + radius + 1]
         return int((np.abs(window - rgb).max(axis=-1) <= 10).sum())
 

@@ -408,7 +408,7 @@ def test_nft_with_r_one_is_flow_matching_on_the_positive_policy():
     # u = [1, 3]: r = 1 -> |v+ - u|^2 / 2 = (0 + 4) / 2 = 2, / b -> 4
     # u = [1, 1]: |v+ - u|^2 / 2 = 0, |v- - u|^2 / 2 = (4 + 4) / 2 = 4
     #   r = 1 -> 0;  r = 0 -> 4 / b = 8;  r = 1/4 -> (0.25 * 0 + 0.75 * 4) / b = 6
-    one = dict(v_pred=torch.tensor([[2.0, 0.0]]), v_old=torch.tensor([[0.0, 2.0]]), beta=0.5)
+    one = {"v_pred": torch.tensor([[2.0, 0.0]]), "v_old": torch.tensor([[0.0, 2.0]]), "beta": 0.5}
     assert float(nft_loss(target=torch.tensor([[1.0, 3.0]]), r=torch.tensor([1.0]), **one)) == pytest.approx(4.0)
     assert float(nft_loss(target=torch.tensor([[1.0, 1.0]]), r=torch.tensor([1.0]), **one)) == pytest.approx(0.0)
     assert float(nft_loss(target=torch.tensor([[1.0, 1.0]]), r=torch.tensor([0.0]), **one)) == pytest.approx(8.0)

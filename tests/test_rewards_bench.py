@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from flowalign.rewards import Reward
 
 from flowalign import cli, rewards
 from flowalign.bench import rewards as bench_rewards
 from flowalign.bench.rewards import run_benchmark
-from flowalign.rewards import Reward
 
 
 class Clocked(Reward):
