@@ -103,6 +103,7 @@ def test_committed_base_model_loads_with_stock_diffusers():
 
 
 @pytest.mark.slow
+@pytest.mark.committed
 def test_committed_base_model_reproduces_its_card_and_meets_the_bar():
     """The model card's evaluation, re-run (300 held-out prompts, ~1 min on 2 cores)."""
     card = json.loads((BASE_MODEL_DIR / "eval.json").read_text())
@@ -115,6 +116,7 @@ def test_committed_base_model_reproduces_its_card_and_meets_the_bar():
     assert (card["steps"], card["cfg"]) == (EVAL_STEPS, EVAL_CFG)  # the card's settings are the package defaults
 
 
+@pytest.mark.committed
 def test_model_card_matches_its_evaluation():
     card = json.loads((BASE_MODEL_DIR / "eval.json").read_text())
     text = (BASE_MODEL_DIR / "README.md").read_text()
@@ -123,6 +125,7 @@ def test_model_card_matches_its_evaluation():
         assert f"| {family} | {r['n']} | {100 * r['all_satisfied']:.1f}% |" in text
 
 
+@pytest.mark.committed
 def test_model_card_reports_headroom():
     card = json.loads((BASE_MODEL_DIR / "eval.json").read_text())
     assert card["families"]["single_object"]["all_satisfied"] >= 0.8

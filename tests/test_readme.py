@@ -10,6 +10,7 @@
 """
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -17,11 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
-from flowalign.demo import markdown_table
+from flowalign.demo import grid_size, markdown_table
+
+pytestmark = pytest.mark.docs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -33,15 +38,12 @@ def blocks(lang):
 
 
 @pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
+def tiny_world(tmp_path_factory, tiny_pipeline, tiny_reward_checkpoints):
     """Tiny stand-ins for the real models the README names, saved in their real formats."""
-    from flowalign.rewards.testing import save_tiny_pickscore
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from flowalign.tiny import build_tiny_sd3_pipeline
-
     root = tmp_path_factory.mktemp("readme")
-    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe = tiny_pipeline(seed=0, num_layers=1)
     pipe.save_pretrained(root / "sd35m")
     pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -60,7 +62,7 @@ def tiny_world(tmp_path_factory):
     config = pipe.transformer.peft_config["default"]
     config.base_model_name_or_path = None
     config.save_pretrained(lora)
-    pick = save_tiny_pickscore(root / "pickscore")
+    pick = tiny_reward_checkpoints("pickscore")["pickscore"]
     (root / "prompts.txt").write_text("a photo of a red circle\na photo of two squares\n")
     return {"root": root, "sd35m": root / "sd35m", "lora": lora, "pickscore": pick}
 
@@ -165,6 +167,7 @@ def test_readme_cli_blocks_run(index, tiny_world, tmp_path):
     assert {p: p.exists() for p in before} == before, "a README block wrote into the checkout"
 
 
+@pytest.mark.committed
 def test_readme_demo_section_is_the_committed_demo():
     """The README shows the committed samples/demo/: its table is results.csv, its figures are the demo's files,
     and the gain it quotes is the report's."""
@@ -172,8 +175,13 @@ def test_readme_demo_section_is_the_committed_demo():
     with open(demo / "results.csv") as f:
         rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
     assert markdown_table(rows) in README, "README's demo table is not samples/demo/results.csv; copy it again"
-    for name in ("grid.png", "plot.png"):
-        assert f"(samples/demo/{name})" in README and (demo / name).is_file()
+    settings = json.loads((demo / "settings.json").read_text())
+    sizes = {"grid.png": grid_size(settings["grid_rows"], len(settings["scales"])), "plot.png": (1000, 380)}
+    for name, size in sizes.items():  # each link opens the demo's figure: decoded, its size, not a blank canvas
+        assert f"(samples/demo/{name})" in README
+        image = Image.open(demo / name)
+        assert image.size == size, (name, image.size)
+        assert np.asarray(image.convert("L")).std() > 10, f"samples/demo/{name} is blank"
     gain = re.search(r"The training reward changes by ([+-]\d\.\d{4} ± \d\.\d{4})",
                      (demo / "report.md").read_text().replace("\n", " "))
     assert gain and gain.group(1) in README, "README quotes another w = 1 gain than samples/demo/report.md"
