@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from flowalign.rewards import CheckpointNotFoundError
-from flowalign.rewards.testing import save_tiny_checkpoints
 from PIL import Image
 
 from flowalign import rewards
@@ -32,9 +31,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_reward_checkpoints):
     """{name: load kwargs} of tiny official-layout checkpoints (the aesthetic one with a random head)."""
-    return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny-rewards"))
+    return tiny_reward_checkpoints()
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +49,11 @@ def _pil_images(n: int, size=(48, 40), seed: int = 0) -> list[Image.Image]:
     ]
 
 
-def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 255
-
-
 # -- the shared contract, for every model-based reward ---------------------------------------------
 @pytest.mark.parametrize("name", MODEL_REWARDS)
-def test_scores_shape_dtype_chunking_and_pil(name, loaded):
+def test_scores_shape_dtype_chunking_and_pil(name, loaded, as_tensor):
     reward = loaded[name]
-    images = _to_tensor(_pil_images(5))
+    images = as_tensor(_pil_images(5))
     prompts = PROMPTS + ["a photo of two circles"]
     reward.batch_size = None
     whole = reward(images, prompts)
@@ -72,18 +67,18 @@ def test_scores_shape_dtype_chunking_and_pil(name, loaded):
 
 
 @pytest.mark.parametrize("name", MODEL_REWARDS)
-def test_differentiable_rewards_pass_gradients_to_images_only(name, loaded):
+def test_differentiable_rewards_pass_gradients_to_images_only(name, loaded, as_tensor):
     reward = loaded[name]
     assert reward.differentiable
-    images = _to_tensor(_pil_images(3)).requires_grad_(True)
+    images = as_tensor(_pil_images(3)).requires_grad_(True)
     reward(images, PROMPTS[:3]).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in reward.parameters())  # frozen weights
 
 
 @pytest.mark.parametrize("name", ["pickscore", "hpsv2.1", "imagereward", "clipscore"])
-def test_prompt_aware_rewards_depend_on_the_prompt(name, loaded):
-    images = _to_tensor(_pil_images(1)).expand(4, -1, -1, -1)
+def test_prompt_aware_rewards_depend_on_the_prompt(name, loaded, as_tensor):
+    images = as_tensor(_pil_images(1)).expand(4, -1, -1, -1)
     scores = loaded[name](images, PROMPTS)
     assert scores[0] == pytest.approx(scores[2].item(), abs=1e-6)  # same image, same prompt
     assert len({round(s, 5) for s in scores.tolist()}) == 3
@@ -291,7 +286,7 @@ def test_real_aesthetic_head_keys_shapes_and_forward():
 
 
 @needs_real_head
-def test_aesthetic_reward_loads_the_real_head_through_the_public_path(tmp_path):
+def test_aesthetic_reward_loads_the_real_head_through_the_public_path(tmp_path, as_tensor):
     from flowalign.rewards.aesthetic import AestheticHead
     from flowalign.rewards.testing import save_tiny_aesthetic
 
@@ -300,7 +295,7 @@ def test_aesthetic_reward_loads_the_real_head_through_the_public_path(tmp_path):
     real = AestheticHead.from_file(str(AESTHETIC_FILE))
     for mine, theirs in zip(reward.head.state_dict().values(), real.state_dict().values()):
         torch.testing.assert_close(mine, theirs)
-    images = _to_tensor(_pil_images(2, size=(32, 32)))
+    images = as_tensor(_pil_images(2, size=(32, 32)))
     with torch.no_grad():
         expected = real(reward.image_embeddings(images))[:, 0]
     torch.testing.assert_close(reward(images), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 
@@ -14,7 +15,6 @@ from flowalign.rewards.jpeg import jpeg_size_kb
 from PIL import Image
 
 from flowalign import cli, shapes
-from flowalign.pipelines import lora_utils
 from flowalign.score import read_entries, summarize
 
 
@@ -37,12 +37,7 @@ def sample_folder(tmp_path):
     return folder, lines
 
 
-def _images(folder, lines):
-    arrays = [np.array(Image.open(folder / line["file"]).convert("RGB")) for line in lines]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def test_score_folder_with_metadata_writes_csv_and_summary(sample_folder, tmp_path, capsys):
+def test_score_folder_with_metadata_writes_csv_and_summary(sample_folder, tmp_path, capsys, as_tensor):
     folder, lines = sample_folder
     out = tmp_path / "scores.csv"
     rc = cli.main(
@@ -68,7 +63,7 @@ def test_score_folder_with_metadata_writes_csv_and_summary(sample_folder, tmp_pa
     assert [r["file"] for r in rows] == [line["file"] for line in lines]
     assert list(rows[0]) == ["file", "prompt", "scale", "seed", "shapes", "jpeg_compressibility", "total"]
 
-    images = _images(folder, lines)
+    images = as_tensor([folder / line["file"] for line in lines])
     fraction, _ = shapes.verify_batch(images, [line["prompt"] for line in lines])
     jpeg = -jpeg_size_kb(images)
     got = {name: torch.tensor([float(r[name]) for r in rows]) for name in ("shapes", "jpeg_compressibility", "total")}
@@ -82,17 +77,16 @@ def test_score_folder_with_metadata_writes_csv_and_summary(sample_folder, tmp_pa
     assert lines[0]["prompt"][:20] in printed and f"Wrote 12 rows to {out}" in printed
 
 
-def test_score_metadata_file_to_jsonl_with_a_model_reward(sample_folder, tmp_path):
-    from flowalign.rewards.testing import save_tiny_pickscore
-
+def test_score_metadata_file_to_jsonl_with_a_model_reward(sample_folder, tmp_path, tiny_reward_checkpoints, as_tensor):
     folder, lines = sample_folder
-    kwargs = save_tiny_pickscore(tmp_path / "pickscore")
+    kwargs = tiny_reward_checkpoints("pickscore")["pickscore"]
     out = tmp_path / "scores.jsonl"
     spec = f"pickscore(model={kwargs['model']},processor={kwargs['processor']})"
     assert cli.main(["score", "--reward", spec, "--images", str(folder / "metadata.jsonl"), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["seed"] for r in rows] == [line["seed"] for line in lines] and "total" not in rows[0]
-    expected = load("pickscore", **kwargs)(_images(folder, lines), [line["prompt"] for line in lines])
+    expected = load("pickscore", **kwargs)(as_tensor([folder / line["file"] for line in lines]),
+                                           [line["prompt"] for line in lines])
     torch.testing.assert_close(torch.tensor([r["pickscore"] for r in rows]), expected, atol=1e-4, rtol=1e-5)
 
 
@@ -109,9 +103,14 @@ def test_plain_folder_with_prompt_file_and_default_output(tmp_path, capsys):
     assert cli.main(["score", "--reward", "jpeg_incompressibility", "--images", str(folder)]) == 0
     with open(folder / "scores.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["file"] for r in rows] == ["a.png", "b.png", "c.jpg"] and all(
-        float(r["jpeg_incompressibility"]) > 0 for r in rows
-    )
+    assert [r["file"] for r in rows] == ["a.png", "b.png", "c.jpg"]
+    # each score is the file's decoded pixels saved again by PIL as a quality-95 JPEG, in kB
+    sizes = []
+    for name in ("a.png", "b.png", "c.jpg"):
+        buffer = io.BytesIO()
+        Image.open(folder / name).convert("RGB").save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    assert [float(r["jpeg_incompressibility"]) for r in rows] == pytest.approx(sizes, rel=1e-6)
 
     with pytest.raises(ValueError, match="some images have none: pass --prompts FILE"):
         cli.main(["score", "--reward", "shapes", "--images", str(folder), "--out", str(tmp_path / "x.csv")])
@@ -155,22 +154,17 @@ def test_summary_means_and_stds_by_group():
     assert truncated[-1]["group"].startswith("... 3 more prompts")
 
 
-def test_score_a_folder_written_by_flowalign_sample(tmp_path, capsys):
+def test_score_a_folder_written_by_flowalign_sample(tmp_path, capsys, tiny_base_and_lora, as_tensor):
     """End to end: ``flowalign sample`` (tiny random base + LoRA) writes the folder, ``flowalign score`` reads it."""
-    from flowalign.tiny import build_tiny_sd3_pipeline
-
-    pipe = build_tiny_sd3_pipeline(seed=0)
-    pipe.save_pretrained(tmp_path / "base")
-    lora_utils.add_random_lora(pipe.transformer, "ft", rank=4, seed=1, std=0.1)
-    lora_utils.save_peft_adapter(pipe.transformer, "ft", tmp_path / "lora")
+    base, lora = tiny_base_and_lora
     prompts = shapes.heldout_prompts(2)
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "samples"
     sample_args = [
         "--base",
-        tmp_path / "base",
+        base,
         "--finetuned",
-        tmp_path / "lora",
+        lora,
         "--prompts",
         tmp_path / "prompts.txt",
         "--scales",
@@ -194,7 +188,7 @@ def test_score_a_folder_written_by_flowalign_sample(tmp_path, capsys):
     assert [(r["file"], r["prompt"], float(r["scale"])) for r in rows] == [
         (r["file"], r["prompt"], r["scale"]) for r in records
     ]
-    images = _images(out, records)
+    images = as_tensor([out / r["file"] for r in records])
     fraction, _ = shapes.verify_batch(images, [r["prompt"] for r in records])
     torch.testing.assert_close(torch.tensor([float(r["shapes"]) for r in rows]), fraction)
     printed = capsys.readouterr().out

@@ -23,10 +23,6 @@ def ground_truth():
     return _random_pairs(N_PROMPTS, seed=1234)
 
 
-def _to_tensor(images) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images])
-
-
 def _blur_and_noise(image: np.ndarray, rng: np.random.Generator, noise: float = 0.03) -> np.ndarray:
     """3x3 box blur plus Gaussian noise (std 0.03), clipped to [0, 1]: a stand-in for decoding."""
     blurred = ndimage.uniform_filter(image.astype(np.float32) / 255.0, size=(3, 3, 1), mode="nearest")
@@ -387,10 +383,10 @@ def test_verify_accepts_all_image_types():
         shapes.verify(tensor[None], prompt)
 
 
-def test_verify_batch_matches_verify_and_checks_inputs(ground_truth):
+def test_verify_batch_matches_verify_and_checks_inputs(ground_truth, as_tensor):
     prompts, images = ground_truth
     prompts, images = prompts[:64], images[:64]
-    batch = _to_tensor(images)
+    batch = as_tensor(images)
     # Corrupt a few prompts so that some entries fail.
     prompts = list(prompts)
     prompts[::4] = ["a photo of four triangles"] * len(prompts[::4])
