@@ -1141,10 +1141,9 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         """Stock ``StableDiffusion3Pipeline.__call__`` (every argument, same meaning) plus RLG.
 
         Args:
-            rlg_scale: w for this call (default 1.0, the fine-tuned model; 0, the base model, with a warning when
-                no fine-tune is attached): a number, a list with ONE VALUE
-                PER STEP, a schedule (:func:`linear_schedule`, :func:`finetuned_first_schedule`) or a
-                callable ``(step_index, timestep) -> float``. At a step where w = 0 only the base model runs,
+            rlg_scale: w for this call (default 1.0, the fine-tuned model; with no fine-tune attached, 0 and a
+                warning): a number, a list with ONE VALUE PER STEP, a schedule (:func:`linear_schedule`,
+                :func:`finetuned_first_schedule`) or a callable ``(step_index, timestep) -> float``. At a step where w = 0 only the base model runs,
                 where w = 1 only the fine-tuned model (the stock CFG cost; the stock pipeline's output).
             rlg_sweep: several scales in one call (instead of ``rlg_scale``): a list whose every entry is
                 anything ``rlg_scale`` accepts. Every prompt is sampled at every scale from the same initial
