@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
+from flowalign.methods import METHODS
 from flowalign.objectives import WEIGHTINGS
 
-ALGORITHMS = ("acflow", "orw", "grpo", "nft", "awm")
+ALGORITHMS = tuple(METHODS)
 LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -51,7 +52,14 @@ class ACFlowConfig:
         "iteration, rank))"
     )})
     iterations: int = field(default=50, metadata={"help": "outer iterations (rollout + update)"})
-    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoints/latest if present"})
+    resume: bool = field(default=False, metadata={"help": (
+        "continue from output_dir/checkpoints/latest if present; a checkpoint written with other settings (other "
+        "than the run-control keys: iterations, output_dir, checkpoint_every, eval_every, progress, ...) is refused, "
+        "naming the keys that differ"
+    )})
+    allow_config_change: bool = field(default=False, metadata={"help": (
+        "resume even when the checkpoint's settings differ from this config (the run then is not one run)"
+    )})
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints (and one at the end)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
     distributed_timeout: int = field(default=3600, metadata={"help": (
@@ -295,20 +303,21 @@ class ACFlowConfig:
             if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
                 raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
                                  "or None to use w2_weight / grpo_kl_weight as given.")
-            self.w2_weight = {"nft": self.kl_coef / self.advantage_clip,  # its implicit step: c b (docs)
-                              "awm": self.kl_coef}.get(self.algorithm, self.kl_coef * self.beta)  # alpha / beta
-            self.grpo_kl_weight = self.kl_coef
-        if self.algorithm in ("orw", "nft", "awm"):  # forward-process methods: freshly noised states of the samples
-            self.fm_states = "noised"
-        if self.fm_states == "trajectory" and self.sampler != "sde" and self.algorithm != "grpo":
+        method = METHODS[self.algorithm]
+        if self.kl_coef is not None:  # the method's own mapping (flowalign.methods)
+            for key, value in method.kl_knobs(self, self.kl_coef).items():
+                setattr(self, key, value)
+        self.fm_states = method.fm_states or self.fm_states  # forward-process methods: freshly noised states
+        own_sampler = method.sampler is None  # grpo samples with the SDE whatever `sampler` says
+        if self.fm_states == "trajectory" and self.sampler != "sde" and own_sampler:
             raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
                              "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
                              "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
-        if self.fm_states == "trajectory" and not self.guided_loss and self.algorithm != "grpo":
+        if self.fm_states == "trajectory" and not self.guided_loss and own_sampler:
             raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
                              "velocities are the CFG-guided field's, so the loss must fit that field; set "
                              "guided_loss=True, or fm_states='noised'.")
-        if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and self.algorithm != "grpo")):
+        if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and own_sampler)):
             raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
                              "(branches of one starting noise differ only by the SDE noise); or set it to None.")
         if self.initial_noises and self.images_per_prompt % self.initial_noises:
@@ -346,6 +355,23 @@ class ACFlowConfig:
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    def changes_from(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{key: (saved value, this value)}`` for every setting that differs from ``saved`` (a checkpoint's
+        ``asdict(config)``), the run-control keys (:data:`RUN_CONTROL_KEYS`) aside. A key the checkpoint predates
+        counts as its default."""
+        defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                    for f in fields(self)}
+        now = asdict(self)
+        return {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
+                if k not in RUN_CONTROL_KEYS and saved.get(k, defaults[k]) != v}
+
+
+RUN_CONTROL_KEYS = frozenset({
+    "iterations", "resume", "allow_config_change", "output_dir", "checkpoint_every", "progress", "eval_every",
+    "eval_at_start", "distributed_timeout",
+})
+"""Settings a resumed run may change: how long it runs and where and how often it writes, not what it learns."""
 
 
 _HINTS = typing.get_type_hints(ACFlowConfig)

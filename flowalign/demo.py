@@ -44,6 +44,7 @@ from flowalign.config import ACFlowConfig
 from flowalign.eval import diversity, mean_se, paired_difference, sde_path_kl
 from flowalign.pipelines import RLGStableDiffusion3Pipeline
 from flowalign.sampling import flow_sigmas
+from flowalign.seeding import generator
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline
 from flowalign.trainer import ACFlowTrainer
 
@@ -196,7 +197,7 @@ def sweep_images(pipe, prompts: list[str], scales: list[float], seed: int, steps
     out: dict[float, list[torch.Tensor]] = {w: [] for w in scales}
     for start in tqdm(range(0, len(prompts), batch_size), desc="[2/3] RLG sweep", leave=False):
         chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+        gens = [generator(seed, start + i) for i in range(len(chunk))]
         images = pipe(chunk, rlg_sweep=list(scales), num_inference_steps=steps, guidance_scale=cfg_scale,
                       generator=gens, output_type="pt", max_sequence_length=MAX_SEQUENCE_LENGTH).images.float().cpu()
         for j, w in enumerate(scales):
@@ -223,7 +224,7 @@ def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_sc
         chunk = prompts[start : start + batch_size]
         embeds, pooled = encode_prompts(pipe, chunk)
         neg_embeds, neg_pooled = encode_prompts(pipe, [""] * len(chunk))
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 10**6 + start)
+        gen = generator(seed, 10**6 + start)
         noise = torch.randn((len(chunk), *shape), generator=gen)
 
         def guided(scale: float, embeds=embeds, pooled=pooled, neg_embeds=neg_embeds, neg_pooled=neg_pooled):

@@ -49,6 +49,7 @@ from flowalign.checkpoints import resolve_checkpoint, strict_json, write_json
 from flowalign.config import ACFlowConfig, parse_override
 from flowalign.eval import mean_se
 from flowalign.sampling import sde_step
+from flowalign.seeding import generator
 from flowalign.trainer import ACFlowTrainer
 
 __all__ = ["add_arguments", "half_gradients", "implied_batch", "probe_reward", "run", "split_half_cosine"]
@@ -109,8 +110,8 @@ def half_gradients(trainer, roll: dict, advantages: torch.Tensor, halves: list[t
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters (use_lora=False and a frozen transformer?).")
-    traj, sigmas = roll["trajectory"], roll["sigmas"]
-    embeds, pooled = roll["embeds"], roll["pooled"]
+    traj, sigmas = roll.trajectory, roll.sigmas
+    embeds, pooled = roll.embeds, roll.pooled
     neg_embeds, neg_pooled = trainer.encode([""] * traj.shape[0])
     was_training = model.training
     model.eval()  # the rollout's own field (no dropout), as trainer.rollout samples it
@@ -187,9 +188,9 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
     message = None
     for r in tqdm(range(repeats), desc="probe-reward", disable=not progress):
         prompts = [p for p in trainer.iteration_prompts(r) for _ in range(g)]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)
+        gen = generator(cfg.seed, r)
         roll = trainer.rollout(prompts, gen, "sde")
-        rewards = trainer.score(trainer.decode(roll["latents"]), prompts).cpu()
+        rewards = trainer.score(trainer.decode(roll.latents), prompts).cpu()
         if not torch.isfinite(rewards).all():
             raise ValueError(f"The reward {cfg.reward!r} returned non-finite values on repeat {r}: "
                              f"{rewards[~torch.isfinite(rewards)][:5].tolist()}; fix the reward before probing it.")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from flowalign import shapes
 from flowalign.checkpoints import resolve_checkpoint
+from flowalign.seeding import generator
 from flowalign.tiny import EVAL_CFG, EVAL_STEPS, MAX_SEQUENCE_LENGTH, load_base_pipeline
 
 
@@ -36,7 +37,7 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = EVAL_STEPS, c
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress, leave=False):
         chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+        gens = [generator(seed, start + i) for i in range(len(chunk))]
         images = pipe(
             chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gens, output_type="pt",
             max_sequence_length=MAX_SEQUENCE_LENGTH, **call_kwargs,

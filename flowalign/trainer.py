@@ -68,16 +68,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from flowalign import objectives as O
+from flowalign import seeding
 from flowalign import rewards as R
 from flowalign.checkpoints import atomic_write_dir, latest_checkpoint, load_state, save_state, write_pointer
 from flowalign.compile import compile_transformer
 from flowalign.config import ACFlowConfig
 from flowalign.critic import Critic
 from flowalign.eval import diversity_per_group, eval_features, sde_path_kl
+from flowalign.methods import Rewards, Rollout, get_method
 from flowalign.pipelines.lora_utils import load_lora_state
 from flowalign.prompts import PromptSource, load_prompts, read_prompt_file
 from flowalign.rewards import NonFiniteRewardError
-from flowalign.sampling import draw_step_noise, flow_sigmas, sample_latents, sde_step, sde_step_velocity
+from flowalign.sampling import draw_step_noise, flow_sigmas, sample_latents
 from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline, load_pipeline
 
 # ----------------------------------------------------------------------------------------------
@@ -85,14 +87,6 @@ from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, encode_prompts, load_b
 # ----------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_NOISE_BLOCK = 64  # held-out noises are drawn per block of 64 images: the same images at any batch or world size
-
-
-def _generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of integers (seed, iteration, rank, purpose)."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
@@ -106,6 +100,17 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
         raise ImportError("ACFlowConfig.optimizer='adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, or "
                           "set optimizer='adamw'.") from err
     return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_accelerator(cfg: ACFlowConfig) -> Accelerator:
+    """The run's ``Accelerator``: ``mixed_precision`` 'auto' is bf16 where the GPU has it and full precision on a CPU
+    (usability over speed); collectives wait ``distributed_timeout`` seconds."""
+    on_gpu = torch.cuda.is_available()
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout))
+    return Accelerator(mixed_precision=mixed, cpu=not on_gpu, kwargs_handlers=[timeout])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,14 +128,8 @@ class ACFlowTrainer:
     def __init__(self, config: ACFlowConfig, reward: Any = None, pipeline: Any = None, accelerator: Any = None,
                  prompts: PromptSource | list[str] | None = None):
         self.config = cfg = config
-        if accelerator is None:
-            on_gpu = torch.cuda.is_available()
-            mixed = cfg.mixed_precision
-            if mixed == "auto":  # bf16 where the hardware has it; full precision on a CPU (usability over speed)
-                mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-            timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout))
-            accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu, kwargs_handlers=[timeout])
-        self.accelerator = acc = accelerator
+        self.method = get_method(cfg.algorithm)  # its advantages, loss and update (flowalign.methods)
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.device = acc.device
         if cfg.images_per_prompt % acc.num_processes:
             raise ValueError(
@@ -143,7 +142,46 @@ class ACFlowTrainer:
         self.group_size = self.branches if cfg.initial_noises else cfg.images_per_prompt
         self.output_dir = Path(cfg.output_dir)
 
-        # Pipeline: frozen text encoders and VAE in the weight dtype; the transformer is the policy.
+        self._setup_pipeline(pipeline)  # frozen text encoders and VAE in the weight dtype
+        transformer, optimizer = self._setup_policy()  # the transformer's LoRA (or all of it), fp32, and its optimizer
+        tcfg = transformer.config
+        self.latent_shape = (tcfg.in_channels, *self._latent_size(tcfg))  # latents at the configured resolution
+        self.critic = self.critic_optimizer = None
+        if self.method.uses_critic:  # AC-Flow: V(x_s, s, pooled prompt embedding)
+            torch.manual_seed(cfg.seed)
+            critic = Critic(in_channels=tcfg.in_channels, pooled_dim=tcfg.pooled_projection_dim,
+                            channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim)
+            critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
+            self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
+        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        # rollouts and evaluation (no grad) through a compiled forward of the same module (shared weights)
+        self._compiled = compile_transformer(self.unwrapped) if cfg.compile else None
+        # nft: the sampling policy, an EMA of the trained parameters (None: the trained policy itself)
+        self.ema = [q.detach().clone() for q in self._trainable()] if self.method.uses_ema(cfg) else None
+        self.sde_steps = cfg.sde_steps(cfg.sample_steps)  # the rollouts' noisy (trainable) steps
+
+        self.reward = R.as_reward(reward) if reward is not None else self._load_reward(cfg.reward, cfg.reward_normalize)
+        # Prompts, and their embeddings (cached on the CPU, least recently used evicted).
+        self.prompt_source = load_prompts(prompts if prompts is not None else cfg.prompts)
+        self.train_prompts = self.prompt_source.train
+        self.prompt_weights = self.prompt_source.sampling_weights()
+        unseen = cfg.eval_rewards if cfg.eval_rewards is not None else self.prompt_source.unseen_rewards
+        self.eval_rewards = {name: R.load(name) for name in unseen}
+        self._embed_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.encoded_prompts = 0  # prompts run through the text encoders so far
+        if self._offload_encoders:
+            self.precompute_embeddings()
+        self.running = O.RunningMeanStd()
+        self.iteration = 0
+        self.counters = {"skipped_updates": 0, "images_seen": 0}
+        self.history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        self._ref_eval_features: torch.Tensor | None = None
+        self._tb = None
+
+    def _setup_pipeline(self, pipeline: Any) -> None:
+        """The SD3 pipeline on the device, frozen weights in ``weight_dtype``; text encoders offloaded if asked."""
+        cfg, acc = self.config, self.accelerator
         amp = {"bf16": "bf16", "fp16": "fp16"}.get(acc.mixed_precision, "fp32")
         self.weight_dtype = DTYPES[cfg.weight_dtype or amp]
         if self.weight_dtype != torch.float32 and amp == "fp32":
@@ -173,6 +211,11 @@ class ACFlowTrainer:
         # training noise levels warped like the sampling grid (SD3 trains with the shift it samples with)
         self.sigma_shift = cfg.sigma_shift if cfg.sigma_shift is not None else float(
             getattr(self.pipe.scheduler.config, "shift", 1.0) or 1.0)
+
+    def _setup_policy(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The trained transformer (a LoRA, or every weight) with its trainable parameters in fp32, the frozen
+        reference (the same module with adapters disabled, or a copy), checkpointing, and the optimizer."""
+        cfg = self.config
         transformer = self.pipe.transformer
         transformer.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # the LoRA's random init (lora_A) and the critic's depend on the seed only
@@ -197,48 +240,8 @@ class ACFlowTrainer:
         if checkpointing:
             transformer.enable_gradient_checkpointing()
         params = [p for p in transformer.parameters() if p.requires_grad]
-        lr = cfg.grpo_learning_rate if cfg.algorithm == "grpo" else cfg.learning_rate
-        optimizer = make_optimizer(cfg.optimizer, params, lr=lr, weight_decay=cfg.adam_weight_decay)
-
-        # The critic (AC-Flow only): V(x_s, s, pooled prompt embedding). Latents at the configured resolution.
-        tcfg = transformer.config
-        latent_shape = (tcfg.in_channels, *self._latent_size(tcfg))
-        self.critic = self.critic_optimizer = None
-        if cfg.algorithm == "acflow":
-            torch.manual_seed(cfg.seed)
-            critic = Critic(in_channels=latent_shape[0], pooled_dim=tcfg.pooled_projection_dim,
-                            channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim)
-            critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
-            self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
-        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
-        # rollouts and evaluation (no grad) through a compiled forward of the same module (shared weights)
-        self._compiled = compile_transformer(self.unwrapped) if cfg.compile else None
-        # nft: the sampling policy, an EMA of the trained parameters (None: the trained policy itself)
-        self.ema = ([q.detach().clone() for q in self._trainable()]
-                    if cfg.algorithm == "nft" and cfg.nft_ema_decay > 0 else None)
-        self.latent_shape = latent_shape
-        self.sde_steps = cfg.sde_steps(cfg.sample_steps)  # the rollouts' noisy (trainable) steps
-
-        # Reward(s).
-        self.reward = R.as_reward(reward) if reward is not None else self._load_reward(cfg.reward, cfg.reward_normalize)
-
-        # Prompts, and their embeddings (cached on the CPU, least recently used evicted).
-        self.prompt_source = load_prompts(prompts if prompts is not None else cfg.prompts)
-        self.train_prompts = self.prompt_source.train
-        self.prompt_weights = self.prompt_source.sampling_weights()
-        unseen = cfg.eval_rewards if cfg.eval_rewards is not None else self.prompt_source.unseen_rewards
-        self.eval_rewards = {name: R.load(name) for name in unseen}
-        self._embed_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.encoded_prompts = 0  # prompts run through the text encoders so far
-        if self._offload_encoders:
-            self.precompute_embeddings()
-        self.running = O.RunningMeanStd()
-        self.iteration = 0
-        self.counters = {"skipped_updates": 0, "images_seen": 0}
-        self.history: list[dict[str, Any]] = []
-        self.eval_history: list[dict[str, Any]] = []
-        self._ref_eval_features: torch.Tensor | None = None
-        self._tb = None
+        return transformer, make_optimizer(cfg.optimizer, params, lr=self.method.learning_rate(cfg),
+                                           weight_decay=cfg.adam_weight_decay)
 
     # -- set-up helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -381,7 +384,7 @@ class ACFlowTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator, sampler: str, model=None,
-                steps: int | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                steps: int | None = None, noise: torch.Tensor | None = None) -> Rollout:
         """Sample one image per entry of ``prompts`` with the frozen current policy (or ``model``), from
         ``noise`` (drawn from ``generator`` when None; the SDE noise always comes from ``generator``).
 
@@ -419,8 +422,9 @@ class ACFlowTrainer:
             values = [getattr(part, name) for part in parts]
             return torch.cat(values) if values[0] is not None else None
 
-        return {"latents": cat("latents").float(), "trajectory": cat("trajectory"), "log_probs": cat("log_probs"),
-                "velocities": cat("velocities"), "sigmas": sigmas, "embeds": embeds, "pooled": pooled}
+        return Rollout(prompts=list(prompts), latents=cat("latents").float(), sigmas=sigmas, embeds=embeds,
+                       pooled=pooled, trajectory=cat("trajectory"), log_probs=cat("log_probs"),
+                       velocities=cat("velocities"))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         try:
@@ -438,7 +442,7 @@ class ACFlowTrainer:
     # -- one iteration ---------------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:
         """The P prompts of an iteration (the same on every rank), drawn with ``self.prompt_weights``."""
-        pg = _generator(self.config.seed, iteration, 0)
+        pg = seeding.generator(self.config.seed, iteration, 0)
         pick = torch.multinomial(self.prompt_weights, self.config.prompts_per_iteration, replacement=True, generator=pg)
         return [self.train_prompts[i] for i in pick.tolist()]
 
@@ -454,17 +458,17 @@ class ACFlowTrainer:
         noise = None
         if cfg.initial_noises:  # branches of one x_1 (seeded by prompt slot and branch group, the same on every rank)
             branch = (rank * self.local_g + torch.arange(self.local_g)) // self.branches  # global image index -> x_1
-            starts = {(j, b): torch.randn(self.latent_shape, generator=_generator(cfg.seed, it, j, b, 4))
+            starts = {(j, b): torch.randn(self.latent_shape, generator=seeding.generator(cfg.seed, it, j, b, 4))
                       for j in range(cfg.prompts_per_iteration) for b in branch.unique().tolist()}
             noise = torch.stack([starts[j, b] for j in range(cfg.prompts_per_iteration) for b in branch.tolist()])
             group = group * cfg.initial_noises + branch.repeat(cfg.prompts_per_iteration).to(self.device)
-        sampler = "sde" if cfg.algorithm == "grpo" else cfg.sampler
+        sampler = self.method.sampler or cfg.sampler
         with self.sampling_policy():
-            roll = self.rollout(prompts, _generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
+            roll = self.rollout(prompts, seeding.generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
         t1 = time.perf_counter()
 
         # 2. Reward of the decoded images; gather across ranks for group statistics.
-        images = self.decode(roll["latents"])
+        images = self.decode(roll.latents)
         rewards = self.score(images, prompts)
         t2 = time.perf_counter()
         all_rewards, all_groups = acc.gather(rewards), acc.gather(group)
@@ -478,11 +482,9 @@ class ACFlowTrainer:
             self.counters["skipped_updates"] += 1
             warnings.warn(f"iteration {it}: non-finite rewards {all_rewards.tolist()}; update skipped.")
             metrics.update(skipped=1.0)
-        elif cfg.algorithm == "grpo":
-            adv = O.grpo_advantages(all_rewards, all_groups)[mine]
-            metrics.update(self._grpo_update(roll, adv))
         else:
-            metrics.update(self._flow_matching_update(roll, rewards, all_rewards, all_groups, mine))
+            metrics.update(self.method.update(self, roll, Rewards(local=rewards, all=all_rewards, groups=all_groups,
+                                                                  mine=mine)))
         if self.ema is not None:  # nft: the sampling policy follows the trained one, ema <- d ema + (1 - d) theta
             with torch.no_grad():
                 for e, q in zip(self.ema, self._trainable()):
@@ -499,139 +501,7 @@ class ACFlowTrainer:
         self.iteration += 1
         return metrics
 
-    def _flow_matching_update(self, roll, rewards, all_rewards, all_groups, mine) -> dict[str, float]:
-        """AC-Flow / ORW-CFM-W2 / DiffusionNFT / AWM: (critic,) weighted regression + W2 on the policy's own samples.
-
-        PPO-style, every state of the iteration is drawn up front and the critic scores them once, before it
-        trains on this batch: the advantages the actor sees do not depend on the critic's updates within the
-        iteration (scored after, the critic would have fit these very samples and the advantages shrink).
-        """
-        cfg, acc = self.config, self.accelerator
-        it, rank = self.iteration, acc.process_index
-        embeds, pooled = roll["embeds"], roll["pooled"]
-        n = roll["latents"].shape[0]
-        guided = cfg.guided_loss and self.guidance_scale != 1.0
-        if guided:
-            neg_embeds, neg_pooled = self.encode([""] * n)
-
-        def field(model, x_s, sigma, idx):  # the velocity the loss fits (guided or conditional)
-            if guided:
-                return self.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx],
-                                         detach_uncond=cfg.detach_uncond and model is self.transformer)
-            return self.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
-
-        if cfg.algorithm == "orw":  # ORW-CFM-W2: rewards normalised over the batch (all ranks), no critic
-            targets = ((all_rewards - all_rewards.mean()) / (all_rewards.std(unbiased=False) + 1e-6))[mine]
-        elif cfg.algorithm in ("nft", "awm"):  # group advantages, clipped (the implicit policies' / AWM's scale)
-            targets = O.grpo_advantages(all_rewards, all_groups)[mine].clamp(-cfg.advantage_clip, cfg.advantage_clip)
-        elif cfg.shaping:  # r~ = clip((r - mean_c) / (std_c + eps), -k, k), statistics over all ranks
-            if self.group_size >= 2:
-                targets = O.shape_rewards(all_rewards, all_groups, clip=cfg.shaping_clip)[mine]
-            else:  # one image per group: running statistics (identical on every rank: fed the gathered rewards)
-                targets = O.shape_rewards(all_rewards, None, clip=cfg.shaping_clip, running=self.running)[mine]
-        else:
-            targets = rewards
-        gen = _generator(cfg.seed, it, rank + 1, 2)
-        batches = [self._draw_states(roll, idx.to(self.device), gen)
-                   for _ in range(cfg.inner_epochs)
-                   for order in [torch.randperm(n, generator=gen).repeat(cfg.noise_draws)]
-                   for idx in order.split(cfg.minibatch_size)]
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        timing = {"time_critic": 0.0, "time_actor": 0.0}
-
-        def add(key: str, value: torch.Tensor | float) -> None:
-            sums[key] = sums.get(key, 0.0) + float(value)
-            counts[key] = counts.get(key, 0) + 1
-
-        # The sampling policy at the same states, before any update: nft's v_old, awm's old log-probabilities.
-        if cfg.algorithm in ("nft", "awm"):
-            with torch.no_grad(), acc.autocast(), self.sampling_policy():
-                for b in batches:
-                    b["v_old"] = field(self.unwrapped, b["x_s"], b["sigma"], b["idx"]).float()  # nft's v_old
-                    if cfg.algorithm == "awm":  # awm's log p_old = -||v_old - u||^2
-                        b["old_log_prob"] = -O.per_sample_mse(b["v_old"], b["target"])
-
-        # Advantages, once: A = clip(r~ - V(x_s, s, c), +-eps_A) with the critic as it was before this iteration;
-        # during warm-up V = 0 ("shaped") or the actor waits ("frozen").
-        warm = self.critic is not None and it < cfg.critic_warmup_iterations
-        tc = time.perf_counter()
-        for b in batches:
-            tgt = targets[b["idx"]]
-            if self.critic is None:  # ORW-CFM-W2: the normalised reward itself
-                b["adv"] = tgt
-                continue
-            with torch.no_grad(), acc.autocast():
-                b["values"] = self.critic(b["x_s"], b["sigma"], pooled[b["idx"]]).float()
-            b["adv"], clip_frac = O.advantages(tgt, torch.zeros_like(tgt) if warm else b["values"],
-                                               clip=cfg.advantage_clip)
-            add("advantage_clip_fraction", clip_frac)
-            add("explained_variance", O.explained_variance(b["values"], tgt))
-        timing["time_critic"] += time.perf_counter() - tc
-
-        self.transformer.train()
-        for b in batches:
-            idx, x_s, sigma = b["idx"], b["x_s"], b["sigma"]
-            # Critic: L_V = mean (V(x_s, s, c) - r~)^2.
-            if self.critic is not None:
-                tc = time.perf_counter()
-                with acc.autocast():
-                    lv = O.critic_loss(self.critic(x_s, sigma, pooled[idx]).float(), targets[idx])
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                acc.backward(lv)
-                self.critic_optimizer.step()
-                add("critic_loss", lv.detach())
-                timing["time_critic"] += time.perf_counter() - tc
-                if warm and cfg.warmup_actor == "frozen":
-                    continue
-
-            # Actor: L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2, v = the fitted field.
-            ta = time.perf_counter()
-            with acc.autocast():
-                v = field(self.transformer, x_s, sigma, idx)
-                v_ref = None
-                if cfg.w2_weight:
-                    with torch.no_grad(), self.reference_model() as ref:
-                        v_ref = field(ref, x_s, sigma, idx)
-                if cfg.algorithm in ("nft", "awm"):
-                    loss, m = self._forward_process_loss(v, b, v_ref)
-                else:
-                    loss, m = O.acflow_actor_loss(v, b["target"], b["adv"], beta=cfg.beta,
-                                                  weighting="exp" if cfg.algorithm == "orw" else cfg.weighting,
-                                                  v_ref=v_ref, w2_weight=cfg.w2_weight, fm_scale=b["fm_scale"],
-                                                  v_old=b["v_old"])
-            # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.
-            if acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() < 1:
-                self.counters["skipped_updates"] += 1
-                warnings.warn(f"iteration {it}: non-finite actor loss; minibatch skipped.")
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            grad_norm = self._optimizer_step()
-            add("actor_loss", loss.detach())
-            add("grad_norm", grad_norm)
-            for k in m:
-                if k in ("fm_loss", "w2", "ess", "clip_fraction"):
-                    add(k, m[k])
-            timing["time_actor"] += time.perf_counter() - ta
-        return {**{k: sums[k] / counts[k] for k in sums}, **timing}
-
-    def _forward_process_loss(self, v, b, v_ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DiffusionNFT or AWM on freshly noised states, plus ``w2_weight ||v - v_ref||^2`` (the anchor)."""
-        cfg = self.config
-        if cfg.algorithm == "nft":  # r = clip(A)/(2c) + 1/2; implicit policies v+- around the sampling policy
-            loss = O.nft_loss(v, b["v_old"], b["target"], O.nft_optimality(b["adv"], cfg.advantage_clip),
-                              beta=cfg.nft_beta)
-            metrics = {"fm_loss": loss.detach()}
-        else:  # awm: advantage-weighted matching with a ratio clip
-            loss, frac = O.awm_loss(v, b["target"], b["adv"], old_log_prob=b["old_log_prob"],
-                                    clip_range=cfg.awm_clip_range)
-            metrics = {"fm_loss": loss.detach(), "clip_fraction": frac}
-        w2 = O.w2_regulariser(v, v_ref) if v_ref is not None else torch.zeros((), device=v.device)
-        metrics["w2"] = w2.detach()
-        return (loss + cfg.w2_weight * w2 if cfg.w2_weight else loss), metrics
-
-    def _optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self) -> torch.Tensor:
         """Clip the actor's gradient to ``max_grad_norm`` and step; a non-finite gradient skips the step (counted).
 
         Under fp16 the gradient scaler owns the skip: ``optimizer.step()`` must run after every unscale (clipping
@@ -668,69 +538,6 @@ class ACFlowTrainer:
             with torch.no_grad():
                 for q, t in zip(params, saved):
                     q.copy_(t)
-
-    def _draw_states(self, roll, idx: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
-        """The states of one minibatch ``idx`` where the critic and the actor are evaluated, with the regression
-        target: a random SDE step of each rollout (``fm_states="trajectory"``) or freshly noised samples."""
-        cfg = self.config
-        if cfg.fm_states == "trajectory" and cfg.algorithm == "acflow":  # a random step k: x_k -> x_{k+1}
-            traj, grid = roll["trajectory"], roll["sigmas"]
-            k = torch.randint(self.sde_steps, (idx.numel(),), generator=gen).to(self.device)
-            x_s, sigma = traj[idx, k], grid[k]
-            # u = (x_{k+1} - c_x x_k) / c_v: the velocity whose SDE mean hits the realised next state;
-            # fm_scale = |c_v| / std puts the residual in units of the step noise (weighted log-likelihood)
-            target, fm_scale = sde_step_velocity(x_s, traj[idx, k + 1], sigma, grid[k + 1], cfg.noise_level)
-            v_old = roll["velocities"][idx, k] if cfg.centered_weights else None
-        else:
-            x0, fm_scale, v_old = roll["latents"][idx], None, None
-            sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling,
-                                    shift=self.sigma_shift).to(self.device)
-            eps = torch.randn(x0.shape, generator=gen).to(self.device)
-            if cfg.ot_pairing:
-                eps = O.ot_pair(x0, eps)
-            x_s, target = O.noised_states(x0, sigma, eps)  # x_s = (1 - s) x0 + s eps, u = eps - x0
-        return {"idx": idx, "x_s": x_s, "sigma": sigma, "target": target, "fm_scale": fm_scale, "v_old": v_old}
-
-    def _grpo_update(self, roll, adv: torch.Tensor) -> dict[str, float]:
-        """Flow-GRPO: clipped-ratio policy gradient on SDE log-probs, KL to the reference."""
-        cfg, acc = self.config, self.accelerator
-        traj, old_logp, sigmas = roll["trajectory"], roll["log_probs"], roll["sigmas"]
-        embeds, pooled = roll["embeds"], roll["pooled"]
-        n = traj.shape[0]
-        neg_embeds, neg_pooled = self.encode([""] * n)
-        gen = _generator(cfg.seed, self.iteration, acc.process_index + 1, 3)
-        k_train = max(1, round(cfg.grpo_train_fraction * self.sde_steps))  # among the noisy steps
-        chosen = torch.randperm(self.sde_steps, generator=gen)[:k_train].sort().values.tolist()
-        sums = {"policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
-        self.transformer.train()
-        for start in range(0, n, cfg.minibatch_size):
-            idx = slice(start, start + cfg.minibatch_size)
-            self.optimizer.zero_grad(set_to_none=True)
-            for j, k in enumerate(chosen):
-                x, x_next = traj[idx, k], traj[idx, k + 1]
-                s = sigmas[k].expand(x.shape[0])
-                sync = contextlib.nullcontext() if j == len(chosen) - 1 else acc.no_sync(self.transformer)
-                with sync, acc.autocast():
-                    v = self.cfg_velocity(self.transformer, x, s, embeds[idx], pooled[idx], neg_embeds[idx],
-                                          neg_pooled[idx], detach_uncond=cfg.detach_uncond)
-                    _, logp, mean, std = sde_step(x, v, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
-                                                  prev_sample=x_next, log_prob_reduction="mean")
-                    with torch.no_grad(), self.reference_model() as ref:
-                        v_ref = self.cfg_velocity(ref, x, s, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx])
-                        _, _, ref_mean, _ = sde_step(x, v_ref, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
-                                                     prev_sample=x_next)
-                    policy, clip_frac, approx_kl = O.grpo_policy_loss(logp, old_logp[idx, k], adv[idx], cfg.grpo_clip_range)
-                    kl = O.gaussian_kl_to_reference(mean, ref_mean, std, reduction="mean").mean()
-                    loss = (policy + cfg.grpo_kl_weight * kl) / len(chosen)
-                acc.backward(loss)
-                sums["policy_loss"] += policy.item() / len(chosen)
-                sums["kl"] += kl.item() / len(chosen)
-                sums["clip_fraction"] += float(clip_frac) / len(chosen)
-                sums["approx_kl"] += float(approx_kl) / len(chosen)
-            grad_norm = self._optimizer_step()
-            sums["grad_norm"] += float(grad_norm)
-        n_mb = math.ceil(n / cfg.minibatch_size)
-        return {k: v / n_mb for k, v in sums.items()}
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_prompt_list(self) -> list[str]:
@@ -790,7 +597,7 @@ class ACFlowTrainer:
         noises, draws = [], []
         for lo in range(rows.start - rows.start % EVAL_NOISE_BLOCK, rows.stop, EVAL_NOISE_BLOCK):
             hi = min(lo + EVAL_NOISE_BLOCK, total)
-            gen = _generator(self.config.eval_seed, purpose, lo)
+            gen = seeding.generator(self.config.eval_seed, purpose, lo)
             block = torch.randn((hi - lo, *self.latent_shape), generator=gen)
             keep = slice(max(rows.start, lo) - lo, min(rows.stop, hi) - lo)
             noises.append(block[keep])
@@ -802,7 +609,7 @@ class ACFlowTrainer:
         """Euler samples (``eval_steps``) of the held-out images ``rows``, decoded, on the CPU."""
         noise, _ = self._eval_noise(rows, 10**6)
         roll = self.rollout(prompts, None, "euler", model=model, steps=self.config.eval_steps, noise=noise)
-        return self.decode(roll["latents"]).cpu()
+        return self.decode(roll.latents).cpu()
 
     def _eval_kl(self, prompts: list[str], rows: range) -> list[float]:
         """KL(p_theta || p_ref) of each held-out image in nats: the rollout sampler's stochastic transitions (the
@@ -868,8 +675,15 @@ class ACFlowTrainer:
         save_state(folder / "trainer_state.pt", state)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Restore weights, critic, optimisers, counters and running statistics from a checkpoint folder."""
+        """Restore weights, critic, optimisers, counters and running statistics from a checkpoint folder; a
+        checkpoint of other settings is refused (``ACFlowConfig.changes_from``) unless ``allow_config_change``."""
         folder = Path(folder)
+        state = load_state(folder / "trainer_state.pt")  # weights_only: a crafted pickle is refused
+        changes = self.config.changes_from(state["config"])
+        if changes and not self.config.allow_config_change:
+            detail = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            raise ValueError(f"The checkpoint {folder} was written with other settings ({detail}). Resume with the "
+                             "checkpoint's settings, or set allow_config_change=true to continue with these.")
         model = self.unwrapped
         if self.config.use_lora:
             self._load_lora(model, load_lora_state(folder, self.lora_config), source=folder)
@@ -878,7 +692,6 @@ class ACFlowTrainer:
         if self.critic is not None:
             loaded = Critic.from_pretrained(folder / "critic")
             self.accelerator.unwrap_model(self.critic).load_state_dict(loaded.state_dict())
-        state = load_state(folder / "trainer_state.pt")  # weights_only: a crafted pickle is refused
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic_optimizer is not None and state["critic_optimizer"] is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -938,7 +751,7 @@ class ACFlowTrainer:
         result: dict[str, Any] = {}
         if evaluate and cfg.eval_at_start and not self.eval_history:
             result = self._record_evaluation()
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"{cfg.algorithm}", disable=not (cfg.progress and self.is_main))
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=self.method.name, disable=not (cfg.progress and self.is_main))
         while self.iteration < cfg.iterations:
             metrics = self.step()
             self.history.append(metrics)

@@ -139,14 +139,14 @@ def test_rollout_and_decode_do_not_depend_on_the_micro_batch(tmp_path, sampler):
     a = whole.rollout(prompts, torch.Generator().manual_seed(1), sampler)
     b = small.rollout(prompts, torch.Generator().manual_seed(1), sampler)
     for key in ("latents", "trajectory", "log_probs"):  # equal up to float rounding of batched kernels
-        if a[key] is not None:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=key)
-    torch.testing.assert_close(whole.decode(a["latents"]), small.decode(a["latents"]), rtol=1e-6, atol=1e-6)
+        if getattr(a, key) is not None:
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-6, msg=key)
+    torch.testing.assert_close(whole.decode(a.latents), small.decode(a.latents), rtol=1e-6, atol=1e-6)
     if sampler == "sde":  # the pre-drawn noise is the generator's stream: the same samples as one batched SDE call
         g = torch.Generator().manual_seed(1)
         noise = torch.randn((len(prompts), *whole.latent_shape), generator=g)
-        assert torch.equal(a["trajectory"][:, 0], noise)
-        assert a["log_probs"][:, :2].abs().sum() > 0 and a["log_probs"][:, 2:].abs().sum() == 0  # the window
+        assert torch.equal(a.trajectory[:, 0], noise)
+        assert a.log_probs[:, :2].abs().sum() > 0 and a.log_probs[:, 2:].abs().sum() == 0  # the window
 
 
 def test_evaluation_does_not_depend_on_the_micro_batch_and_reads_any_prompt(tmp_path):
@@ -217,7 +217,7 @@ def test_resolution_sets_the_latent_size_and_bad_values_are_named(tmp_path):
     down = trainer.pipe.vae_scale_factor
     assert trainer.latent_shape[1:] == (16 // down, 16 // down)
     roll = trainer.rollout(PROMPTS[:2], torch.Generator().manual_seed(0), "sde")
-    assert trainer.decode(roll["latents"]).shape[-2:] == (16, 16)
+    assert trainer.decode(roll.latents).shape[-2:] == (16, 16)
     trainer.step()  # the critic and the update take the smaller latents
     with pytest.raises(ValueError, match="resolution=30 must be a multiple of"):
         make_trainer(tmp_path, resolution=30)
@@ -304,9 +304,9 @@ def test_compiled_rollouts_equal_eager_ones_and_the_reference_still_switches(tmp
             with contextlib.ExitStack() as stack:
                 ref = stack.enter_context(trainer.reference_model()) if model == "reference" else None
                 rolls.append(trainer.rollout(prompts, torch.Generator().manual_seed(3), "sde", model=ref))
-        torch.testing.assert_close(rolls[1]["latents"], rolls[0]["latents"], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rolls[1]["log_probs"], rolls[0]["log_probs"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rolls[1].latents, rolls[0].latents, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rolls[1].log_probs, rolls[0].log_probs, rtol=1e-4, atol=1e-4)
         if model == "policy":
-            policy_latents = rolls[0]["latents"]
+            policy_latents = rolls[0].latents
         else:
-            assert (rolls[0]["latents"] - policy_latents).abs().max() > 1e-3  # the adapters really were off
+            assert (rolls[0].latents - policy_latents).abs().max() > 1e-3  # the adapters really were off

@@ -263,7 +263,7 @@ def test_sde_window_rollouts_and_trajectory_states(tmp_path):
                            sample_steps=4)
     assert trainer.sde_steps == 2
     roll = trainer.rollout(["a red circle"] * 3, torch.Generator().manual_seed(0), "sde")
-    assert (roll["log_probs"][:, :2] != 0).all() and (roll["log_probs"][:, 2:] == 0).all()
+    assert (roll.log_probs[:, :2] != 0).all() and (roll.log_probs[:, 2:] == 0).all()
     m = trainer.step()
     assert m["fm_loss"] == pytest.approx(1.0, abs=0.05)
 
@@ -281,7 +281,7 @@ def test_initial_noises_branch_and_group(tmp_path, monkeypatch):
     def spy_rollout(prompts, generator, sampler, **kw):
         seen["noise"] = kw["noise"]
         out = rollout(prompts, generator, sampler, **kw)
-        seen["final"] = out["latents"]
+        seen["final"] = out.latents
         return out
 
     def spy_shape(rewards, groups, **kw):
@@ -308,7 +308,7 @@ def test_training_raises_the_reward(tmp_path, algorithm):
 
     def fresh_redness():
         roll = trainer.rollout(["a photo of a circle"] * 64, torch.Generator().manual_seed(123), "euler")
-        return redness(trainer.decode(roll["latents"]), None).mean().item()
+        return redness(trainer.decode(roll.latents), None).mean().item()
 
     before = fresh_redness()
     rollout_rewards = [trainer.step()["reward_mean"] for _ in range(15)]
@@ -450,7 +450,7 @@ def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path):
         resolve_checkpoint(tmp_path / "run")
 
 
-@pytest.mark.parametrize("algorithm", ["acflow", "nft", "awm"])
+@pytest.mark.parametrize("algorithm", ["acflow", "orw", "grpo", "nft", "awm"])
 def test_resume_matches_uninterrupted_run(tmp_path, algorithm):
     """nft with an EMA sampling policy: the EMA is part of the state (a resume without it samples differently)."""
     kw = dict(iterations=3, critic_warmup_iterations=1, algorithm=algorithm, nft_ema_decay=0.5, learning_rate=1e-2)
@@ -477,6 +477,36 @@ def test_resume_matches_uninterrupted_run(tmp_path, algorithm):
         for e, f in zip(full.ema, second.ema):
             torch.testing.assert_close(e, f, rtol=1e-3, atol=1e-5)
     assert full.counters == second.counters
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_and_names_them(tmp_path):
+    make_trainer(tmp_path, algorithm="orw", iterations=1, learning_rate=1e-2).train()
+    with pytest.raises(ValueError, match=r"other settings \(beta: 1.0 -> 0.5; learning_rate: 0.01 -> 0.02\)"):
+        make_trainer(tmp_path, algorithm="orw", iterations=2, learning_rate=2e-2, beta=0.5, resume=True).train()
+    more = make_trainer(tmp_path, algorithm="orw", iterations=2, learning_rate=1e-2, resume=True)  # longer: allowed
+    more.train()
+    assert more.iteration == 2
+    forced = make_trainer(tmp_path, algorithm="orw", iterations=3, learning_rate=2e-2, resume=True,
+                          allow_config_change=True)
+    forced.train()
+    assert forced.iteration == 3
+
+
+def test_orw_trains_on_batch_z_scored_rewards_with_exp_weights(tmp_path, monkeypatch):
+    """The trainer's own ORW path: the advantages the loss gets are the z-scores of the batch's rewards (population
+    std), and the weighting is exp(beta A), whatever ``weighting`` says."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    trainer = make_trainer(tmp_path, algorithm="orw", reward=lambda images, prompts: rewards[: len(prompts)],
+                           beta=0.5, weighting="linear", minibatch_size=4)
+    seen = []
+    loss = O.acflow_actor_loss
+    monkeypatch.setattr(O, "acflow_actor_loss", lambda v, target, adv, **kw: seen.append((adv, kw)) or loss(
+        v, target, adv, **kw))
+    trainer.step()
+    z = (rewards - 3.0) / (3.5 ** 0.5 + 1e-6)  # mean 3, population variance (4 + 1 + 0 + 9) / 4
+    (adv, kw), = seen
+    torch.testing.assert_close(adv.sort().values, z.sort().values)
+    assert kw["weighting"] == "exp" and kw["beta"] == 0.5
 
 
 def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
