@@ -1096,40 +1096,23 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
 
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: torch.FloatTensor | None = None,
-        negative_prompt_embeds: torch.FloatTensor | None = None,
+    def __call__(  # the stock signature, grouped: prompts, size and steps, negatives, inputs, outputs, SLG
+        self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int = 28, sigmas: list[float] | None = None, guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None, num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.FloatTensor | None = None,
+        prompt_embeds: torch.FloatTensor | None = None, negative_prompt_embeds: torch.FloatTensor | None = None,
         pooled_prompt_embeds: torch.FloatTensor | None = None,
         negative_pooled_prompt_embeds: torch.FloatTensor | None = None,
-        ip_adapter_image: Image.Image | Any | None = None,
-        ip_adapter_image_embeds: torch.Tensor | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | None = None,
+        ip_adapter_image: Image.Image | Any | None = None, ip_adapter_image_embeds: torch.Tensor | None = None,
+        output_type: str | None = "pil", return_dict: bool = True, joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None, callback_on_step_end: Callable[[int, int], None] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  (the stock default)
-        max_sequence_length: int = 256,
-        skip_guidance_layers: list[int] | None = None,
-        skip_layer_guidance_scale: float = 2.8,
-        skip_layer_guidance_stop: float = 0.2,
-        skip_layer_guidance_start: float = 0.01,
-        mu: float | None = None,
+        max_sequence_length: int = 256, skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01, mu: float | None = None,
         *,
         rlg_scale: RLGScale | None = None,
         rlg_sweep: Sequence[RLGScale] | None = None,
@@ -1138,29 +1121,21 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         sampler: Literal["ode", "sde"] = "ode",
         sde_noise_level: float = 0.7,
     ):
-        """Stock ``StableDiffusion3Pipeline.__call__`` (every argument, same meaning) plus RLG.
+        """Stock ``StableDiffusion3Pipeline.__call__`` (every argument, same meaning, the same output type) plus RLG.
 
         Args:
-            rlg_scale: w for this call (default 1.0, the fine-tuned model; with no fine-tune attached, 0 and a
-                warning): a number, a list with ONE VALUE PER STEP, a schedule (:func:`linear_schedule`,
-                :func:`finetuned_first_schedule`) or a callable ``(step_index, timestep) -> float``. At a step where w = 0 only the base model runs,
-                where w = 1 only the fine-tuned model (the stock CFG cost; the stock pipeline's output).
-            rlg_sweep: several scales in one call (instead of ``rlg_scale``): a list whose every entry is
-                anything ``rlg_scale`` accepts. Every prompt is sampled at every scale from the same initial
-                noise (and, with ``sampler="sde"``, the same step noise), so results are paired and equal to
-                one call per scale. ``images`` holds ``len(rlg_sweep)`` blocks in sweep order, each block the
-                images of one ordinary call: image i at scale k is ``images[k * n_images + i]``.
+            rlg_scale: w (default 1.0, the fine-tuned model; with no fine-tune attached, 0 and a warning): a number,
+                ONE VALUE PER STEP, a schedule (:func:`linear_schedule`, :func:`finetuned_first_schedule`) or a
+                callable ``(step_index, timestep) -> float``. w = 0 / 1 run one model (the stock CFG cost and output).
+            rlg_sweep: several scales in one call, each anything ``rlg_scale`` accepts, from the same initial (and
+                SDE) noise: paired, equal to one call per scale; image i at scale k is ``images[k * n_images + i]``.
             rlg_mode: evaluation mode for this call (default: the one given to ``load_finetuned``).
-            rlg_max_rows: the most rows (images x CFG branches x models) one transformer forward takes; a
-                memory bound for large sweeps (``None``: no bound).
-            sampler: ``"ode"`` (Euler, the stock scheduler) or ``"sde"`` (the Flow-GRPO SDE of
-                ``flowalign.sampling.sde_step``; noise drawn from ``generator``).
+            rlg_max_rows: the most rows (images x CFG branches x models) per transformer forward (None: no bound).
+            sampler: ``"ode"`` (Euler, the stock scheduler) or ``"sde"`` (the Flow-GRPO SDE, noise from ``generator``).
             sde_noise_level: the SDE's ``a`` (Flow-GRPO uses 0.7).
 
-        Every input is checked before the first denoising step; every value of w once, when the timesteps
-        exist (``resolve_rlg_scales``), before the first model evaluation. Errors name the value and the fix.
-
-        Returns the stock ``StableDiffusion3PipelineOutput`` (or a tuple with ``return_dict=False``).
+        Every input is checked before the first step, every value of w once (``resolve_rlg_scales``) before the
+        first model evaluation; errors name the value and the fix.
 
         Examples::
 
