@@ -620,17 +620,22 @@ class _Tracer:
         self.live.peak = start
         out = fn()
         transient = self.live.peak - start
+        self._last_peak = self.live.peak
         self.live.peak = max(outer, self.live.peak)
         return out, transient
 
     def _replayed(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A no-grad call that repeats with the same shapes costs the same: traced once, replayed after."""
+        """A no-grad call that repeats with the same shapes costs the same: traced once, replayed after. A replay
+        allocates the output and holds the bytes the traced call held above what it left behind (what it left
+        besides its output, e.g. autocast's cache of cast weights, is already there at a replay)."""
         if key in self._memo:
-            transient, shape, dtype = self._memo[key]
-            self.live.bump(transient)
-            return torch.empty(shape, dtype=dtype)
-        out, transient = self._measured(fn)
-        self._memo[key] = (transient, out.shape, out.dtype)
+            above_end, shape, dtype = self._memo[key]
+            out = torch.empty(shape, dtype=dtype)
+            self.live.bump(above_end)
+            return out
+        out, _ = self._measured(fn)
+        end = self.live.current
+        self._memo[key] = (self._last_peak - end, out.shape, out.dtype)
         return out
 
     def velocity(self, model, x, sigma, embeds, pooled):

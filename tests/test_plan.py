@@ -84,20 +84,23 @@ def test_traced_decode_peak_matches_the_measured_cpu_allocation(tmp_path):
     p = plan(ACFlowConfig.from_dict(DECODE), model="tiny", resolution=DECODE_SIDE, device="cpu", stages=("decode",))
     d = p.stages["decode"]
     traced = d.peak - d.resident - d.carried  # above the latents the decode is handed, as measured
-    assert real > 200 * 2**20, f"the stage must dominate the noise of a process: {real / 2**20:.0f} MiB"
+    assert real > 100 * 2**20, f"the stage must dominate the noise of a process: {real / 2**20:.0f} MiB"
     assert abs(traced - real) / real < 0.25, (traced / 2**20, real / 2**20)
 
 
 @needs_proc
-def test_traced_step_peak_matches_the_measured_cpu_allocation(tmp_path):
-    """One training iteration (rollout, decode, reward, AC-Flow update of a 64-state minibatch with LoRA and AdamW)
-    after a first one: the traced peak above the resident bytes within 25% of the real one; the update dominates."""
-    real = measured("step", STEP, tmp_path)
-    p = plan(ACFlowConfig.from_dict(STEP), model="tiny", device="cpu", stages=("rollout", "decode", "update"))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_traced_step_peak_matches_the_measured_cpu_allocation(tmp_path, checkpointing):
+    """One training iteration (rollout, decode, reward, AC-Flow update of a 64-state minibatch with LoRA and AdamW,
+    with and without gradient checkpointing) after a first one: the traced peak above the resident bytes within 25%
+    of the real one; the update dominates."""
+    config = {**STEP, "gradient_checkpointing": checkpointing}
+    real = measured("step", config, tmp_path)
+    p = plan(ACFlowConfig.from_dict(config), model="tiny", device="cpu", stages=("rollout", "decode", "update"))
     resident = p.stages["rollout"].resident
     traced = max(s.peak for s in p.stages.values()) - resident
     assert p.stages["update"].peak == max(s.peak for s in p.stages.values())
-    assert real > 200 * 2**20, f"the stage must dominate the noise of a process: {real / 2**20:.0f} MiB"
+    assert real > 100 * 2**20, f"the stage must dominate the noise of a process: {real / 2**20:.0f} MiB"
     assert abs(traced - real) / real < 0.25, (traced / 2**20, real / 2**20)
 
 
