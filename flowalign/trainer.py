@@ -58,12 +58,20 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, gather_object
 from diffusers import StableDiffusion3Pipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -102,15 +110,46 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets full CPU tensors, others {}
+
+
 def make_accelerator(cfg: ACFlowConfig) -> Accelerator:
     """The run's ``Accelerator``: ``mixed_precision`` 'auto' is bf16 where the GPU has it and full precision on a CPU
-    (usability over speed); collectives wait ``distributed_timeout`` seconds."""
+    (usability over speed); collectives wait ``distributed_timeout`` seconds. Launched with an FSDP config
+    (``samples/accelerate/fsdp.yaml``) on CPUs, FSDP2 runs over gloo (accelerate would silently fall back to DDP)."""
     on_gpu = torch.cuda.is_available()
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    if not on_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise RuntimeError("DeepSpeed needs CUDA GPUs: on a CPU accelerate starts it as independent single processes "
+                           "(num_processes=1 on every rank). Use samples/accelerate/fsdp.yaml or multi_gpu.yaml here.")
+    fsdp_on_cpu = not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    plugin = FullyShardedDataParallelPlugin() if fsdp_on_cpu else None  # from the launcher's FSDP_* variables
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout))
-    return Accelerator(mixed_precision=mixed, cpu=not on_gpu, kwargs_handlers=[timeout])
+    acc = Accelerator(mixed_precision=mixed, cpu=not on_gpu, kwargs_handlers=[timeout], fsdp_plugin=plugin)
+    if fsdp_on_cpu and acc.num_processes > 1:
+        # accelerate 1.16 enables FSDP on accelerators only (MULTI_CPU is left out) and would run DDP without a word;
+        # torch's FSDP2 runs on CPUs over gloo, so accelerate's shared state is told FSDP (CPU runs and tests)
+        if plugin.fsdp_version != 2:
+            raise ValueError("FSDP on CPUs needs fsdp_version: 2 (FSDP1 refuses the CPU device); see "
+                             "samples/accelerate/fsdp.yaml.")
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+        AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    return acc
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A (possibly FSDP-sharded) tensor's full value on the CPU; under FSDP a collective: every rank calls it."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``param`` (sharded the same way under FSDP); every rank calls it."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +191,11 @@ class ACFlowTrainer:
             critic = Critic(in_channels=tcfg.in_channels, pooled_dim=tcfg.pooled_projection_dim,
                             channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim)
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
-            self.critic, self.critic_optimizer = acc.prepare(critic, critic_opt)
+            self.critic, self.critic_optimizer = self._prepare_critic(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        if cfg.compile and self.sharded:
+            raise ValueError("ACFlowConfig.compile=true with FSDP / DeepSpeed is not measured yet (the all-gather hooks"
+                             " break the graph); set compile=false, or train with DDP (samples/accelerate/multi_gpu.yaml).")
         # rollouts and evaluation (no grad) through a compiled forward of the same module (shared weights)
         self._compiled = compile_transformer(self.unwrapped) if cfg.compile else None
         # nft: the sampling policy, an EMA of the trained parameters (None: the trained policy itself)
@@ -178,6 +220,25 @@ class ACFlowTrainer:
         self.eval_history: list[dict[str, Any]] = []
         self._ref_eval_features: torch.Tensor | None = None
         self._tb = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the transformer is sharded across ranks (FSDP) or owned by DeepSpeed."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _prepare_critic(self, critic: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """The critic and its optimizer for this run's engine. accelerate's FSDP2 and DeepSpeed take one model per
+        Accelerator (FSDP2 binds its wrap class to the first model prepared): there the critic, < 1% of the
+        transformer, is replicated with plain DDP."""
+        acc = self.accelerator
+        self.critic_prepared = not self.sharded
+        if self.critic_prepared:
+            return acc.prepare(critic, optimizer)
+        critic = critic.to(self.device)
+        if acc.num_processes > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            critic = torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids)
+        return critic, optimizer
 
     def _setup_pipeline(self, pipeline: Any) -> None:
         """The SD3 pipeline on the device, frozen weights in ``weight_dtype``; text encoders offloaded if asked."""
@@ -562,22 +623,23 @@ class ACFlowTrainer:
         """
         cfg, acc = self.config, self.accelerator
         base_prompts = self.eval_prompt_list()
-        k = cfg.eval_images_per_prompt
-        per_rank = math.ceil(len(base_prompts) / acc.num_processes)
-        first = min(acc.process_index * per_rank, len(base_prompts))
-        last = min(first + per_rank, len(base_prompts))
-        rows = range(first * k, last * k)  # this rank's images, by global index
-        prompts = [base_prompts[j // k] for j in rows]
-        groups = [j // k for j in rows]
-        images = self._eval_images(prompts, rows, model=None)
+        n, k = len(base_prompts), cfg.eval_images_per_prompt
+        per_rank = math.ceil(n / acc.num_processes)
+        first = acc.process_index * per_rank
+        keep = max(0, min(per_rank, n - first)) * k  # this rank's real images; the rest pads the last share
+        rows = range(first * k, (first + per_rank) * k)  # the same count on every rank (FSDP: the same forwards)
+        padded = [base_prompts[min(j // k, n - 1)] for j in rows]
+        prompts, groups = padded[:keep], [j // k for j in rows][:keep]
+        images = self._eval_images(padded, rows, model=None)[:keep]
         if self._ref_eval_features is None:
             with self.reference_model() as ref:
-                self._ref_eval_features = eval_features(self._eval_images(prompts, rows, model=ref))
-        per_image = {"reward": self.reward(images, prompts).float().flatten().tolist()}
+                self._ref_eval_features = eval_features(self._eval_images(padded, rows, model=ref)[:keep])
+        per_image = {"reward": self.reward(images, prompts).float().flatten().tolist() if keep else []}
         for name, reward in self.eval_rewards.items():
-            per_image[f"eval_{name}"] = reward(images, prompts).float().flatten().tolist()
+            per_image[f"eval_{name}"] = reward(images, prompts).float().flatten().tolist() if keep else []
         if cfg.eval_kl:
-            per_image["kl_to_reference"] = self._eval_kl(prompts, rows)
+            per_image["kl_to_reference"] = self._eval_kl(padded, rows)[:keep]
+
         per_image = {key: gather_object(values) for key, values in per_image.items()}  # rank order = prompt order
         result: dict[str, Any] = {"iteration": self.iteration, "images_seen": self.counters["images_seen"]}
         result.update({key: sum(values) / len(values) for key, values in per_image.items()})
@@ -592,17 +654,23 @@ class ACFlowTrainer:
     def _eval_noise(self, rows: range, purpose: int, sde_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The starting noises (and the first ``sde_steps`` SDE draws) of the held-out images ``rows`` (global
         indices): each block of ``EVAL_NOISE_BLOCK`` images is drawn from its own generator, so an image's noise
-        depends on its index alone, not on how the images are batched or sharded."""
+        depends on its index alone, not on how the images are batched or sharded. Rows past the last image (a
+        rank's padding) get zeros."""
         total = len(self.eval_prompt_list()) * self.config.eval_images_per_prompt
-        noises, draws = [], []
-        for lo in range(rows.start - rows.start % EVAL_NOISE_BLOCK, rows.stop, EVAL_NOISE_BLOCK):
+        real = range(rows.start, min(rows.stop, total))
+        noises = [torch.zeros((0, *self.latent_shape))]
+        draws = [torch.zeros((0, sde_steps, *self.latent_shape))]
+        for lo in range(real.start - real.start % EVAL_NOISE_BLOCK, real.stop, EVAL_NOISE_BLOCK):
             hi = min(lo + EVAL_NOISE_BLOCK, total)
             gen = seeding.generator(self.config.eval_seed, purpose, lo)
             block = torch.randn((hi - lo, *self.latent_shape), generator=gen)
-            keep = slice(max(rows.start, lo) - lo, min(rows.stop, hi) - lo)
+            keep = slice(max(real.start, lo) - lo, min(real.stop, hi) - lo)
             noises.append(block[keep])
             if sde_steps:
                 draws.append(draw_step_noise(block.shape, sde_steps, gen)[keep])
+        pad = len(rows) - len(real)
+        noises.append(torch.zeros((pad, *self.latent_shape)))
+        draws.append(torch.zeros((pad, sde_steps, *self.latent_shape)))
         return torch.cat(noises), (torch.cat(draws) if sde_steps else None)
 
     def _eval_images(self, prompts: list[str], rows: range, model) -> torch.Tensor:
@@ -645,31 +713,45 @@ class ACFlowTrainer:
         """Write ``output_dir/checkpoints/iter-N`` atomically and point ``latest`` at it (rank 0)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        gathered = self._gather_state()  # collectives on every rank first (FSDP all-gathers the shards)
         root = self.output_dir / "checkpoints"
         target = root / f"iter-{self.iteration:06d}"
         if acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
-            atomic_write_dir(target, self._write_checkpoint)
+            atomic_write_dir(target, lambda folder: self._write_checkpoint(folder, gathered))
             write_pointer(root, target.name)  # last: the pointer names only complete checkpoints
         acc.wait_for_everyone()
         return target
 
-    def _write_checkpoint(self, folder: Path) -> None:
+    def _gather_state(self) -> dict[str, Any]:
+        """The trained weights (the LoRA, or every weight), the optimizer state (keyed by parameter names, one
+        format for 1 process, DDP and FSDP) and the EMA, full, on rank 0's CPU; every rank must call it."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.config.use_lora)
+        return {"weights": get_model_state_dict(self.transformer, options=options),
+                "optimizer": get_optimizer_state_dict(self.transformer, self.optimizer, options=FULL_STATE),
+                "ema": [_full(e) for e in self.ema] if self.ema is not None else None}
+
+    def _write_checkpoint(self, folder: Path, gathered: dict[str, Any] | None = None) -> None:
+        gathered = gathered if gathered is not None else self._gather_state()
         model = self.unwrapped
         if self.config.use_lora:
             # with the adapter's config (rank, alpha, targets): load_lora_weights then scales by alpha / r as trained
             StableDiffusion3Pipeline.save_lora_weights(
-                folder, transformer_lora_layers=get_peft_model_state_dict(model),
+                folder, transformer_lora_layers=get_peft_model_state_dict(model, state_dict=gathered["weights"]),
                 transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
-        else:
+        elif not self.sharded:
             model.save_pretrained(folder / "transformer")
+        else:  # FSDP: the gathered full weights, in save_pretrained's layout
+            model.save_config(folder / "transformer")
+            save_file({k: v.contiguous() for k, v in gathered["weights"].items()},
+                      folder / "transformer" / "diffusion_pytorch_model.safetensors")
         if self.critic is not None:
             self.accelerator.unwrap_model(self.critic).save_pretrained(folder / "critic")
         state = {
             "iteration": self.iteration, "counters": self.counters, "running": self.running.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": gathered["optimizer"],
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
-            "torch_rng": torch.get_rng_state(), "config": asdict(self.config), "ema": self.ema,
+            "torch_rng": torch.get_rng_state(), "config": asdict(self.config), "ema": gathered["ema"],
             "history": self.history, "eval_history": self.eval_history,
         }
         save_state(folder / "trainer_state.pt", state)
@@ -692,12 +774,17 @@ class ACFlowTrainer:
         if self.critic is not None:
             loaded = Critic.from_pretrained(folder / "critic")
             self.accelerator.unwrap_model(self.critic).load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        if all(isinstance(k, int) for k in saved["state"]):  # a checkpoint written before name-keyed states
+            self.optimizer.load_state_dict(saved)
+        else:  # every rank; under FSDP each keeps its shard
+            set_optimizer_state_dict(self.transformer, self.optimizer, saved,
+                                     options=StateDictOptions(full_state_dict=True))
         if self.critic_optimizer is not None and state["critic_optimizer"] is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if self.ema is not None:
-            self.ema = [e.to(self.device) for e in state["ema"]]
+            self.ema = [_like(e, q) for e, q in zip(state["ema"], self._trainable())]
         self.iteration, self.counters = state["iteration"], state["counters"]
         self.running.load_state_dict(state["running"])
         self.history, self.eval_history = state["history"], state["eval_history"]
@@ -742,7 +829,8 @@ class ACFlowTrainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.output_dir / "config.yaml")
-            info = self.parameter_counts()
+            info = {**self.parameter_counts(), "distributed_type": str(self.accelerator.distributed_type.value),
+                    "num_processes": self.accelerator.num_processes}
             (self.output_dir / "model_info.json").write_text(json.dumps(info, indent=1))
             if cfg.progress:
                 print(f"[flowalign] transformer {info['transformer']:,} params, trainable {info['trainable']:,}; "

@@ -250,15 +250,19 @@ EVAL_SCRIPT = textwrap.dedent(
     from flowalign.trainer import ACFlowConfig, ACFlowTrainer
 
     out = sys.argv[1]
-    cfg = ACFlowConfig(output_dir=out, iterations=1, prompts_per_iteration=2, images_per_prompt=2, sample_steps=2,
-                       minibatch_size=2, inner_epochs=1, noise_draws=1, eval_prompts=3, eval_images_per_prompt=2,
-                       eval_steps=2, progress=False, lora_rank=4, lora_alpha=4.0, algorithm="orw")
-    reward = lambda images, prompts: images[:, 0].mean((1, 2))
-    trainer = ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1),
-                            prompts=["a red circle", "a blue square", "two green triangles", "a yellow star"])
-    result = trainer.evaluate()
+    results = {}
+    for n_prompts in (3, 1):  # 2 ranks: 2 + 1 prompts (the last share padded), and 1 + 0 (an empty share)
+        cfg = ACFlowConfig(output_dir=out, iterations=1, prompts_per_iteration=2, images_per_prompt=2, sample_steps=2,
+                           minibatch_size=2, inner_epochs=1, noise_draws=1, eval_prompts=n_prompts,
+                           eval_images_per_prompt=2, eval_steps=2, progress=False, lora_rank=4, lora_alpha=4.0,
+                           algorithm="orw")
+        reward = lambda images, prompts: images[:, 0].mean((1, 2))
+        trainer = ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1),
+                                prompts=["a red circle", "a blue square", "two green triangles", "a yellow star"])
+        result = trainer.evaluate()
+        results[n_prompts] = {k: result[k] for k in ("per_image", "diversity", "w2_to_reference")}
     if trainer.is_main:
-        json.dump({k: result[k] for k in ("per_image", "diversity", "w2_to_reference")}, open(out + "/eval.json", "w"))
+        json.dump(results, open(out + "/eval.json", "w"))
     """
 )
 
@@ -279,12 +283,13 @@ def test_evaluation_on_two_processes_equals_one(tmp_path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(__import__("json").loads((out / "eval.json").read_text()))
-    one, two = results
-    assert len(one["per_image"]["reward"]) == 6  # 3 prompts x 2 images: rank 0 holds 2 prompts, rank 1 one
-    for key, values in one["per_image"].items():
-        np.testing.assert_allclose(two["per_image"][key], values, rtol=1e-6, atol=1e-7, err_msg=key)
-    assert two["diversity"] == pytest.approx(one["diversity"], rel=1e-6)
-    assert two["w2_to_reference"] == pytest.approx(one["w2_to_reference"], rel=1e-5, abs=1e-7)
+    for n_prompts in ("3", "1"):
+        one, two = results[0][n_prompts], results[1][n_prompts]
+        assert len(one["per_image"]["reward"]) == 2 * int(n_prompts)  # rank 1 holds 1 prompt of 3, or none of 1
+        for key, values in one["per_image"].items():
+            np.testing.assert_allclose(two["per_image"][key], values, rtol=1e-6, atol=1e-7, err_msg=key)
+        assert two["diversity"] == pytest.approx(one["diversity"], rel=1e-6)
+        assert two["w2_to_reference"] == pytest.approx(one["w2_to_reference"], rel=1e-5, abs=1e-7)
 
 
 # --- 8. compiled rollouts ----------------------------------------------------------------------------------------------

@@ -515,7 +515,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     good = trainer.save_checkpoint()
     trainer.step()
 
-    def crash(folder):
+    def crash(folder, *gathered):
         (folder / "partial.bin").write_bytes(b"x")
         raise KeyboardInterrupt("killed mid-save")
 

@@ -54,7 +54,10 @@ class ACFlow(FlowMatchingMethod):
         with acc.autocast():
             lv = O.critic_loss(trainer.critic(b.x_s, b.sigma, b.pooled).float(), targets[b.idx])
         trainer.critic_optimizer.zero_grad(set_to_none=True)
-        acc.backward(lv)
+        if trainer.critic_prepared:
+            acc.backward(lv)
+        else:  # replicated beside a sharded transformer: its own backward (no fp16 scaler of the transformer's)
+            lv.backward()
         trainer.critic_optimizer.step()
         metrics.add("critic_loss", lv.detach())
         return not (self.warming_up(trainer) and trainer.config.warmup_actor == "frozen")
