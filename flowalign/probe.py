@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusion3Pipeline
-from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from flowalign import objectives as O
@@ -142,15 +140,7 @@ def _load_lora(trainer, path: str) -> None:
     trainer's adapter, as ``ACFlowTrainer.load_checkpoint`` does for its weights."""
     if not trainer.config.use_lora:
         raise ValueError("--lora needs use_lora=True (the probe's trainable parameters are the LoRA's).")
-    folder = resolve_checkpoint(path)
-    state = StableDiffusion3Pipeline.lora_state_dict(folder)
-    state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
-    if not state:
-        raise ValueError(f"{folder} holds no transformer LoRA weights; pass a flowalign training checkpoint.")
-    result = set_peft_model_state_dict(trainer.unwrapped, state)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"LoRA {folder} has keys the model's adapter does not ({result.unexpected_keys[:3]}); "
-                         "set lora_rank / lora_target_modules (--set) to the LoRA's.")
+    trainer.load_lora(resolve_checkpoint(path))
 
 
 def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: int | None = None,

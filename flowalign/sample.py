@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from flowalign import tiny
 from flowalign.checkpoints import resolve_checkpoint
 from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
+from flowalign.prompts import read_prompt_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,10 +117,8 @@ def read_prompts(items: list[str]) -> list[str]:
     """Each item is a prompt file (one prompt per line) if such a file exists, else a prompt text."""
     prompts: list[str] = []
     for item in items:
-        path = Path(item)
-        if path.is_file():
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            prompts.extend(line for line in lines if line and not line.startswith("#"))
+        if Path(item).is_file():
+            prompts.extend(read_prompt_file(item))
         else:
             prompts.append(item)
     if not prompts:

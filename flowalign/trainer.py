@@ -330,6 +330,11 @@ class ACFlowTrainer:
                              f"positional embedding allows ({limit * tcfg.patch_size * down} px); lower it.")
         return side, side
 
+    def load_lora(self, source: Any) -> None:
+        """Weights of a LoRA (any source ``flowalign.pipelines.lora_utils.load_lora_state`` reads, with this run's
+        rank and alpha) into the trainer's adapter."""
+        self._load_lora(self.unwrapped, load_lora_state(source, self.lora_config), source=source)
+
     @staticmethod
     def _load_lora(model, state_dict: dict[str, torch.Tensor], source: Any) -> None:
         """LoRA weights (keys without prefix, ``a.b.lora_A.weight``) into ``model``'s adapter: every weight of the
@@ -768,7 +773,7 @@ class ACFlowTrainer:
                              "checkpoint's settings, or set allow_config_change=true to continue with these.")
         model = self.unwrapped
         if self.config.use_lora:
-            self._load_lora(model, load_lora_state(folder, self.lora_config), source=folder)
+            self.load_lora(folder)
         else:
             model.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
         if self.critic is not None:
