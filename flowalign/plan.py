@@ -311,12 +311,19 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 
 def _count_prompts(cfg: Any) -> int:
-    """Distinct prompts the trainer encodes: the training prompt file's (or P x iterations), the held-out ones, ''."""
-    source = str(_get(cfg, "prompts", "shapes"))
-    path = Path(source)
-    train = (len(set(l.strip() for l in path.read_text().splitlines() if l.strip())) if path.is_file()
-             else _get(cfg, "prompts_per_iteration", 8) * _get(cfg, "iterations", 50))
-    return train + _get(cfg, "eval_prompts", 48) + 1
+    """Distinct prompts the trainer encodes: the training prompt file's (or P x iterations for a prompt source), the
+    held-out ones (the first ``eval_prompts`` lines of ``eval_prompt_file``) and the empty prompt, as a set."""
+    def lines(path: Path) -> list[str]:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    source = Path(str(_get(cfg, "prompts", "shapes")))
+    train = set(lines(source)) if source.is_file() else None
+    eval_file = getattr(cfg, "eval_prompt_file", None)
+    n_eval = _get(cfg, "eval_prompts", 48)
+    held = set(lines(Path(eval_file))[:n_eval]) if eval_file and Path(eval_file).is_file() else None
+    if train is None:
+        return _get(cfg, "prompts_per_iteration", 8) * _get(cfg, "iterations", 50) + n_eval + 1
+    return len(train | (held if held is not None else set())) + (0 if held is not None else n_eval) + 1
 
 
 def resolve_settings(cfg: Any, resolution: int | None = None, world_size: int = 1, strategy: str = "ddp",
