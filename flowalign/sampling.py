@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 __all__ = [
     "SamplerOutput",
     "draw_step_noise",
+    "dynamic_shift",
     "euler_step",
     "flow_sigmas",
     "sample_latents",
@@ -185,6 +186,18 @@ def sde_step(
     return x_next, log_prob, mean, std
 
 
+def dynamic_shift(scheduler: FlowMatchEulerDiscreteScheduler, image_seq_len: int) -> float:
+    """The shift ``mu`` of a dynamically shifted scheduler for ``image_seq_len`` latent patches, as the stock SD3
+    pipeline computes it (linear in the sequence length between the scheduler's base and max shifts)."""
+    return calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.16),
+    )
+
+
 def flow_sigmas(
     scheduler: FlowMatchEulerDiscreteScheduler,
     num_inference_steps: int,
@@ -215,13 +228,7 @@ def flow_sigmas(
                     "This scheduler uses dynamic shifting: pass mu=... or image_seq_len=... "
                     "((latent_height // patch_size) * (latent_width // patch_size)) to flow_sigmas."
                 )
-            mu = calculate_shift(
-                image_seq_len,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
+            mu = dynamic_shift(scheduler, image_seq_len)
         kwargs["mu"] = mu
     elif mu is not None:
         kwargs["mu"] = mu

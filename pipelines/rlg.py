@@ -95,7 +95,6 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import (
 )
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     XLA_AVAILABLE,
-    calculate_shift,
     retrieve_timesteps,
 )
 from flowalign.pipelines.lora_utils import (
@@ -137,6 +136,7 @@ from transformers import (
 )
 
 from flowalign.compile import compile_function, compile_sde_step, compile_transformer
+from flowalign.sampling import dynamic_shift
 
 if XLA_AVAILABLE:  # the stock pipeline's TPU step marker
     import torch_xla.core.xla_model as xm
@@ -1223,13 +1223,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             patch = self.transformer.config.patch_size
             image_seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
-            mu = calculate_shift(
-                image_seq_len,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
+            mu = dynamic_shift(scheduler, image_seq_len)
         if mu is not None:
             kwargs["mu"] = mu
         timesteps, _ = retrieve_timesteps(
