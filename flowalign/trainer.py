@@ -76,8 +76,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from flowalign import objectives as O
-from flowalign import seeding
 from flowalign import rewards as R
+from flowalign import seeding
 from flowalign.checkpoints import atomic_write_dir, latest_checkpoint, load_state, save_state, write_pointer
 from flowalign.compile import compile_transformer
 from flowalign.config import ACFlowConfig
@@ -103,7 +103,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     try:
-        import bitsandbytes  # noqa: PLC0415  (an optional dependency, imported only when asked for)
+        import bitsandbytes  # an optional dependency, imported only when asked for
     except ImportError as err:
         raise ImportError("ACFlowConfig.optimizer='adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, or "
                           "set optimizer='adamw'.") from err
@@ -700,10 +700,10 @@ class ACFlowTrainer:
             embeds, pooled = self.encode(prompts[i])
             neg = self.encode([""] * len(prompts[i]))
 
-            def policy(x, s):
+            def policy(x, s, embeds=embeds, pooled=pooled, neg=neg):
                 return self.cfg_velocity(model, x, s, embeds, pooled, *neg)
 
-            def reference(x, s):
+            def reference(x, s, embeds=embeds, pooled=pooled, neg=neg):
                 with self.reference_model() as ref:
                     return self.cfg_velocity(ref, x, s, embeds, pooled, *neg)
 

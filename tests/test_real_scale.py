@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
 
 from flowalign import sample
-from flowalign.checkpoints import latest_checkpoint
 from flowalign.config import ACFlowConfig
 from flowalign.pipelines import RLGStableDiffusion3Pipeline
 from flowalign.tiny import build_tiny_sd3_pipeline
