@@ -74,6 +74,23 @@ def measured(stage: str, overrides: dict, tmp_path: Path) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["increment"]
 
 
+def planned(overrides: dict, stages: tuple[str, ...], **kwargs) -> dict:
+    """``plan(...)`` of the tiny model in a fresh process, as the ``flowalign plan`` command runs: ``{stage: {"peak",
+    "resident", "carried"}}`` in bytes. (In the pytest process, after the whole suite has run, the traced rollout
+    once met a CPU tensor among its meta ones: the plan is measured where it runs for users.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = json.dumps({"overrides": overrides, "stages": list(stages), **kwargs})
+    proc = subprocess.run([sys.executable, __file__, "plan", args, ""], capture_output=True, text=True, env=env,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _plan_stages(args: dict) -> dict:
+    p = plan(ACFlowConfig.from_dict(args["overrides"]), model="tiny", device="cpu", stages=tuple(args["stages"]))
+    return {k: {"peak": v.peak, "resident": v.resident, "carried": v.carried} for k, v in p.stages.items()}
+
+
 needs_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (peak RSS reset)")
 
 
@@ -96,10 +113,10 @@ def test_traced_step_peak_matches_the_measured_cpu_allocation(tmp_path, checkpoi
     of the real one; the update dominates."""
     config = {**STEP, "gradient_checkpointing": checkpointing}
     real = measured("step", config, tmp_path)
-    p = plan(ACFlowConfig.from_dict(config), model="tiny", device="cpu", stages=("rollout", "decode", "update"))
-    resident = p.stages["rollout"].resident
-    traced = max(s.peak for s in p.stages.values()) - resident
-    assert p.stages["update"].peak == max(s.peak for s in p.stages.values())
+    stages = planned(config, ("rollout", "decode", "update"))
+    resident = stages["rollout"]["resident"]
+    traced = max(s["peak"] for s in stages.values()) - resident
+    assert stages["update"]["peak"] == max(s["peak"] for s in stages.values())
     assert real > 100 * 2**20, f"the stage must dominate the noise of a process: {real / 2**20:.0f} MiB"
     assert abs(traced - real) / real < 0.25, (traced / 2**20, real / 2**20)
 
@@ -152,14 +169,19 @@ def test_format_table_prints_every_stage_in_gib():
 
 def test_plan_command_writes_json(tmp_path):
     out = tmp_path / "plan.json"
-    from flowalign.cli import main  # the command line as a user calls it
-
-    assert main(["plan", "--model", "tiny", "--prompts_per_iteration", "2", "--images_per_prompt", "2",
-                 "--eval_prompts", "2", "--reward", "jpeg_compressibility", "--json", str(out)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "flowalign.cli", "plan", "--model", "tiny",  # as a user calls it
+                           "--prompts_per_iteration", "2", "--images_per_prompt", "2", "--eval_prompts", "2",
+                           "--reward", "jpeg_compressibility", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert [sorted(d["stages"]) for d in data] == [sorted(("encode", "rollout", "decode", "update", "evaluation"))]
     assert data[0]["settings"]["images_per_rank"] == 4
 
 
 if __name__ == "__main__":  # the measuring subprocess: stage, config overrides (JSON), output folder
-    print(json.dumps(_measure(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])))
+    if sys.argv[1] == "plan":
+        print(json.dumps(_plan_stages(json.loads(sys.argv[2]))))
+    else:
+        print(json.dumps(_measure(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])))
