@@ -360,8 +360,7 @@ class ACFlowConfig:
         """``{key: (saved value, this value)}`` for every setting that differs from ``saved`` (a checkpoint's
         ``asdict(config)``), the run-control keys (:data:`RUN_CONTROL_KEYS`) aside. A key the checkpoint predates
         counts as its default."""
-        defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                    for f in fields(self)}
+        defaults = {f.name: _field_default(f) for f in fields(self)}
         now = asdict(self)
         return {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
                 if k not in RUN_CONTROL_KEYS and saved.get(k, defaults[k]) != v}
@@ -375,6 +374,11 @@ RUN_CONTROL_KEYS = frozenset({
 
 
 _HINTS = typing.get_type_hints(ACFlowConfig)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (its ``default``, or a fresh ``default_factory()``)."""
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
 
 
 def check_keys(values: dict[str, Any]) -> None:
@@ -448,7 +452,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     absent from the parsed namespace, so a YAML file's values are overridden only by what the user typed."""
     group = parser.add_argument_group("ACFlowConfig keys (override the --config file)")
     for f in fields(ACFlowConfig):
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        default = _field_default(f)
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(_HINTS[f.name]),
                            help=f"{f.metadata['help']} (default: {default!r})")

@@ -736,8 +736,8 @@ class ACFlowTrainer:
                 "optimizer": get_optimizer_state_dict(self.transformer, self.optimizer, options=FULL_STATE),
                 "ema": [_full(e) for e in self.ema] if self.ema is not None else None}
 
-    def _write_checkpoint(self, folder: Path, gathered: dict[str, Any] | None = None) -> None:
-        gathered = gathered if gathered is not None else self._gather_state()
+    def _write_checkpoint(self, folder: Path, gathered: dict[str, Any]) -> None:
+        """Rank 0 writes ``folder`` from ``_gather_state()``'s result (gathered on every rank beforehand)."""
         model = self.unwrapped
         if self.config.use_lora:
             # with the adapter's config (rank, alpha, targets): load_lora_weights then scales by alpha / r as trained
