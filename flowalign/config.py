@@ -180,9 +180,36 @@ class ACFlowConfig:
     )})
     advantage_clip: float = field(default=2.0, metadata={"help": "eps_A: advantages are clipped to [-eps_A, eps_A]"})
     critic_channels: list[int] = field(default_factory=lambda: [32, 64, 128], metadata={"help": (
-        "CNN widths (stride 2 after the first)"
+        "critic='latent': CNN widths (stride 2 after the first)"
     )})
     critic_hidden_dim: int = field(default=256, metadata={"help": "width of the critic's MLP head"})
+    critic: str | None = field(default=None, metadata={"help": (
+        "acflow's value model V of a window state x_k: 'latent' = a CNN on the noisy latent x_k, one Adam step per "
+        "actor minibatch (the original design); 'lookahead' = flowalign.critic.LookaheadCritic on the policy's own"
+        " one-step prediction x0_k = x_k - s_k v_k: its reward (decoded and scored, one extra decode + reward per "
+        "window step and image), sigma and prompt, fitted critic_steps times per iteration on a replay buffer; "
+        "'zero' = V = 0 (the shaped reward is every state's advantage); None = 'latent' on trajectory states, "
+        "'zero' on noised states (where a critic's input would be a noised copy of the scored sample itself). "
+        "docs/algorithms.md, 'The critic'"
+    )})
+    advantage_estimator: str = field(default="mc", metadata={"help": (
+        "per-step advantage of the SDE transition x_k -> x_{k+1} (V(x_K) = r~ at the window's end, the path after"
+        " it being deterministic): 'mc' = r~ - V(x_k); 'td' = V(x_{k+1}) - V(x_k); 'gae' = sum_j lambda^j "
+        "delta_{k+j} with delta_k = V(x_{k+1}) - V(x_k) (gae_lambda 1 = mc, 0 = td)"
+    )})
+    critic_lookahead_channels: list[int] = field(default_factory=list, metadata={"help": (
+        "critic='lookahead': CNN widths of an optional image branch on the predicted latent x0_k ([] = none: V from"
+        " the look-ahead reward, sigma and the prompt)"
+    )})
+    gae_lambda: float = field(default=0.9, metadata={"help": "lambda of advantage_estimator='gae', in [0, 1]"})
+    critic_steps: int = field(default=16, metadata={"help": (
+        "critic='lookahead': Adam steps per iteration on minibatches of the replay buffer"
+    )})
+    critic_batch_size: int = field(default=128, metadata={"help": "critic='lookahead': states per critic step"})
+    critic_buffer_iterations: int = field(default=4, metadata={"help": (
+        "critic='lookahead': the replay buffer keeps the window states of this many most recent iterations (the "
+        "critic fits them; the actor's advantages always come from the current rollout)"
+    )})
     # --- actor update (acflow, orw) ------------------------------------------------------------
     weighting: str = field(default="exp", metadata={"help": (
         "see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)"
@@ -282,6 +309,12 @@ class ACFlowConfig:
         "stochastic transition of the rollout sampler (the first sde_steps_fraction of sample_steps, noise_level), "
         "summed (flowalign.eval.sde_path_kl); the Euler steps after the window have no density and are not counted"
     )})
+    eval_path_kl: bool = field(default=True, metadata={"help": (
+        "also measure path_kl: KL(p_theta || p_ref) in nats per image on one common sampler with noise "
+        "(noise_level) at every step but the last, the same for every method whatever its rollout window; and "
+        "coupling_distance, ||x_theta(z) - x_ref(z)||^2 of the held-out Euler samples from the same noise z "
+        "(summed over latent dimensions; an upper bound on W2^2) is measured always: it reuses the samples"
+    )})
     eval_rewards: list[str] | None = field(default=None, metadata={"help": (
         "unseen rewards scored on the held-out images; None = the prompt source's own (shapes: shapes_binary and "
         "jpeg_compressibility), else jpeg_compressibility, which reads any prompt"
@@ -295,7 +328,8 @@ class ACFlowConfig:
         choices = {"algorithm": ALGORITHMS, "sampler": ("euler", "sde"),
                    "mixed_precision": ("auto", "no", "fp16", "bf16"), "weight_dtype": (None, "fp32", "bf16", "fp16"),
                    "optimizer": ("adamw", "adamw8bit"), "sigma_sampling": ("logit_normal", "uniform"),
-                   "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen")}
+                   "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen"),
+                   "critic": (None, "zero", "latent", "lookahead"), "advantage_estimator": ("mc", "td", "gae")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
@@ -317,6 +351,18 @@ class ACFlowConfig:
             raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
                              "velocities are the CFG-guided field's, so the loss must fit that field; set "
                              "guided_loss=True, or fm_states='noised'.")
+        if self.critic is None:
+            self.critic = "latent" if self.fm_states == "trajectory" else "zero"
+        if method.uses_critic and self.critic != "zero" and self.fm_states == "noised":
+            raise ValueError(f"ACFlowConfig.critic={self.critic!r} with fm_states='noised': V would be evaluated at a "
+                             "noised copy of the scored sample itself, so the baseline depends on the outcome and "
+                             "biases the gradient; set critic='zero' (V = 0) or fm_states='trajectory'.")
+        if method.uses_critic and (self.critic == "lookahead" or self.advantage_estimator != "mc") \
+                and self.fm_states != "trajectory":
+            raise ValueError(f"ACFlowConfig.critic={self.critic!r}, advantage_estimator={self.advantage_estimator!r} "
+                             "need fm_states='trajectory' (the rollout's SDE window states and velocities).")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"ACFlowConfig.gae_lambda={self.gae_lambda} must be in [0, 1] (1 = mc, 0 = td).")
         if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and own_sampler)):
             raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
                              "(branches of one starting noise differ only by the SDE noise); or set it to None.")
@@ -330,7 +376,8 @@ class ACFlowConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
-                    "inner_epochs", "noise_draws", "rollout_batch_size", "decode_batch_size", "prompt_cache_size"):
+                    "inner_epochs", "noise_draws", "rollout_batch_size", "decode_batch_size", "prompt_cache_size",
+                    "critic_steps", "critic_batch_size", "critic_buffer_iterations"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
 

@@ -22,7 +22,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["Critic"]
+__all__ = ["Critic", "LookaheadCritic"]
 
 
 class Critic(ModelMixin, ConfigMixin):
@@ -124,3 +124,84 @@ class Critic(ModelMixin, ConfigMixin):
         h_t = self.time_embedding(self.time_proj(sigma * 1000.0).to(dtype))  # diffusers timestep = sigma * 1000
         h_c = self.prompt_proj(pooled_prompt_embeds.to(dtype))
         return self.out(self.mlp(torch.cat([h_img, h_t, h_c], dim=1))).squeeze(1)
+
+
+class LookaheadCritic(ModelMixin, ConfigMixin):
+    """V of a window state from the policy's own one-step prediction of its image (``critic="lookahead"``)::
+
+        x0_k = x_k - s_k v_k                      the policy's one-step prediction (v_k: the velocity that drew step k)
+        z_k  = shaped reward of decode(x0_k)       the look-ahead reward, normalised like the targets (per group)
+        h    = SiLU(TimestepEmbedding(sinusoidal(s_k * 1000)))
+        V    = a(h) z_k + b(h) + p(c) [+ g(CNN(x0_k), h, c)]   a, b, p: Linear; g: an optional image branch
+
+    The look-ahead reward carries most of what the state knows about the final reward (docs/algorithms.md, "The
+    critic"); the head learns how far to trust it at each noise level (a correlation, the same for every prompt:
+    a prompt-dependent slope fitted on a few images per prompt is mostly noise); the prompt shifts V additively. The output layers start at
+    zero (V = 0 at start, the ORW-CFM-W2 case). ``channels=()`` (the default) drops the image branch.
+
+    Example::
+
+        critic = LookaheadCritic(in_channels=3, pooled_dim=128)
+        v = critic(z, sigma, pooled)                       # [B]
+        v = LookaheadCritic(in_channels=3, pooled_dim=128, channels=(16, 32))(z, sigma, pooled, x0=x0_latents)
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        pooled_dim: int = 2048,
+        channels: tuple[int, ...] = (),
+        time_embed_dim: int = 64,
+        hidden_dim: int = 64,
+        norm_num_groups: int = 8,
+    ):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        bad = [c for c in channels if c % norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={norm_num_groups} must divide every conv width; {bad} in "
+                             f"channels={channels} do not. Pick widths that are multiples of norm_num_groups.")
+        if time_embed_dim % 2:
+            raise ValueError(f"time_embed_dim must be even (sin and cos halves), got {time_embed_dim}.")
+        self.time_proj = Timesteps(time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(time_embed_dim, hidden_dim)
+        self.head = nn.Linear(hidden_dim, 2)  # (a, b) of the noise level
+        self.prompt_proj = nn.Linear(pooled_dim, 1)  # p(c)
+        for layer in (self.head, self.prompt_proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.image = None
+        if channels:  # g(CNN(x0_k), h): the same conv stack as Critic's, on the predicted image's latent
+            convs: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)]
+            for c_in, c_out in zip(channels[:-1], channels[1:]):
+                convs += [nn.GroupNorm(norm_num_groups, c_in), nn.SiLU(),
+                          nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1)]
+            convs += [nn.GroupNorm(norm_num_groups, channels[-1]), nn.SiLU()]
+            self.image = nn.Sequential(*convs)
+            self.image_proj = nn.Linear(pooled_dim, hidden_dim)
+            self.image_out = nn.Linear(channels[-1] + 2 * hidden_dim, 1)
+            nn.init.zeros_(self.image_out.weight)
+            nn.init.zeros_(self.image_out.bias)
+
+    def forward(self, lookahead: torch.Tensor, sigma: torch.Tensor | float, pooled_prompt_embeds: torch.Tensor,
+                x0: torch.Tensor | None = None) -> torch.Tensor:
+        """``V`` for a batch: ``lookahead`` [B] (z_k), ``sigma`` [B] or scalar, pooled [B, P], ``x0`` [B, C, H, W]
+        (the predicted latent; needed only with an image branch) -> [B]."""
+        batch = lookahead.shape[0]
+        if pooled_prompt_embeds.shape != (batch, self.config.pooled_dim):
+            raise ValueError(f"LookaheadCritic expects pooled_prompt_embeds [B={batch}, {self.config.pooled_dim}], "
+                             f"got shape {tuple(pooled_prompt_embeds.shape)}.")
+        dtype = self.head.weight.dtype
+        sigma = torch.as_tensor(sigma, device=lookahead.device, dtype=torch.float32)
+        sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
+        h = nn.functional.silu(self.time_embedding(self.time_proj(sigma * 1000.0).to(dtype)))
+        a, b = self.head(h).unbind(1)
+        value = a * lookahead.to(dtype) + b + self.prompt_proj(pooled_prompt_embeds.to(dtype)).squeeze(1)
+        if self.image is not None:
+            if x0 is None:
+                raise ValueError("LookaheadCritic with an image branch (channels set) needs x0, the predicted latent.")
+            h_img = self.image(x0.to(dtype)).mean(dim=(2, 3))  # global average pool
+            h_c = self.image_proj(pooled_prompt_embeds.to(dtype))
+            value = value + self.image_out(torch.cat([h_img, h, h_c], dim=1)).squeeze(1)
+        return value

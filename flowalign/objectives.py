@@ -64,6 +64,7 @@ __all__ = [
     "WEIGHTINGS",
     "acflow_actor_loss",
     "advantages",
+    "step_advantages",
     "critic_loss",
     "effective_sample_size",
     "exp_weights",
@@ -236,6 +237,30 @@ def advantages(
         return adv, torch.zeros((), device=adv.device)
     clip_fraction = (adv.abs() > clip).float().mean()
     return adv.clamp(-clip, clip), clip_fraction
+
+
+def step_advantages(values: torch.Tensor, final: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """Per-step advantages of a K-step stochastic window, ``[B, K]``: GAE(lambda) with no intermediate reward and
+    no discount, bootstrapped by the final (shaped) reward after the window::
+
+        V_K = r~ (the path after the window is deterministic)      delta_k = V_{k+1} - V_k
+        A_k = sum_{j >= k} lambda^(j - k) delta_j
+
+    ``lam = 1`` telescopes to the Monte Carlo form ``A_k = r~ - V_k``; ``lam = 0`` is the TD difference
+    ``A_k = V_{k+1} - V_k`` (each transition credited with what it changed). ``values`` [B, K] are V(x_0..x_{K-1}).
+
+    Example: ``step_advantages(tensor([[0., .5]]), tensor([1.]), lam=0)`` -> ``[[0.5, 0.5]]``; with ``lam=1``
+    ``[[1.0, 0.5]]``.
+    """
+    values, final = values.detach().float(), final.detach().float()
+    v_next = torch.cat([values[:, 1:], final[:, None]], dim=1)  # V_{k+1}, with V_K = r~
+    delta = v_next - values
+    adv = torch.empty_like(delta)
+    running = torch.zeros_like(final)
+    for k in reversed(range(values.shape[1])):  # A_k = delta_k + lambda A_{k+1}
+        running = delta[:, k] + lam * running
+        adv[:, k] = running
+    return adv
 
 
 # ----------------------------------------------------------------------------------------------------------

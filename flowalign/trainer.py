@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import csv
@@ -81,7 +82,7 @@ from flowalign import seeding
 from flowalign.checkpoints import atomic_write_dir, latest_checkpoint, load_state, save_state, write_pointer
 from flowalign.compile import compile_transformer
 from flowalign.config import ACFlowConfig
-from flowalign.critic import Critic
+from flowalign.critic import Critic, LookaheadCritic
 from flowalign.eval import diversity_per_group, eval_features, sde_path_kl
 from flowalign.methods import Rewards, Rollout, get_method
 from flowalign.pipelines.lora_utils import load_lora_state
@@ -186,10 +187,17 @@ class ACFlowTrainer:
         tcfg = transformer.config
         self.latent_shape = (tcfg.in_channels, *self._latent_size(tcfg))  # latents at the configured resolution
         self.critic = self.critic_optimizer = None
-        if self.method.uses_critic:  # AC-Flow: V(x_s, s, pooled prompt embedding)
+        self.critic_buffer = collections.deque(maxlen=cfg.critic_buffer_iterations)  # critic='lookahead': recent states
+        self.critic_has_image = False
+        if self.method.uses_critic and cfg.critic != "zero":  # AC-Flow: V(x_k, s_k, pooled prompt embedding)
             torch.manual_seed(cfg.seed)
-            critic = Critic(in_channels=tcfg.in_channels, pooled_dim=tcfg.pooled_projection_dim,
-                            channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim)
+            if cfg.critic == "latent":
+                critic = Critic(in_channels=tcfg.in_channels, pooled_dim=tcfg.pooled_projection_dim,
+                                channels=tuple(cfg.critic_channels), hidden_dim=cfg.critic_hidden_dim)
+            else:
+                critic = LookaheadCritic(in_channels=tcfg.in_channels, pooled_dim=tcfg.pooled_projection_dim,
+                                         channels=tuple(cfg.critic_lookahead_channels))
+                self.critic_has_image = bool(cfg.critic_lookahead_channels)
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
             self.critic, self.critic_optimizer = self._prepare_critic(critic, critic_opt)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
@@ -219,6 +227,7 @@ class ACFlowTrainer:
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
         self._ref_eval_features: torch.Tensor | None = None
+        self._ref_eval_latents: torch.Tensor | None = None
         self._tb = None
 
     @property
@@ -635,21 +644,31 @@ class ACFlowTrainer:
         rows = range(first * k, (first + per_rank) * k)  # the same count on every rank (FSDP: the same forwards)
         padded = [base_prompts[min(j // k, n - 1)] for j in rows]
         prompts, groups = padded[:keep], [j // k for j in rows][:keep]
-        images = self._eval_images(padded, rows, model=None)[:keep]
+        latents, images = self._eval_images(padded, rows, model=None)
+        latents, images = latents[:keep], images[:keep]
         if self._ref_eval_features is None:
             with self.reference_model() as ref:
-                self._ref_eval_features = eval_features(self._eval_images(padded, rows, model=ref)[:keep])
+                ref_latents, ref_images = self._eval_images(padded, rows, model=ref)
+            self._ref_eval_latents, self._ref_eval_features = ref_latents[:keep], eval_features(ref_images[:keep])
         per_image = {"reward": self.reward(images, prompts).float().flatten().tolist() if keep else []}
         for name, reward in self.eval_rewards.items():
             per_image[f"eval_{name}"] = reward(images, prompts).float().flatten().tolist() if keep else []
+        # ||x_ft(z) - x_base(z)||^2 of the Euler samples from the same noise z: an upper bound on W2^2 (latent units)
+        per_image["coupling_distance"] = (latents - self._ref_eval_latents).pow(2).flatten(1).sum(1).tolist()
         if cfg.eval_kl:
             per_image["kl_to_reference"] = self._eval_kl(padded, rows)[:keep]
+        if cfg.eval_path_kl:
+            per_image["path_kl"] = self._eval_kl(padded, rows, full_path=True)[:keep]
 
         per_image = {key: gather_object(values) for key, values in per_image.items()}  # rank order = prompt order
         result: dict[str, Any] = {"iteration": self.iteration, "images_seen": self.counters["images_seen"]}
         result.update({key: sum(values) / len(values) for key, values in per_image.items()})
         group_diversity = gather_object(list(diversity_per_group(images, groups).values()))
         result["diversity"] = sum(group_diversity) / len(group_diversity) if group_diversity else float("nan")
+        readouts = getattr(self.prompt_source, "group_readouts", {})
+        for name, readout in (readouts() if callable(readouts) else readouts).items():  # e.g. colour entropy
+            values = gather_object(list(readout(images, groups).values()))
+            result[name] = sum(values) / len(values) if values else float("nan")
         features = torch.cat(gather_object([eval_features(images)]))
         reference = torch.cat(gather_object([self._ref_eval_features]))
         result["w2_to_reference"] = O.w2_distance(reference, features)
@@ -678,20 +697,22 @@ class ACFlowTrainer:
         draws.append(torch.zeros((pad, sde_steps, *self.latent_shape)))
         return torch.cat(noises), (torch.cat(draws) if sde_steps else None)
 
-    def _eval_images(self, prompts: list[str], rows: range, model) -> torch.Tensor:
-        """Euler samples (``eval_steps``) of the held-out images ``rows``, decoded, on the CPU."""
+    def _eval_images(self, prompts: list[str], rows: range, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euler samples (``eval_steps``) of the held-out images ``rows``: latents and decoded images, on the CPU."""
         noise, _ = self._eval_noise(rows, 10**6)
         roll = self.rollout(prompts, None, "euler", model=model, steps=self.config.eval_steps, noise=noise)
-        return self.decode(roll.latents).cpu()
+        return roll.latents.cpu(), self.decode(roll.latents).cpu()
 
-    def _eval_kl(self, prompts: list[str], rows: range) -> list[float]:
-        """KL(p_theta || p_ref) of each held-out image in nats: the rollout sampler's stochastic transitions (the
-        first ``sde_steps`` of ``sample_steps``, noise ``noise_level``) on the policy's own paths, the exact
-        Gaussian KL of each transition summed. The deterministic steps after the window have no density and
-        are not counted (only the window's grid is sampled)."""
+    def _eval_kl(self, prompts: list[str], rows: range, full_path: bool = False) -> list[float]:
+        """KL(p_theta || p_ref) of each held-out image in nats, the exact Gaussian KL of each stochastic transition
+        summed on the policy's own paths (noise ``noise_level``): of the rollout sampler's window (the first
+        ``sde_steps`` of ``sample_steps``; the deterministic steps after it have no density and are not counted),
+        or with ``full_path`` of one common sampler with noise at every step but the last (whose std is 0), the
+        same for every method whatever its rollout window."""
         cfg, model = self.config, self.unwrapped
-        sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)[: self.sde_steps + 1]
-        noise, step_noise = self._eval_noise(rows, 10**6 + 1, sde_steps=self.sde_steps)
+        n_sde = cfg.sample_steps - 1 if full_path else self.sde_steps
+        sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)[: n_sde + 1]
+        noise, step_noise = self._eval_noise(rows, 10**6 + 1 + full_path, sde_steps=n_sde)
         was_training = model.training
         model.eval()
         out = []
@@ -734,7 +755,8 @@ class ACFlowTrainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.config.use_lora)
         return {"weights": get_model_state_dict(self.transformer, options=options),
                 "optimizer": get_optimizer_state_dict(self.transformer, self.optimizer, options=FULL_STATE),
-                "ema": [_full(e) for e in self.ema] if self.ema is not None else None}
+                "ema": [_full(e) for e in self.ema] if self.ema is not None else None,
+                "critic_buffer": gather_object([[{k: v.cpu() for k, v in e.items()} for e in self.critic_buffer]])}
 
     def _write_checkpoint(self, folder: Path, gathered: dict[str, Any]) -> None:
         """Rank 0 writes ``folder`` from ``_gather_state()``'s result (gathered on every rank beforehand)."""
@@ -758,6 +780,7 @@ class ACFlowTrainer:
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
             "torch_rng": torch.get_rng_state(), "config": asdict(self.config), "ema": gathered["ema"],
             "history": self.history, "eval_history": self.eval_history,
+            "critic_buffer": gathered["critic_buffer"],  # one list per rank
         }
         save_state(folder / "trainer_state.pt", state)
 
@@ -777,8 +800,13 @@ class ACFlowTrainer:
         else:
             model.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
         if self.critic is not None:
-            loaded = Critic.from_pretrained(folder / "critic")
-            self.accelerator.unwrap_model(self.critic).load_state_dict(loaded.state_dict())
+            critic = self.accelerator.unwrap_model(self.critic)
+            critic.load_state_dict(type(critic).from_pretrained(folder / "critic").state_dict())
+        buffers = state.get("critic_buffer") or []
+        if self.accelerator.process_index < len(buffers):  # this rank's replay buffer (critic='lookahead')
+            self.critic_buffer.clear()
+            self.critic_buffer.extend({k: v.to(self.device) for k, v in e.items()}
+                                      for e in buffers[self.accelerator.process_index])
         saved = state["optimizer"]
         if all(isinstance(k, int) for k in saved["state"]):  # a checkpoint written before name-keyed states
             self.optimizer.load_state_dict(saved)

@@ -1,11 +1,19 @@
 """AC-Flow: actor-critic flow matching with intermediate feedback (ideas from "AC-Flow", arXiv 2510.18072; the
-concrete design is ours, docs/algorithms.md)::
+concrete design is ours, docs/algorithms.md, "The critic")::
 
-    shaping    r~ = clip((r - mean_c) / (std_c + eps), -k, k)     per prompt group, statistics over all ranks
-    critic     L_V = mean (V(x_s, s, c) - r~)^2                    one step per minibatch
-    advantage  A = clip(r~ - V(x_s, s, c), -eps_A, eps_A)          V = 0 during the warm-up
+    shaping    r~ = clip((r - mean_c) / (std_c + eps), -k, k)      per prompt group, statistics over all ranks
+    critic     V(x_k) of the K window states x_0 .. x_{K-1}; V(x_K) = r~ (the path after the window is deterministic)
+               'latent':    CNN on x_k, L_V = mean (V - r~)^2, one step per actor minibatch
+               'lookahead': a(h) z_k + b(h) with z_k the shaped reward of decode(x_k - s_k v_k), the policy's
+                            one-step image prediction; critic_steps steps per iteration on a replay buffer
+               'zero':      V = 0
+    advantage  A_k = clip(sum_{j>=k} lambda^(j-k) (V_{j+1} - V_j), +-eps_A)   mc: lambda = 1 (A_k = r~ - V_k),
+               td: lambda = 0, gae: gae_lambda; V = 0 (so A = r~) during the warm-up
     actor      L = mean_i f(A_i) ||v_theta - u_i||^2 + alpha ||v_theta - stopgrad(v_ref)||^2
-    kl_coef    alpha = kl_coef * beta                              (the KL coefficient alpha / beta)
+    kl_coef    alpha = kl_coef * beta                               (the KL coefficient alpha / beta)
+
+The actor's advantages always come from the current rollout, scored by the critic as it was before this
+iteration; the replay buffer only feeds the critic's regression.
 """
 
 from __future__ import annotations
@@ -15,8 +23,28 @@ from typing import Any
 import torch
 
 from flowalign import objectives as O
-from flowalign.methods.base import Metrics, Rewards, StateBatch
+from flowalign.methods.base import Metrics, Rewards, Rollout, StateBatch
 from flowalign.methods.flow_matching import FlowMatchingMethod
+from flowalign.seeding import generator
+
+LAMBDA = {"mc": 1.0, "td": 0.0}
+
+
+def lookahead_rewards(trainer: Any, roll: Rollout) -> torch.Tensor:
+    """``[B, K]`` training reward of the policy's one-step prediction at each window state,
+    ``r(decode(x_k - s_k v_k))`` (x0 = x_s - s v under x_s = (1 - s) x0 + s eps, v = eps - x0), with ``v_k`` the
+    guided velocity that drew step k. One decode and one reward call per window step."""
+    K = trainer.sde_steps
+    x0 = lookahead_latents(roll, K)
+    prompts = list(roll.prompts)
+    out = [trainer.score(trainer.decode(x0[:, k]), prompts) for k in range(K)]
+    return torch.stack(out, dim=1)
+
+
+def lookahead_latents(roll: Rollout, K: int) -> torch.Tensor:
+    """``[B, K, C, H, W]``: x0_k = x_k - s_k v_k for the window states."""
+    s = roll.sigmas[:K].view(1, K, 1, 1, 1).to(roll.trajectory.dtype)
+    return roll.trajectory[:, :K] - s * roll.velocities[:, :K]
 
 
 class ACFlow(FlowMatchingMethod):
@@ -32,14 +60,74 @@ class ACFlow(FlowMatchingMethod):
         # one image per group: running statistics (identical on every rank: fed the gathered rewards)
         return O.shape_rewards(rewards.all, None, clip=cfg.shaping_clip, running=trainer.running)[rewards.mine]
 
+    def shape_like_targets(self, trainer: Any, local: torch.Tensor, rewards: Rewards) -> torch.Tensor:
+        """Normalise per-image scores ``local`` [B] as the targets are (the same groups, no running update)."""
+        cfg = trainer.config
+        if not cfg.shaping:
+            return local
+        every = trainer.accelerator.gather(local.contiguous())
+        if trainer.group_size >= 2:
+            return O.shape_rewards(every, rewards.groups, clip=cfg.shaping_clip)[rewards.mine]
+        return O.shape_rewards(every, None, clip=cfg.shaping_clip, running=trainer.running,
+                               update_running=False)[rewards.mine]
+
     def warming_up(self, trainer: Any) -> bool:
         return trainer.iteration < trainer.config.critic_warmup_iterations
 
-    def advantages(self, trainer: Any, batches: list[StateBatch], targets: torch.Tensor, metrics: Metrics) -> None:
-        """A = clip(r~ - V(x_s, s, c), +-eps_A) with the critic as it was before this iteration (scored after its
-        updates, the critic would have fit these very samples and the advantages shrink); V = 0 while warming up."""
-        cfg, acc = trainer.config, trainer.accelerator
+    def window_values(self, trainer: Any, roll: Rollout, z: torch.Tensor | None) -> torch.Tensor:
+        """``[B, K]`` the critic's V at every window state x_0 .. x_{K-1} (no gradient)."""
+        cfg, K = trainer.config, trainer.sde_steps
+        B = roll.latents.shape[0]
+        if cfg.critic == "zero":
+            return torch.zeros(B, K, device=trainer.device)
+        out = []
+        with torch.no_grad(), trainer.accelerator.autocast():
+            for k in range(K):
+                sigma = roll.sigmas[k].expand(B)
+                if cfg.critic == "latent":
+                    out.append(trainer.critic(roll.trajectory[:, k], sigma, roll.pooled).float())
+                else:
+                    x0 = lookahead_latents(roll, K)[:, k] if trainer.critic_has_image else None
+                    out.append(trainer.critic(z[:, k], sigma, roll.pooled, x0=x0).float())
+        return torch.stack(out, dim=1)
+
+    def advantages(self, trainer: Any, batches: list[StateBatch], targets: torch.Tensor, metrics: Metrics,
+                   roll: Rollout, rewards: Rewards) -> None:
+        """A_k of each state from the critic as it was before this iteration (scored after its updates, the critic
+        would have fit these very samples and the advantages shrink); V = 0 while warming up. Logs the critic's
+        held-out explained variance per window step, ``critic_ev_k<k>``, before it sees these states."""
+        cfg = trainer.config
         warm = self.warming_up(trainer)
+        z = None
+        if cfg.critic == "lookahead":
+            raw = lookahead_rewards(trainer, roll)
+            z = torch.stack([self.shape_like_targets(trainer, raw[:, k], rewards)
+                             for k in range(raw.shape[1])], dim=1)
+            for k in range(z.shape[1]):
+                metrics.add(f"lookahead_ev_k{k}", O.explained_variance(z[:, k], targets))
+        values = None
+        if cfg.critic != "zero":
+            values = self.window_values(trainer, roll, z)
+            for k in range(values.shape[1]):
+                metrics.add(f"critic_ev_k{k}", O.explained_variance(values[:, k], targets))
+        if cfg.critic == "latent" and cfg.advantage_estimator == "mc":
+            self._latent_mc_advantages(trainer, batches, targets, metrics, warm)  # the original per-batch form
+        else:
+            v = torch.zeros(roll.latents.shape[0], trainer.sde_steps, device=trainer.device) \
+                if (warm or values is None) else values
+            lam = 1.0 if warm else LAMBDA.get(cfg.advantage_estimator, cfg.gae_lambda)
+            table = O.step_advantages(v, targets, lam=lam)  # [B, K]
+            for b in batches:
+                adv = table[b.idx, b.step]
+                b.values = v[b.idx, b.step]
+                b.adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
+                metrics.add("advantage_clip_fraction", (adv.abs() > cfg.advantage_clip).float().mean())
+        if cfg.critic == "lookahead":
+            self.fit_lookahead(trainer, roll, z, targets, metrics)
+
+    def _latent_mc_advantages(self, trainer, batches, targets, metrics, warm) -> None:
+        """A = clip(r~ - V(x_s, s, c), +-eps_A) per minibatch (critic='latent', mc)."""
+        cfg, acc = trainer.config, trainer.accelerator
         for b in batches:
             tgt = targets[b.idx]
             with torch.no_grad(), acc.autocast():
@@ -48,18 +136,47 @@ class ACFlow(FlowMatchingMethod):
             metrics.add("advantage_clip_fraction", clip_frac)
             metrics.add("explained_variance", O.explained_variance(b.values, tgt))
 
-    def critic_step(self, trainer: Any, b: StateBatch, targets: torch.Tensor, metrics: Metrics) -> bool:
-        """L_V = mean (V(x_s, s, c) - r~)^2; during a "frozen" warm-up the actor waits."""
-        acc = trainer.accelerator
-        with acc.autocast():
-            lv = O.critic_loss(trainer.critic(b.x_s, b.sigma, b.pooled).float(), targets[b.idx])
+    def fit_lookahead(self, trainer: Any, roll: Rollout, z: torch.Tensor, targets: torch.Tensor,
+                      metrics: Metrics) -> None:
+        """Add this iteration's window states to the replay buffer (the last ``critic_buffer_iterations``
+        iterations), then ``critic_steps`` Adam steps of L_V = mean (V(x_k) - r~)^2 on random buffer minibatches."""
+        cfg, K = trainer.config, trainer.sde_steps
+        B = z.shape[0]
+        buffer = trainer.critic_buffer
+        entry = {"z": z.reshape(-1).detach(), "sigma": roll.sigmas[:K].repeat(B).detach(),
+                 "pooled": roll.pooled.repeat_interleave(K, dim=0).detach(),
+                 "target": targets.repeat_interleave(K).detach()}
+        if trainer.critic_has_image:
+            entry["x0"] = lookahead_latents(roll, K).flatten(0, 1).detach()
+        buffer.append(entry)
+        data = {key: torch.cat([e[key] for e in buffer]) for key in entry}
+        n = data["z"].shape[0]
+        gen = generator(cfg.seed, trainer.iteration, trainer.accelerator.process_index + 1, 5)
+        for _ in range(cfg.critic_steps):
+            i = torch.randperm(n, generator=gen)[: cfg.critic_batch_size].to(trainer.device)
+            with trainer.accelerator.autocast():
+                v = trainer.critic(data["z"][i], data["sigma"][i], data["pooled"][i],
+                                   x0=data["x0"][i] if "x0" in data else None).float()
+                lv = O.critic_loss(v, data["target"][i])
+            self._critic_backward(trainer, lv)
+            metrics.add("critic_loss", lv.detach())
+
+    def _critic_backward(self, trainer: Any, lv: torch.Tensor) -> None:
         trainer.critic_optimizer.zero_grad(set_to_none=True)
         if trainer.critic_prepared:
-            acc.backward(lv)
+            trainer.accelerator.backward(lv)
         else:  # replicated beside a sharded transformer: its own backward (no fp16 scaler of the transformer's)
             lv.backward()
         trainer.critic_optimizer.step()
-        metrics.add("critic_loss", lv.detach())
+
+    def critic_step(self, trainer: Any, b: StateBatch, targets: torch.Tensor, metrics: Metrics) -> bool:
+        """critic='latent': L_V = mean (V(x_s, s, c) - r~)^2 on the minibatch. During a "frozen" warm-up the actor
+        waits."""
+        if trainer.config.critic == "latent":
+            with trainer.accelerator.autocast():
+                lv = O.critic_loss(trainer.critic(b.x_s, b.sigma, b.pooled).float(), targets[b.idx])
+            self._critic_backward(trainer, lv)
+            metrics.add("critic_loss", lv.detach())
         return not (self.warming_up(trainer) and trainer.config.warmup_actor == "frozen")
 
     def loss(self, trainer: Any, v: torch.Tensor, b: StateBatch, v_ref: torch.Tensor | None):

@@ -67,6 +67,7 @@ class StateBatch:
     adv: torch.Tensor | None = None           # the advantage of each state
     values: torch.Tensor | None = None        # the critic's V at the states (acflow)
     old_log_prob: torch.Tensor | None = None  # awm: -||v_old - u||^2
+    step: torch.Tensor | None = None          # trajectory states: the window step k of each state
 
 
 class Metrics:

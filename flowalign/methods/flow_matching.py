@@ -70,7 +70,7 @@ def draw_states(trainer: Any, roll: Rollout, idx: torch.Tensor, gen: torch.Gener
         target, fm_scale = sde_step_velocity(x_s, traj[idx, k + 1], sigma, grid[k + 1], cfg.noise_level)
         v_old = roll.velocities[idx, k] if cfg.centered_weights else None
         return StateBatch(idx=idx, x_s=x_s, sigma=sigma, target=target, pooled=roll.pooled[idx], fm_scale=fm_scale,
-                          v_old=v_old)
+                          v_old=v_old, step=k)
     x0 = roll.latents[idx]
     sigma = O.sample_sigmas(idx.numel(), generator=gen, scheme=cfg.sigma_sampling, shift=trainer.sigma_shift).to(device)
     eps = torch.randn(x0.shape, generator=gen).to(device)
@@ -103,8 +103,9 @@ class FlowMatchingMethod(Method):
     def prepare(self, trainer: Any, batches: list[StateBatch], field: Field) -> None:
         """Precompute what the loss needs of the sampling policy at the states (before any update)."""
 
-    def advantages(self, trainer: Any, batches: list[StateBatch], targets: torch.Tensor, metrics: Metrics) -> None:
-        """Each state's advantage: its image's target."""
+    def advantages(self, trainer: Any, batches: list[StateBatch], targets: torch.Tensor, metrics: Metrics,
+                   roll: Rollout, rewards: Rewards) -> None:
+        """Each state's advantage: its image's target (``roll`` / ``rewards``: the iteration's, for a critic)."""
         for b in batches:
             b.adv = targets[b.idx]
 
@@ -123,7 +124,7 @@ class FlowMatchingMethod(Method):
         metrics, timing = Metrics(), {"time_critic": 0.0, "time_actor": 0.0}
         self.prepare(trainer, batches, field)
         tc = time.perf_counter()
-        self.advantages(trainer, batches, targets, metrics)  # once, with the critic as it was before this iteration
+        self.advantages(trainer, batches, targets, metrics, roll, rewards)  # once, with the critic before this iteration
         timing["time_critic"] += time.perf_counter() - tc
         trainer.transformer.train()
         for b in batches:
