@@ -82,6 +82,12 @@ evaluation (2 + 3 + 6 + 18 = 29 prompts); ``split="train"`` never yields them an
 prompts) and two_objects (6) are too small to split and are shared by both splits, so "train" has
 97 prompts and "heldout" 38. ``split=None`` (or ``"all"``) means every prompt.
 
+Prompts that name no colour (``NOCOLOR_FAMILIES``: single_object, two_objects, counting, position;
+``prompt_source(NOCOLOR_FAMILIES)``, ``prompts: shapes_nocolor`` in a training config) keep the same
+per-family split: 34 train prompts (3 + 6 + 7 + 18) and 17 held out (3 + 6 + 2 + 6). The model picks
+every colour of their images, so :func:`dominant_colors` of its samples measures what it chose
+(``flowalign.shapes_eval.colour_entropy_per_group``).
+
 Example::
 
     >>> import numpy as np
@@ -122,10 +128,14 @@ __all__ = [
     "all_prompts",
     "sample_prompt",
     "heldout_prompts",
+    "prompt_source",
+    "NOCOLOR_FAMILIES",
     "render_prompt",
     "render_objects",
     "detect_objects",
     "classify_shape",
+    "dominant_colors",
+    "NO_FOREGROUND",
     "verify",
     "verify_batch",
     "ShapesDataset",
@@ -145,6 +155,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (255, 255, 255)
 FAMILIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+NOCOLOR_FAMILIES = ("single_object", "two_objects", "counting", "position")  # the families whose prompts name no colour
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 COUNT_WORDS = {"two": 2, "three": 3, "four": 4}
 SPLITS = ("train", "heldout")
@@ -157,6 +168,7 @@ SIZES_MANY = (7, 9)  # ... with 3-4 objects
 ALPHA_THRESHOLD = 0.5  # a pixel is foreground when it is more than half palette colour
 MIN_COLOR_COSINE = 0.92  # below: colour "other" (grey, black...); palette directions differ by >= 37 deg
 OTHER_COLOR = "other"  # colour of foreground whose hue is no palette colour; such objects still count
+NO_FOREGROUND = "none"  # dominant_colors of an image without foreground pixels
 MIN_AREA = 8  # pixels; smaller components are specks (the smallest rendered triangle has ~20)
 TRIANGLE_SKEWNESS = -0.15  # row-coordinate skewness: upright triangle -0.57, circle / square 0
 SQUARE_FILL_RATIO = 0.89  # square fills its bounding box (1.0), a disc pi/4
@@ -323,15 +335,27 @@ def _family_prompts(family: str, split: str | None) -> list[str]:
     raise ValueError(f"unknown split {split!r}; choose 'train', 'heldout' or None (all prompts)")
 
 
-def all_prompts(split: str | None = None) -> list[str]:
-    """Every prompt of ``split`` ("train", "heldout", or None for all), grouped by family.
+def _check_families(families) -> tuple[str, ...]:
+    """``families`` (None = all) as a non-empty tuple of known families, in the order given."""
+    families = FAMILIES if families is None else tuple(families)
+    if not families:
+        raise ValueError(f"families must name at least one of {FAMILIES}, e.g. NOCOLOR_FAMILIES")
+    for family in families:
+        _check_family(family)
+    return families
+
+
+def all_prompts(split: str | None = None, families=None) -> list[str]:
+    """Every prompt of ``split`` ("train", "heldout", or None for all) in ``families`` (None = all), grouped by family.
 
     Example::
 
         >>> len(all_prompts()), len(all_prompts("train")), len(all_prompts("heldout"))
         (126, 97, 38)
+        >>> len(all_prompts("train", NOCOLOR_FAMILIES)), len(all_prompts("heldout", NOCOLOR_FAMILIES))
+        (34, 17)
     """
-    return [p for family in FAMILIES for p in _family_prompts(family, split)]
+    return [p for family in _check_families(families) for p in _family_prompts(family, split)]
 
 
 def sample_prompt(
@@ -350,44 +374,55 @@ def sample_prompt(
     return prompts[int(rng.integers(len(prompts)))]
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` evaluation prompts, balanced across families and deterministic in ``seed``.
+def heldout_prompts(n: int, seed: int = 0, families=None) -> list[str]:
+    """``n`` evaluation prompts of ``families`` (None = all), balanced across them and deterministic in ``seed``.
 
-    Families take turns in ``FAMILIES`` order; within a family the held-out prompts are visited in
-    a seeded random order, cycling when ``n`` exceeds them, so ``n = 6 k`` gives ``k`` per family.
+    Families take turns in the given order; within a family the held-out prompts are visited in
+    a seeded random order, cycling when ``n`` exceeds them, so ``n = 6 k`` gives ``k`` per family
+    (of the 6 ``FAMILIES``).
 
     Example::
 
         >>> [family_of(p) for p in heldout_prompts(6)] == list(FAMILIES)
         True
+        >>> [family_of(p) for p in heldout_prompts(4, families=NOCOLOR_FAMILIES)] == list(NOCOLOR_FAMILIES)
+        True
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    families = _check_families(families)
     rng = np.random.default_rng(seed)
-    orders = {f: [str(p) for p in rng.permutation(_family_prompts(f, "heldout"))] for f in FAMILIES}
+    orders = {f: [str(p) for p in rng.permutation(_family_prompts(f, "heldout"))] for f in families}
     out = []
     for i in range(n):
-        family = FAMILIES[i % len(FAMILIES)]
+        family = families[i % len(families)]
         order = orders[family]
         out.append(order[(i // len(FAMILIES)) % len(order)])
     return out
 
 
-def prompt_source() -> PromptSource:
+def prompt_source(families=None, unseen_rewards=None) -> PromptSource:
     """The shapes world as a :class:`flowalign.prompts.PromptSource` (``prompts: shapes`` in a training config).
 
-    Training prompts: the train split, drawn as the world draws them (a family uniformly, then one of its
-    prompts: :func:`sample_prompt`), the distribution the base model was pretrained on and the held-out
-    evaluation is balanced by; uniform over the list would give color_attr 54 of the 97 prompts and two_objects 6.
-    Held out: :func:`heldout_prompts`.
+    Training prompts: the train split of ``families`` (None = all ``FAMILIES``), drawn as the world draws them (a
+    family uniformly, then one of its prompts: :func:`sample_prompt`), the distribution the base model was
+    pretrained on and the held-out evaluation is balanced by; uniform over the list would give color_attr 54 of
+    the 97 prompts and two_objects 6. Held out: :func:`heldout_prompts` of the same families. Unseen rewards
+    (None): the verifier (``shapes_binary``) and ``jpeg_compressibility``.
 
-    Example: ``source = prompt_source(); len(source.train), source.heldout_prompts(6)``.
+    Example::
+
+        >>> source = prompt_source()
+        >>> len(source.train), len(prompt_source(NOCOLOR_FAMILIES).train)
+        (97, 34)
     """
-    train = all_prompts("train")
-    families = [family_of(p) for p in train]
-    sizes = {f: families.count(f) for f in set(families)}
-    return PromptSource(train, weights=[1.0 / (len(sizes) * sizes[f]) for f in families], heldout=heldout_prompts,
-                        unseen_rewards=["shapes_binary", "jpeg_compressibility"])
+    families = _check_families(families)
+    train = all_prompts("train", families)
+    of = [family_of(p) for p in train]
+    sizes = {f: of.count(f) for f in families}
+    return PromptSource(train, weights=[1.0 / (len(sizes) * sizes[f]) for f in of],
+                        heldout=functools.partial(heldout_prompts, families=families),
+                        unseen_rewards=list(unseen_rewards or ["shapes_binary", "jpeg_compressibility"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,10 +661,9 @@ def _to_float_hwc(image) -> np.ndarray:
     raise ValueError(f"expected a uint8 or float image, got dtype {image.dtype}")
 
 
-def _detect(batch: np.ndarray) -> list[list[DetectedObject]]:
-    """Objects of each image of a float ``[B, H, W, 3]`` batch in [0, 1]."""
-    n_images, height, width, _ = batch.shape
-    n_planes = len(_COLOR_NAMES) + 1  # palette colours, then OTHER_COLOR
+def _classify_pixels(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 of the verifier on a float ``[B, H, W, 3]`` batch: ``(colour index, foreground)``, flat ``[B*H*W]``;
+    the index is into ``_COLOR_NAMES + (OTHER_COLOR,)`` (``len(_COLOR_NAMES)`` = off-palette)."""
     # bg - p = alpha * (bg - c) for a background / colour mix; project on every palette direction.
     diff = (_BG - batch).reshape(-1, 3)  # [N, 3]
     projection = diff @ _UNIT_DIRS.T  # [N, K] = |bg - p| * cos(angle to bg - c)
@@ -638,7 +672,41 @@ def _detect(batch: np.ndarray) -> list[list[DetectedObject]]:
     alpha = best_projection / _DIR_NORMS[best]  # coverage of the best colour
     norm = np.sqrt(np.einsum("ij,ij->i", diff, diff))
     foreground = alpha > ALPHA_THRESHOLD
-    best[best_projection <= MIN_COLOR_COSINE * norm] = n_planes - 1  # off-palette: "other"
+    best[best_projection <= MIN_COLOR_COSINE * norm] = len(_COLOR_NAMES)  # off-palette: "other"
+    return best, foreground
+
+
+def dominant_colors(images) -> list[str]:
+    """The colour most of each image's foreground pixels have, classified as the verifier classifies them.
+
+    Step 1 of the verifier (module docstring) names every foreground pixel's colour, a ``COLORS`` name or
+    ``OTHER_COLOR``; an image's dominant colour is the one with the most foreground pixels (ties: ``COLORS``
+    order, then "other"), ``NO_FOREGROUND`` ("none") when it has no foreground pixel. ``images``: what
+    :func:`verify_batch` accepts (a float tensor ``[B, 3, H, W]`` in [0, 1], or a list of images).
+
+    Example::
+
+        >>> rng = np.random.default_rng(0)
+        >>> two_red_one_blue = render_objects([("square", "red"), ("square", "red"), ("circle", "blue")], rng)
+        >>> dominant_colors([two_red_one_blue, np.full((32, 32, 3), 255, np.uint8)])  # a white image: no foreground
+        ['red', 'none']
+    """
+    batch = _to_float_batch(images)
+    best, foreground = _classify_pixels(batch)
+    n_colors = len(_COLOR_NAMES) + 1
+    image_index = np.repeat(np.arange(batch.shape[0]), batch.shape[1] * batch.shape[2])
+    # counts[b, c] = number of foreground pixels of image b classified as colour c
+    counts = np.zeros((batch.shape[0], n_colors), dtype=np.int64)
+    np.add.at(counts, (image_index[foreground], best[foreground]), 1)
+    names = _COLOR_NAMES + (OTHER_COLOR,)
+    return [names[int(row.argmax())] if row.any() else NO_FOREGROUND for row in counts]
+
+
+def _detect(batch: np.ndarray) -> list[list[DetectedObject]]:
+    """Objects of each image of a float ``[B, H, W, 3]`` batch in [0, 1]."""
+    n_images, height, width, _ = batch.shape
+    n_planes = len(_COLOR_NAMES) + 1  # palette colours, then OTHER_COLOR
+    best, foreground = _classify_pixels(batch)
     # One plane per (image, colour); label them all in one call, no connections across planes.
     plane_index = np.arange(n_images)[:, None] * n_planes + best.reshape(n_images, -1)  # [B, H*W]
     planes = np.zeros((n_images * n_planes, height * width), dtype=bool)

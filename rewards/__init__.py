@@ -19,6 +19,10 @@ name                        what                                                
 ``jpeg_compressibility``    minus JPEG size in kB (quality 95)                     no
 ``jpeg_incompressibility``  JPEG size in kB (quality 95)                           no
 ``shapes`` / ``shapes_binary``  shapes-world verifier: fraction / all satisfied    no
+``redness``                 mean over pixels of R - max(G, B)                      yes
+``png_compressibility``     minus lossless PNG size in kB                          no
+``red_jpeg``                0.5 z(redness) + 0.5 z(jpeg_compressibility), fixed    no
+                            base-model means / stds (the credit-assignment task)
 ==========================  =====================================================  ==============
 
 Mixtures: ``Mixture([(reward, weight), ...], normalize="zscore")`` or
@@ -34,8 +38,8 @@ Example::
     mix = rewards.Mixture([(pick, 0.5), (hps, 0.5)], normalize="zscore")
     scores = mix(images, prompts)                                  # images: [B, 3, H, W] in [0, 1]
 
-    rewards.register("redness", lambda: rewards.as_reward(lambda x, p: x[:, 0].mean((1, 2))))
-    red = rewards.load("redness")
+    rewards.register("mean_red", lambda: rewards.as_reward(lambda x, p: x[:, 0].mean((1, 2))))
+    red = rewards.load("mean_red")
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ _LAZY = {
     "JpegCompressibility": "flowalign.rewards.jpeg",
     "JpegIncompressibility": "flowalign.rewards.jpeg",
     "ShapesVerifier": "flowalign.rewards.shapes",
+    "Redness": "flowalign.rewards.credit",
+    "PngCompressibility": "flowalign.rewards.credit",
 }
 
 __all__ = [
@@ -85,6 +91,8 @@ __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "ShapesVerifier",
+    "Redness",
+    "PngCompressibility",
 ]
 
 

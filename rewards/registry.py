@@ -16,8 +16,8 @@ Example::
 
     from flowalign import rewards
 
-    rewards.register("redness", lambda: rewards.as_reward(lambda images, prompts: images[:, 0].mean((1, 2))))
-    reward = rewards.load("redness")
+    rewards.register("mean_red", lambda: rewards.as_reward(lambda images, prompts: images[:, 0].mean((1, 2))))
+    reward = rewards.load("mean_red")
     mixture = rewards.load_mixture(["pickscore=0.7", "aesthetic=0.3"], normalize="zscore")
 """
 
@@ -44,6 +44,9 @@ _BUILTINS: dict[str, tuple[str, dict[str, Any]]] = {
     "jpeg_incompressibility": ("flowalign.rewards.jpeg:JpegIncompressibility", {}),
     "shapes": ("flowalign.rewards.shapes:ShapesVerifier", {"binary": False}),
     "shapes_binary": ("flowalign.rewards.shapes:ShapesVerifier", {"binary": True}),
+    "redness": ("flowalign.rewards.credit:Redness", {}),
+    "png_compressibility": ("flowalign.rewards.credit:PngCompressibility", {}),
+    "red_jpeg": ("flowalign.rewards.credit:red_jpeg", {}),
 }
 _ALIASES = {
     "image_reward": "imagereward",

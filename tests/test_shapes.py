@@ -1,4 +1,5 @@
-"""Tests of the shapes world (flowalign.shapes): prompts, splits, rendering, verifier."""
+"""Tests of the shapes world (flowalign.shapes): prompts, splits, rendering, verifier; the no-colour prompt source
+and its colour-entropy read-out (flowalign.shapes_eval)."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ from PIL import Image
 from scipy import ndimage
 
 from flowalign import shapes
+from flowalign.prompts import load_prompts
+from flowalign.shapes_eval import NOCOLOR_UNSEEN_REWARDS, colour_entropy_per_group
 
 N_PROMPTS = 1000
 
@@ -129,6 +132,84 @@ def test_heldout_prompts_balanced_and_deterministic():
     for family in shapes.FAMILIES:
         n_family = len([p for p in shapes.all_prompts("heldout") if shapes.family_of(p) == family])
         assert len({p for p, f in zip(prompts, families) if f == family}) == min(10, n_family)
+
+
+def test_nocolor_prompts_name_no_colour_and_keep_the_split():
+    nocolor = shapes.NOCOLOR_FAMILIES
+    train, heldout = shapes.all_prompts("train", nocolor), shapes.all_prompts("heldout", nocolor)
+    assert (len(train), len(heldout)) == (3 + 6 + 7 + 18, 3 + 6 + 2 + 6)
+    colour_words = set(shapes.COLORS)
+    assert not any(colour_words & set(p.split()) for p in shapes.all_prompts(None, nocolor))
+    # the same split as the full world's, restricted to the no-colour families
+    assert set(train) == {p for p in shapes.all_prompts("train") if shapes.family_of(p) in nocolor}
+    assert set(heldout) == {p for p in shapes.all_prompts("heldout") if shapes.family_of(p) in nocolor}
+    assert {p for p in train if shapes.family_of(p) in ("counting", "position")}.isdisjoint(heldout)
+    prompts = shapes.heldout_prompts(40, seed=0, families=nocolor)
+    assert set(prompts) <= set(heldout) and prompts == shapes.heldout_prompts(40, seed=0, families=nocolor)
+    assert [shapes.family_of(p) for p in prompts[:8]] == list(nocolor) * 2
+    assert shapes.heldout_prompts(60, seed=3, families=shapes.FAMILIES) == shapes.heldout_prompts(60, seed=3)
+    with pytest.raises(ValueError, match="at least one"):
+        shapes.heldout_prompts(4, families=())
+    with pytest.raises(ValueError, match="unknown family 'colour'"):
+        shapes.all_prompts("train", families=["colour"])
+
+
+def test_nocolor_prompt_source_draws_family_balanced_and_reads_out_colour_entropy():
+    source = load_prompts("shapes_nocolor")
+    assert source.train == shapes.all_prompts("train", shapes.NOCOLOR_FAMILIES)
+    weights = source.sampling_weights()
+    per_family = {f: sum(float(w) for p, w in zip(source.train, weights) if shapes.family_of(p) == f)
+                  for f in shapes.NOCOLOR_FAMILIES}
+    assert per_family == pytest.approx({f: 0.25 for f in shapes.NOCOLOR_FAMILIES})  # a family uniformly, then a prompt
+    assert source.heldout_prompts(12, seed=1) == shapes.heldout_prompts(12, seed=1, families=shapes.NOCOLOR_FAMILIES)
+    # unseen rewards: the verifier, a JPEG-side reward that is not the training reward, then red_jpeg's parts
+    assert source.unseen_rewards == NOCOLOR_UNSEEN_REWARDS
+    assert source.unseen_rewards[:2] == ["shapes_binary", "png_compressibility"]
+    assert source.group_readouts == {"colour_entropy": colour_entropy_per_group}
+    full = load_prompts("shapes")
+    assert full.group_readouts == {} and len(full.train) == 97
+    assert full.heldout_prompts(30, seed=2) == shapes.heldout_prompts(30, seed=2)
+    with pytest.raises(TypeError, match="group_readouts\\['x'\\]"):
+        type(source)(["a"], group_readouts={"x": 3})
+
+
+def _flat(colour, n: int = 1) -> torch.Tensor:
+    """``n`` white 32 x 32 images with one 10 x 10 square of ``colour`` (RGB 0-255)."""
+    image = torch.ones(n, 3, 32, 32)
+    image[:, :, 5:15, 5:15] = torch.tensor(colour, dtype=torch.float32)[:, None, None] / 255
+    return image
+
+
+def test_dominant_colors_follow_the_verifiers_colour_classification():
+    rng = np.random.default_rng(5)
+    palette = list(shapes.COLORS)
+    images, expected = [], []
+    for i in range(24):  # one object, or a majority colour of two squares against a smaller circle
+        major, minor = palette[i % 4], palette[(i + 1 + i // 4) % 4]
+        objects = [("square", major)] if i % 2 else [("square", major), ("square", major), ("circle", minor)]
+        image = shapes.render_objects(objects, rng)
+        images.append(_blur_and_noise(image, rng) if i % 3 == 0 else image)  # decoded-like and clean
+        expected.append(major)
+    assert shapes.dominant_colors(images) == expected
+    assert shapes.dominant_colors(torch.cat([_flat((255, 255, 255)), _flat((60, 60, 60)), _flat((230, 0, 0))])) == [
+        shapes.NO_FOREGROUND, shapes.OTHER_COLOR, "red"]  # white: no foreground; dark grey: off-palette
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        shapes.dominant_colors(_flat((230, 0, 0)) * 2)
+
+
+def test_colour_entropy_per_group_on_constructed_images():
+    red, blue, green, yellow = (_flat(shapes.COLORS[c], 2) for c in ("red", "blue", "green", "yellow"))
+    images = torch.cat([red, red, red, blue, red, blue, green, yellow])  # 16 images
+    groups = ["all red"] * 4 + ["half"] * 4 + ["four"] * 8
+    values = colour_entropy_per_group(images, groups)
+    assert values["all red"] == 0.0
+    assert values["half"] == pytest.approx(np.log(2))  # p = (1/2, 1/2): -2 * 0.5 * log 0.5
+    assert values["four"] == pytest.approx(np.log(4))  # two images of each of 4 colours
+    three = colour_entropy_per_group(torch.cat([red, blue[:1]]), [7, 7, 7])  # p = (2/3, 1/3)
+    assert three == {7: pytest.approx(-(2 / 3) * np.log(2 / 3) - (1 / 3) * np.log(1 / 3))}
+    assert colour_entropy_per_group(red[:1], [0]) == {0: 0.0}
+    with pytest.raises(ValueError, match="3 images but 2 groups"):
+        colour_entropy_per_group(torch.cat([red, blue[:1]]), [0, 1])
 
 
 # ---------------------------------------------------------------------------------------------
