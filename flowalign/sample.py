@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from flowalign import tiny
 from flowalign.checkpoints import resolve_checkpoint
 from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
+from flowalign.pipelines.rlg import RLG_MODES, SAMPLERS, check_sampler, get_rlg_mode
 from flowalign.prompts import read_prompt_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,11 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         default="exact",
-        choices=["exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond"],
+        choices=RLG_MODES,
         help="RLG evaluation mode (default exact; lora_scaled / shared_uncond are approximations).",
     )
     parser.add_argument(
-        "--sampler", default="ode", choices=["ode", "sde"], help="Euler ODE (default) or Flow-GRPO SDE."
+        "--sampler",
+        default="euler",
+        choices=[*SAMPLERS, "ode"],
+        help="euler: the Euler ODE sampler (default); sde: the Flow-GRPO SDE ('ode': deprecated name of euler).",
     )
     parser.add_argument("--sde-noise-level", type=float, default=0.7, help="SDE noise level a (default 0.7).")
     parser.add_argument("--negative-prompt", default="", help="Negative prompt for CFG (default empty).")
@@ -131,7 +135,6 @@ def _slug(text: str, length: int = 40) -> str:
 
 
 def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
-
     stock = (
         tiny.load_base_pipeline(device=device, dtype=dtype) if base is None else tiny.load_pipeline(base, device, dtype)
     )
@@ -142,7 +145,6 @@ def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
 
 def make_grid(images: list, rows: int, cols: int):
     """Paste ``rows * cols`` equally sized PIL images (row-major) into one image."""
-
     width, height = images[0].size
     grid = Image.new("RGB", (cols * width, rows * height), "white")
     for k, image in enumerate(images):
@@ -150,9 +152,34 @@ def make_grid(images: list, rows: int, cols: int):
     return grid
 
 
+def _settings(args: argparse.Namespace, pipe, device: str, dtype_name: str) -> dict:
+    """What every image of the run shares, as ``metadata.jsonl`` records it (the call's settings included)."""
+    return {
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "base": args.base or "flowalign:embedded-tiny-base",
+        "finetuned": str(args.finetuned),
+        "sampler": args.sampler,
+        "mode": args.mode,
+        "exact": get_rlg_mode(args.mode).exact,
+        "sde_noise_level": args.sde_noise_level if args.sampler == "sde" else None,
+        "negative_prompt": args.negative_prompt,
+        "height": args.height or pipe.default_sample_size * pipe.vae_scale_factor,
+        "width": args.width or pipe.default_sample_size * pipe.vae_scale_factor,
+        "max_sequence_length": args.max_sequence_length
+        or (tiny.MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256),
+        "device": str(device),
+        "dtype": dtype_name,
+        "compile": args.compile_backend if args.compile else None,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    """``flowalign sample``: check the arguments, load the pipeline, draw every (prompt, scale, seed), write the files.
 
-
+    Example: ``flowalign sample --finetuned runs/acflow --prompts "a red circle" --scales 0 1 2 --out samples/``.
+    """
+    args.sampler = check_sampler(args.sampler, argument="--sampler")  # "ode" -> "euler", with a FutureWarning
     try:
         check_rlg_sweep(args.scales)  # the pipeline's own check of a sweep (finite numbers, not empty)
     except (TypeError, ValueError) as error:
@@ -168,13 +195,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     pipe = _load_pipeline(args.base, device, DTYPES[dtype_name])
-
     pipe.load_finetuned(resolve_checkpoint(args.finetuned), mode=args.mode)
     if args.compile:
         pipe.enable_compile(backend=args.compile_backend)
-    max_sequence_length = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if pipe.text_encoder_3 is None else 256)
-    height = args.height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = args.width or pipe.default_sample_size * pipe.vae_scale_factor
+    settings = _settings(args, pipe, device, dtype_name)
 
     images: dict[tuple[int, int, int], object] = {}  # (prompt index, seed index, scale index) -> PIL image
     records = []
@@ -192,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
                     rlg_max_rows=args.max_rows,
                     num_inference_steps=args.steps,
                     guidance_scale=args.cfg,
-                    height=height,
-                    width=width,
+                    height=settings["height"],
+                    width=settings["width"],
                     generator=generators,
-                    max_sequence_length=max_sequence_length,
+                    max_sequence_length=settings["max_sequence_length"],
                     sampler=args.sampler,
                     sde_noise_level=args.sde_noise_level,
                 )
@@ -207,30 +231,9 @@ def run(args: argparse.Namespace) -> int:
                         name = f"images/p{i:03d}_{_slug(prompt)}_w{scale:g}_seed{seed}.png"
                         image.save(out / name)
                         images[(i, s, j)] = image
+                        position = {"grid_row": i * len(args.seed) + s, "grid_col": j}
                         records.append(
-                            {
-                                "file": name,
-                                "prompt": prompt,
-                                "scale": scale,
-                                "seed": seed,
-                                "steps": args.steps,
-                                "cfg": args.cfg,
-                                "base": args.base or "flowalign:embedded-tiny-base",
-                                "finetuned": str(args.finetuned),
-                                "sampler": args.sampler,
-                                "mode": args.mode,
-                                "exact": args.mode not in ("lora_scaled", "shared_uncond"),
-                                "sde_noise_level": args.sde_noise_level if args.sampler == "sde" else None,
-                                "negative_prompt": args.negative_prompt,
-                                "height": height,
-                                "width": width,
-                                "max_sequence_length": max_sequence_length,
-                                "device": str(device),
-                                "dtype": dtype_name,
-                                "compile": args.compile_backend if args.compile else None,
-                                "grid_row": i * len(args.seed) + s,
-                                "grid_col": j,
-                            }
+                            {"file": name, "prompt": prompt, "scale": scale, "seed": seed, **settings, **position}
                         )
                 bar.update(len(batch) * len(args.scales))
 

@@ -22,38 +22,25 @@ samples a list of scales for every prompt from the same initial noise, the rows 
 need a model batched into one forward of that model per step.
 
 Schedules of w over the sampling steps (constant, linear ramp, "fine-tuned only for the first k
-steps", any callable) and THE check of every w live in :mod:`flowalign.pipelines.rlg_schedules`
-(re-exported here). What is in this file, top to bottom:
+steps", any callable) and THE check of every w live in :mod:`flowalign.pipelines.rlg_schedules`; the
+evaluation modes (``mode=`` / ``rlg_mode=``: ``exact``, ``exact_batched``, ``exact_two_pass``,
+``lora_scaled``, ``shared_uncond``), one small strategy each with THE check of a mode, in
+:mod:`flowalign.pipelines.rlg_modes`; CFG in :mod:`flowalign.pipelines.guidance` (names re-exported
+here). What is in this file, top to bottom:
 
-1. (schedules: see above)
-2. The *gate* on each LoRA branch that lets one forward pass evaluate base rows (LoRA skipped) and
+1. The *gate* on each LoRA branch that lets one forward pass evaluate base rows (LoRA skipped) and
    fine-tuned rows (LoRA on) together. Loading adapters lives in :mod:`flowalign.pipelines.lora_utils`
    (its names are re-exported here).
-3. :class:`RLGTransformer`, the model-level wrapper, with its evaluation modes.
-4. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned``,
-   ``rlg_scale`` and ``rlg_sweep``. Its ``__call__`` is the stock SD3 loop written out: prompts and
+2. :class:`RLGTransformer`, the model-level wrapper: w per row, the rows each model is needed for, the
+   forwards its evaluation mode asks for, and the mix.
+3. :class:`RLGStableDiffusion3Pipeline`, a ``StableDiffusion3Pipeline`` with ``load_finetuned``,
+   ``rlg_scale`` and ``rlg_sweep``. Its ``__call__`` is the stock SD3 call written out: prompts and
    x_T (repeated per scale of a sweep), timesteps, w of every row at every step (resolved and checked
-   once), then per step the RLG velocity ``v_base + w_t (v_ft - v_base)``, CFG and the scheduler step.
-   ``enable_compile()`` runs the transformer, the RLG mix and the SDE step under ``torch.compile`` (one
-   graph each, none recompiled from step to step; ``flowalign.compile``).
-
-Evaluation modes (``mode=``); model evaluations per step with CFG at 0 < w != 1 (2 at w = 0 or 1):
-
-==================  =====  ==========================================================================
-mode                exact  how
-==================  =====  ==========================================================================
-``exact``           yes    the fastest exact mode available (by measurement, ``flowalign bench rlg``):
-                           ``exact_batched`` for a LoRA fine-tune, ``exact_two_pass`` for a full one
-``exact_batched``   yes    LoRA only: ONE forward on the rows of both models; the LoRA branch is
-                           computed for the fine-tuned rows only, with PEFT's mixed-batch
-                           ``adapter_names`` (``"__base__"`` rows); 4 evaluations
-``exact_two_pass``  yes    one forward per model: base rows, then fine-tuned rows; 4 evaluations
-``lora_scaled``     no     LoRA only: ONE forward of the base with the LoRA scaled by w
-                           (``W + w * B A``); exact at w = 0 and w = 1 only; 2 evaluations
-``shared_uncond``   no     the unconditional CFG half uses the base model only (3 evaluations):
-                           ``v = v_base(u) + g * (v_rlg(c) - v_base(u))``; needs the CFG batch layout
-                           ``[uncond; cond]`` (``cfg_batch=True``, set by the RLG pipeline)
-==================  =====  ==========================================================================
+   once), then the denoising loop (:meth:`RLGStableDiffusion3Pipeline._denoise`): per step the RLG
+   velocity ``v_base + w_t (v_ft - v_base)``, CFG and the scheduler step (``sampler="euler"``: the stock
+   Euler scheduler, ``"sde"``: the Flow-GRPO SDE). ``enable_compile()`` runs the transformer, the RLG mix
+   and the SDE step under ``torch.compile`` (one graph each, none recompiled from step to step;
+   ``flowalign.compile``).
 
 Example::
 
@@ -97,6 +84,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     XLA_AVAILABLE,
     retrieve_timesteps,
 )
+from flowalign.pipelines.guidance import classifier_free_guidance
 from flowalign.pipelines.lora_utils import (
     check_lora_fits,
     check_same_architecture,
@@ -104,6 +92,13 @@ from flowalign.pipelines.lora_utils import (
     load_peft_adapter,
     save_peft_adapter,
     tuner_layers,
+)
+from flowalign.pipelines.rlg_modes import (
+    RLG_MODES,
+    EvaluationMode,
+    RLGMode,
+    RowPlan,
+    get_rlg_mode,
 )
 from flowalign.pipelines.rlg_schedules import (
     ConstantSchedule,
@@ -143,6 +138,7 @@ if XLA_AVAILABLE:  # the stock pipeline's TPU step marker
 
 __all__ = [
     "RLG_MODES",
+    "SAMPLERS",
     "ConstantSchedule",
     "FinetunedFirstSchedule",
     "LinearSchedule",
@@ -153,20 +149,44 @@ __all__ = [
     "check_rlg_scale",
     "check_rlg_sweep",
     "check_same_architecture",
+    "check_sampler",
+    "classifier_free_guidance",
     "constant_schedule",
     "finetuned_first_schedule",
+    "get_rlg_mode",
     "linear_schedule",
     "load_peft_adapter",
     "resolve_rlg_scales",
 ]
 
-RLGMode = Literal["exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond"]
-RLG_MODES: tuple[str, ...] = ("exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond")
-APPROXIMATE_MODES: tuple[str, ...] = ("lora_scaled", "shared_uncond")
+SAMPLERS: tuple[str, ...] = ("euler", "sde")  # the stock Euler ODE scheduler, the Flow-GRPO SDE scheduler
+DEPRECATED_SAMPLERS: dict[str, str] = {"ode": "euler"}  # old name -> its name now
+
+
+def check_sampler(sampler: str, argument: str = "sampler", stacklevel: int = 2) -> str:
+    """THE check of a sampler name: ``"euler"`` or ``"sde"``; the deprecated ``"ode"`` is ``"euler"``, with a FutureWarning.
+
+    ``stacklevel`` counts frames as ``warnings.warn`` does, from the function that calls ``check_sampler`` (2: its
+    caller, who passed the name).
+
+    Example: ``check_sampler("ode")`` warns and returns ``"euler"``; ``check_sampler("heun")`` raises ValueError.
+    """
+    if isinstance(sampler, str) and sampler in DEPRECATED_SAMPLERS:
+        new = DEPRECATED_SAMPLERS[sampler]
+        warnings.warn(
+            f"{argument}={sampler!r} is deprecated and will be removed; use {argument}={new!r} (the same Euler ODE "
+            "sampler, the name of diffusers' FlowMatchEulerDiscreteScheduler and of the training config).",
+            FutureWarning,
+            stacklevel=stacklevel + 1,  # + 1: this function's own frame
+        )
+        return new
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"{argument} must be 'euler' or 'sde', got {sampler!r}.")
+    return sampler
 
 
 # =============================================================================================
-# 2. The LoRA gate
+# 1. The LoRA gate
 # =============================================================================================
 class _LoRAGate:
     """Controls the LoRA branch of one adapter per forward pass, without replacing any module.
@@ -214,7 +234,7 @@ class _LoRAGate:
 
 
 # =============================================================================================
-# 3. The model-level wrapper
+# 2. The model-level wrapper
 # =============================================================================================
 class RLGTransformer(nn.Module):
     """A flow transformer that returns the RLG velocity ``v_base + w * (v_ft - v_base)`` for every row.
@@ -229,7 +249,9 @@ class RLGTransformer(nn.Module):
     w = 0 runs the base model only and a row with w = 1 the fine-tuned model only, and the output of
     an all-0 / all-1 batch is exactly the base / fine-tuned model's. A w given as a tensor
     (``set_rlg_scale(tensor)``) is not read on the host: every row runs both models (no host sync,
-    one graph under torch.compile).
+    one graph under torch.compile). Which rows each model runs on, and in how many forwards, is the
+    evaluation mode's strategy (``self.evaluation``, see :mod:`flowalign.pipelines.rlg_modes`); it calls
+    back :meth:`mixed_velocity` or :meth:`lora_scaled_velocity`.
 
     Args:
         transformer: the base transformer. For a LoRA fine-tune it carries the adapter
@@ -237,7 +259,7 @@ class RLGTransformer(nn.Module):
             copy of the weights); it must be the only active adapter.
         finetuned: a full fine-tuned transformer of the same architecture, or ``None`` for a LoRA.
         adapter_name: the LoRA adapter that makes the fine-tuned model (LoRA only).
-        mode: one of ``RLG_MODES`` (see the module docstring); ``"exact"`` by default.
+        mode: one of ``RLG_MODES`` (the strategies of :mod:`flowalign.pipelines.rlg_modes`); ``"exact"`` by default.
         rlg_scale: the initial w.
         max_rows: the most rows one forward of a model takes (a memory bound; ``None``: no bound).
 
@@ -322,12 +344,8 @@ class RLGTransformer(nn.Module):
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        if mode not in RLG_MODES:
-            raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
-        if mode in ("exact_batched", "lora_scaled") and self.adapter_name is None:
-            raise ValueError(
-                f"mode={mode!r} needs a LoRA fine-tune; with a full fine-tuned transformer use 'exact' or 'shared_uncond'."
-            )
+        lora = self.adapter_name is not None
+        self.evaluation: EvaluationMode = get_rlg_mode(mode, lora=lora).resolve(lora)  # the strategy that runs
         self._mode = mode
 
     @property
@@ -343,13 +361,11 @@ class RLGTransformer(nn.Module):
     @property
     def resolved_mode(self) -> str:
         """The mode actually run: ``exact`` resolves to the fastest exact mode for this fine-tune."""
-        if self._mode == "exact":
-            return "exact_batched" if self.adapter_name is not None else "exact_two_pass"
-        return self._mode
+        return self.evaluation.name
 
     @property
     def is_exact(self) -> bool:
-        return self._mode not in APPROXIMATE_MODES
+        return self.evaluation.exact
 
     def set_rlg_scale(self, rlg_scale: float | torch.Tensor) -> None:
         """Set one w for every row of the next forward calls.
@@ -422,61 +438,68 @@ class RLGTransformer(nn.Module):
         n = hidden_states.shape[0]
         # Inputs nested in containers (e.g. IP-adapter embeddings in joint_attention_kwargs) cannot be row-sliced.
         stackable = not any(_has_nested_tensor(v) for v in (*args, *kwargs.values()))
-        inputs = (hidden_states, args, kwargs)
-        if self.row_scales is None:
-            out = self._forward_tensor_scale(inputs, n, stackable)
-        else:
-            out = self._forward_host_scales(inputs, n, stackable, self._scales_of_rows(n))
+        scales = None if self.row_scales is None else self._scales_of_rows(n)  # w per row on the host, or a tensor
+        # v_base + w (v_ft - v_base): the evaluation mode decides which rows each model runs on, and how
+        out = self.evaluation.velocity(self, (hidden_states, args, kwargs), n, stackable, scales)
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
     def _scales_of_rows(self, n: int) -> list[float]:
-        """w of each of the n rows (the pattern repeated; 0 on the unconditional half in shared_uncond)."""
+        """w of each of the n rows: the pattern of ``row_scales`` repeated."""
         pattern = self.row_scales
         if n % len(pattern):
             raise RuntimeError(
                 f"The batch has {n} rows, not a multiple of the {len(pattern)} per-row scales set with set_row_scales."
             )
-        scales = pattern * (n // len(pattern))
-        if self._mode == "shared_uncond":
-            if not self.cfg_batch or n % 2:
-                raise RuntimeError(
-                    "mode='shared_uncond' needs the CFG batch layout [uncond; cond] (set cfg_batch=True; the RLG "
-                    "pipeline does it when guidance_scale > 1)."
-                )
-            scales[: n // 2] = [0.0] * (n // 2)  # unconditional rows: the base model only
-        return scales
+        return pattern * (n // len(pattern))
 
-    def _forward_host_scales(self, inputs, n: int, stackable: bool, scales: list[float]) -> torch.Tensor:
-        """w known per row on the host: rows with w = 0 skip the fine-tuned model, rows with w = 1 the base."""
-        hidden_states = inputs[0]
-        base_rows = [r for r, w in enumerate(scales) if w != 1.0]  # rows that need v_base
-        ft_rows = [r for r, w in enumerate(scales) if w != 0.0]  # rows that need v_ft
+    def mixed_velocity(self, inputs, n: int, stackable: bool, plan: RowPlan, one_pass: bool) -> torch.Tensor:
+        """``v_base`` on the plan's base rows, ``v_ft`` on its fine-tuned rows, mixed by w (the exact evaluation).
+
+        A row with w = 0 skips the fine-tuned model, a row with w = 1 the base model; ``one_pass``: a LoRA's two
+        sets of rows go through one forward. Rows with identical inputs (the scales of a sweep at its first step)
+        are evaluated once.
+        """
+        base_rows, ft_rows = plan.base_rows, plan.finetuned_rows
         if not stackable:  # cannot evaluate a subset of rows: every model on every row it is needed for
             base_rows = list(range(n)) if base_rows else []
             ft_rows = list(range(n)) if ft_rows else []
-        if self.resolved_mode == "lora_scaled" and base_rows and ft_rows:
-            # Approximate: f(W + w * BA) instead of f(W) + w * (f(W + BA) - f(W)); exact at w = 0 and 1.
-            w = torch.tensor(scales if len(set(scales)) > 1 else scales[0], device=hidden_states.device)
-            return self._run_chunked(self.base, inputs, n, list(range(n)), None, scale=w)
-        # Rows with identical inputs (the scales of a sweep at its first step) are evaluated once.
         sources = self._row_sources(n) if stackable else None
         base_eval = base_rows if sources is None else sorted({sources[r] for r in base_rows})
         ft_eval = ft_rows if sources is None else sorted({sources[r] for r in ft_rows})
-        v_base, v_ft = self._evaluate(inputs, n, base_eval, ft_eval)
-        # Back to one row per input row; rows that do not need a model get zeros, which lerp ignores.
+        v_base, v_ft = self._evaluate(inputs, n, base_eval, ft_eval, one_pass and stackable)
+        # Back to one row per input row; rows that do not need a model get zeros, which lerp ignores (w = 0 or 1).
         v_base = _spread(v_base, base_eval, base_rows, sources, n)
         v_ft = _spread(v_ft, ft_eval, ft_rows, sources, n)
         if not ft_rows:
             return v_base  # w = 0 on every row: the base model's output, untouched
         if not base_rows:
             return v_ft  # w = 1 on every row: the fine-tuned model's output, untouched
-        if len(set(scales)) == 1:
-            w = torch.tensor(scales[0], dtype=torch.float32, device=v_base.device)
+        return self.mix_fn(v_base, v_ft, self._mix_weight(plan, n, v_base))  # v_base + w (v_ft - v_base)
+
+    def lora_scaled_velocity(self, inputs, n: int, plan: RowPlan) -> torch.Tensor:
+        """ONE forward of the base with the LoRA scaled by w: ``f(W + w * BA)`` (``lora_scaled``, approximate)."""
+        if plan.scales is None:
+            w = self.rlg_scale.to(inputs[0].device)
         else:
-            w = torch.tensor(scales, dtype=torch.float32, device=v_base.device).view(n, *([1] * (v_base.ndim - 1)))
-        return self.mix_fn(v_base, v_ft, w)
+            scales = plan.scales
+            w = torch.tensor(scales if len(set(scales)) > 1 else scales[0], device=inputs[0].device)
+        return self._run_chunked(self.base, inputs, n, list(range(n)), None, scale=w)
+
+    def _mix_weight(self, plan: RowPlan, n: int, like: torch.Tensor) -> torch.Tensor:
+        """w of the mix: 0-d when every row has the same w, else one value per row, shaped ``(n, 1, ..., 1)``."""
+        per_row = (n, *([1] * (like.ndim - 1)))
+        if plan.scales is None:  # the tensor w on the fine-tuned rows, 0 (the base model) on the others
+            w = self.rlg_scale.to(like.device)
+            if len(plan.finetuned_rows) == n:
+                return w
+            mask = torch.zeros(n, dtype=torch.float32, device=like.device)
+            mask[plan.finetuned_rows] = 1.0
+            return (mask * w).view(per_row)
+        if len(set(plan.scales)) == 1:
+            return torch.tensor(plan.scales[0], dtype=torch.float32, device=like.device)
+        return torch.tensor(plan.scales, dtype=torch.float32, device=like.device).view(per_row)
 
     def _row_sources(self, n: int) -> list[int] | None:
         """For each row, the first row with the same inputs, or ``None`` (all rows distinct).
@@ -492,10 +515,9 @@ class RLGTransformer(nn.Module):
             return None
         return [(r // period) * period + r % size for r in range(n)]
 
-    def _evaluate(self, inputs, n: int, base_rows: list[int], ft_rows: list[int]):
-        """``(v_base on base_rows, v_ft on ft_rows)``: one forward per model, or ONE for both (exact_batched LoRA)."""
-        batched = self.resolved_mode in ("exact_batched", "shared_uncond")
-        if self.adapter_name is not None and batched and base_rows and ft_rows:
+    def _evaluate(self, inputs, n: int, base_rows: list[int], ft_rows: list[int], one_pass: bool):
+        """``(v_base on base_rows, v_ft on ft_rows)``: one forward per model, or ONE for both (``one_pass``, LoRA)."""
+        if self.adapter_name is not None and one_pass and base_rows and ft_rows:
             # LoRA off for the base rows, on for the fine-tuned rows, in the same pass: [x_base_rows; x_ft_rows].
             names = ["__base__"] * len(base_rows) + [self.adapter_name] * len(ft_rows)
             both = self._run_chunked(self.base, inputs, n, base_rows + ft_rows, names)
@@ -525,47 +547,6 @@ class RLGTransformer(nn.Module):
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    def _forward_tensor_scale(self, inputs, n: int, stackable: bool) -> torch.Tensor:
-        """w as a 0-d tensor (not read on the host): both models on every row, no data-dependent branching."""
-        hidden_states, args, kwargs = inputs
-        mode = self.resolved_mode
-        w = self.rlg_scale.to(hidden_states.device)
-        if mode == "lora_scaled":
-            # Approximate: f(W + w * BA) instead of f(W) + w * (f(W + BA) - f(W)); exact at w = 0 and 1.
-            return self._run(self.base, hidden_states, *args, scale=w, **kwargs)
-        if mode == "exact_batched" and stackable:
-            # One pass on [x; x]: LoRA off for the first n rows (base), on for the last n (fine-tuned).
-            rows = _stack_rows(self.unbatched_inputs, n, hidden_states, args, kwargs, 2)
-            both = self._run(self.base, rows[0], *rows[1], adapter_names=self._names(n, n), **rows[2])
-            return self.mix_fn(both[:n], both[n:], w)
-        if mode == "shared_uncond":
-            if not self.cfg_batch or n % 2:
-                raise RuntimeError(
-                    "mode='shared_uncond' needs the CFG batch layout [uncond; cond] (set cfg_batch=True; the RLG "
-                    "pipeline does it when guidance_scale > 1)."
-                )
-            m = n // 2
-            cond = _slice_rows(self.unbatched_inputs, n, slice(m, n), hidden_states, args, kwargs)
-            if self.adapter_name is not None and stackable:
-                # One pass on [x_uncond; x_cond; x_cond], LoRA on for the last m rows only: 3 evaluations.
-                rows = _concat_rows(self.unbatched_inputs, n, (hidden_states, args, kwargs), cond)
-                out3 = self._run(self.base, rows[0], *rows[1], adapter_names=self._names(n, m), **rows[2])
-                v_base, v_ft_cond = out3[:n], out3[n:]
-            else:
-                v_base = self._eval_base(hidden_states, *args, **kwargs)
-                v_ft_cond = self._eval_finetuned(cond[0], *cond[1], **cond[2])
-            # uncond rows: base only; cond rows: the RLG mix
-            return torch.cat([v_base[:m], self.mix_fn(v_base[m:], v_ft_cond, w)], dim=0)
-        # exact_two_pass (or exact_batched with inputs that cannot be stacked)
-        v_base = self._eval_base(hidden_states, *args, **kwargs)
-        v_ft = self._eval_finetuned(hidden_states, *args, **kwargs)
-        return self.mix_fn(v_base, v_ft, w)
-
-    def _names(self, base: int, finetuned: int) -> list[str] | None:
-        if self.adapter_name is None:
-            return None
-        return ["__base__"] * base + [self.adapter_name] * finetuned
-
     def _run(
         self,
         model: nn.Module,
@@ -584,13 +565,6 @@ class RLGTransformer(nn.Module):
         finally:
             if self._gate is not None:
                 self._gate.set()
-
-    def _eval_base(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._run(self.base, hidden_states, *args, adapter_names=self._names(hidden_states.shape[0], 0), **kwargs)
-
-    def _eval_finetuned(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        model = self.finetuned if self.finetuned is not None else self.base
-        return self._run(model, *args, **kwargs)
 
     # ---- per-step scales with any stock pipeline ------------------------------------------------------
     def follow_schedule(self, scheduler: Any, rlg_scale: RLGScale) -> torch.utils.hooks.RemovableHandle:
@@ -707,23 +681,8 @@ def _stack_rows(unbatched, n, hidden_states, args, kwargs, copies: int):
     return _map_rows(unbatched, n, lambda t: torch.cat([t] * copies, dim=0), hidden_states, args, kwargs)
 
 
-def _slice_rows(unbatched, n, rows: slice, hidden_states, args, kwargs):
-    return _map_rows(unbatched, n, lambda t: t[rows], hidden_states, args, kwargs)
-
-
-def _concat_rows(unbatched, n, first, second):
-    """Row-concatenate two input sets with the same structure (``first`` has n rows)."""
-    h1, a1, k1 = first
-    h2, a2, k2 = second
-    args = tuple(
-        torch.cat([x, y], 0) if _is_row_tensor(None, x, n, unbatched) else x for x, y in zip(a1, a2, strict=True)
-    )
-    kwargs = {k: torch.cat([v, k2[k]], 0) if _is_row_tensor(k, v, n, unbatched) else v for k, v in k1.items()}
-    return torch.cat([h1, h2], 0), args, kwargs
-
-
 # =============================================================================================
-# 4. The pipeline
+# 3. The pipeline
 # =============================================================================================
 # The stock call's parameters, in order (the RLG call repeats them by name; tests/test_rlg.py checks
 # that they match the installed diffusers, name, kind and default).
@@ -863,8 +822,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         """
         if self.rlg_transformer is not None:
             raise RuntimeError("A fine-tuned model is already attached; call unload_finetuned() first.")
-        if mode not in RLG_MODES:
-            raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
+        get_rlg_mode(mode)  # a bad name fails before anything loads; the fine-tune's kind is checked once attached
         finetuned = load_finetuned_model(self.transformer, source, adapter_name=adapter_name, pipeline=self, **kwargs)
         if finetuned is not None:
             self.finetuned_transformer = finetuned  # attaches (see __setattr__)
@@ -1009,8 +967,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         """Every check of the call's form before sampling; returns the scales (one entry without a sweep) and
         whether the call asked for RLG at all. The VALUES of w are checked once, by :meth:`_resolve_scales`."""
         attached = self.rlg_transformer
-        if rlg["sampler"] not in ("ode", "sde"):
-            raise ValueError(f"sampler must be 'ode' or 'sde', got {rlg['sampler']!r}.")
+        rlg["sampler"] = check_sampler(rlg["sampler"], stacklevel=4)  # "ode" -> "euler"; 4: past __call__ and no_grad
         if rlg["sampler"] == "sde":
             check_noise_level(rlg["sde_noise_level"], "sde_noise_level")
         steps = call["num_inference_steps"]
@@ -1029,25 +986,31 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         else:  # the default: the fine-tuned model (w = 1), or the base model when none is attached
             entries = [1.0 if attached is not None else 0.0]
         mode = rlg["rlg_mode"] if rlg["rlg_mode"] is not None else (attached.mode if attached else "exact")
-        if mode not in RLG_MODES:
-            raise ValueError(f"Unknown RLG mode {mode!r}; choose one of {RLG_MODES}.")
-        if attached is not None and mode in ("exact_batched", "lora_scaled") and attached.adapter_name is None:
-            raise ValueError(
-                f"rlg_mode={mode!r} needs a LoRA fine-tune; with a full fine-tuned transformer use 'exact' or "
-                "'shared_uncond'."
-            )
-        if mode == "shared_uncond" and call["skip_guidance_layers"] is not None:
-            raise ValueError("rlg_mode='shared_uncond' cannot be combined with skip_guidance_layers; use an exact mode.")
-        if mode == "shared_uncond" and not call["guidance_scale"] > 1:
-            raise ValueError(
-                f"rlg_mode='shared_uncond' shares the unconditional CFG branch, but guidance_scale="
-                f"{call['guidance_scale']} turns CFG off; use guidance_scale > 1 or an exact mode."
-            )
+        get_rlg_mode(
+            mode, lora=None if attached is None else attached.adapter_name is not None, argument="rlg_mode",
+            guidance_scale=call["guidance_scale"], skip_guidance_layers=call["skip_guidance_layers"],
+        )  # fmt: skip
         max_rows = rlg["rlg_max_rows"]
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"rlg_max_rows must be None (no bound) or an integer >= 1, got {max_rows!r}.")
         self._check_batch(call)
         return entries, asked
+
+    def _check_stock_inputs(self, call: dict) -> None:
+        """The stock call's ``check_inputs``, after filling in its default height / width and callback inputs."""
+        call["height"] = call["height"] or self.default_sample_size * self.vae_scale_factor
+        call["width"] = call["width"] or self.default_sample_size * self.vae_scale_factor
+        if isinstance(call["callback_on_step_end"], (PipelineCallback, MultiPipelineCallbacks)):
+            call["callback_on_step_end_tensor_inputs"] = call["callback_on_step_end"].tensor_inputs
+        self.check_inputs(
+            call["prompt"], call["prompt_2"], call["prompt_3"], call["height"], call["width"],
+            negative_prompt=call["negative_prompt"], negative_prompt_2=call["negative_prompt_2"],
+            negative_prompt_3=call["negative_prompt_3"], prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"], pooled_prompt_embeds=call["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"],
+            callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
+            max_sequence_length=call["max_sequence_length"],
+        )  # fmt: skip
 
     def _check_batch(self, call: dict) -> None:
         """Batch sizes of prompts, negative prompts, embeddings, generators and latents must agree."""
@@ -1118,7 +1081,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         rlg_sweep: Sequence[RLGScale] | None = None,
         rlg_mode: RLGMode | None = None,
         rlg_max_rows: int | None = None,
-        sampler: Literal["ode", "sde"] = "ode",
+        sampler: Literal["euler", "sde"] = "euler",
         sde_noise_level: float = 0.7,
     ):
         """Stock ``StableDiffusion3Pipeline.__call__`` (every argument, same meaning, the same output type) plus RLG.
@@ -1131,7 +1094,8 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 SDE) noise: paired, equal to one call per scale; image i at scale k is ``images[k * n_images + i]``.
             rlg_mode: evaluation mode for this call (default: the one given to ``load_finetuned``).
             rlg_max_rows: the most rows (images x CFG branches x models) per transformer forward (None: no bound).
-            sampler: ``"ode"`` (Euler, the stock scheduler) or ``"sde"`` (the Flow-GRPO SDE, noise from ``generator``).
+            sampler: ``"euler"`` (the stock Euler scheduler, an ODE) or ``"sde"`` (the Flow-GRPO SDE, noise from
+                ``generator``); ``"ode"``, the old name of ``"euler"``, is deprecated (FutureWarning).
             sde_noise_level: the SDE's ``a`` (Flow-GRPO uses 0.7).
 
         Every input is checked before the first step, every value of w once (``resolve_rlg_scales``) before the
@@ -1147,19 +1111,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         call = {name: arguments[name] for name in STOCK_CALL_PARAMETERS}
         options = {name: arguments[name] for name in RLG_CALL_PARAMETERS}
         entries, asked = self._check_rlg_call(call, options)
-        call["height"] = height or self.default_sample_size * self.vae_scale_factor
-        call["width"] = width or self.default_sample_size * self.vae_scale_factor
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            call["callback_on_step_end_tensor_inputs"] = callback_on_step_end.tensor_inputs
-        self.check_inputs(  # the stock checks, before anything runs
-            prompt, prompt_2, prompt_3, call["height"], call["width"],
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
-            max_sequence_length=max_sequence_length,
-        )  # fmt: skip
+        self._check_stock_inputs(call)  # the stock checks (and default size), before anything runs
         self._guidance_scale, self._skip_layer_guidance_scale = guidance_scale, skip_layer_guidance_scale
         self._clip_skip, self._joint_attention_kwargs, self._interrupt = clip_skip, joint_attention_kwargs, False
         device = self._execution_device
@@ -1178,7 +1130,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         return self._decode(latents, output_type, return_dict)
 
     def _sampling_scheduler(self, options: dict, generator: Any, copies: int):
-        """The stock scheduler (``sampler="ode"``), or the Flow-GRPO SDE scheduler on its timestep grid."""
+        """The stock scheduler (``sampler="euler"``), or the Flow-GRPO SDE scheduler on its timestep grid."""
         if options["sampler"] != "sde":
             return self.scheduler
         scheduler = FlowMatchSDEScheduler.from_scheduler(self.scheduler, options["sde_noise_level"], generator=generator)
@@ -1313,7 +1265,7 @@ class RLGStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 )[0]  # fmt: skip
                 if cfg:  # v = v_u + g (v_c - v_u)
                     v_uncond, v_cond = v.chunk(2)
-                    v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+                    v = classifier_free_guidance(v_uncond, v_cond, self.guidance_scale)
                     if skip_layers is not None and steps * call["skip_layer_guidance_start"] < i < steps * call["skip_layer_guidance_stop"]:
                         v_skip = model(
                             hidden_states=latents, timestep=t.expand(latents.shape[0]),

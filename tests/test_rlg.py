@@ -27,6 +27,7 @@ from flowalign.pipelines.lora_utils import (
     save_diffusers_lora,
     save_peft_adapter,
 )
+from flowalign.pipelines.rlg_modes import RLG_MODES, get_rlg_mode
 
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline
 
@@ -391,15 +392,15 @@ def test_from_pretrained_and_stock_outputs(world, tmp_path):
 
 def test_sde_sampler(world):
     with rlg_pipeline(world) as pipe:
-        ode = pipe(**sd3_kwargs(), rlg_scale=1.5).images
+        euler = pipe(**sd3_kwargs(), rlg_scale=1.5).images
         a0 = pipe(**sd3_kwargs(), rlg_scale=1.5, sampler="sde", sde_noise_level=0.0).images
         sde1 = pipe(**sd3_kwargs(), rlg_scale=1.5, sampler="sde").images
         sde2 = pipe(**sd3_kwargs(), rlg_scale=1.5, sampler="sde").images
         sde_other = pipe(**sd3_kwargs(generator=torch.Generator().manual_seed(1)), rlg_scale=1.5, sampler="sde").images
         assert isinstance(pipe.scheduler, type(world.pipe.scheduler))  # stock scheduler restored
-    assert max_diff(a0, ode) <= TOL  # a = 0 is the Euler ODE
+    assert max_diff(a0, euler) <= TOL  # a = 0 is the Euler ODE
     assert max_diff(sde1, sde2) == 0.0  # seeded
-    assert max_diff(sde1, ode) > 1e-3 and max_diff(sde1, sde_other) > 1e-3
+    assert max_diff(sde1, euler) > 1e-3 and max_diff(sde1, sde_other) > 1e-3
     sched = FlowMatchSDEScheduler.from_scheduler(world.pipe.scheduler, 0.7)
     assert sched.config.shift == world.pipe.scheduler.config.shift
 
@@ -435,6 +436,72 @@ def test_wrapper_velocities_all_modes(world):
             )
             rlg.remove_hooks()
             assert torch.allclose(transformer(x, **kw).sample, v_ft)  # hooks gone, adapter untouched
+    finally:
+        transformer.unload_lora()
+
+
+def test_evaluation_modes_one_strategy_each_checked_in_one_place():
+    """The modes' table (exact, evaluations per step with CFG) by hand, and every refusal of get_rlg_mode."""
+    assert RLG_MODES == ("exact", "exact_batched", "exact_two_pass", "lora_scaled", "shared_uncond")
+    assert {name: (get_rlg_mode(name).exact, get_rlg_mode(name).evaluations) for name in RLG_MODES} == {
+        "exact": (True, 4),
+        "exact_batched": (True, 4),
+        "exact_two_pass": (True, 4),
+        "lora_scaled": (False, 2),
+        "shared_uncond": (False, 3),
+    }
+    assert get_rlg_mode("exact").resolve(lora=True).name == "exact_batched"
+    assert get_rlg_mode("exact").resolve(lora=False).name == "exact_two_pass"
+    assert get_rlg_mode("shared_uncond", lora=False, guidance_scale=4.5).name == "shared_uncond"
+    with pytest.raises(ValueError, match=r"Unknown RLG mode 'fast'; choose one of \('exact', "):
+        get_rlg_mode("fast")
+    for name in ("exact_batched", "lora_scaled"):
+        with pytest.raises(ValueError, match=rf"rlg_mode='{name}' needs a LoRA fine-tune; .* use 'exact' or"):
+            get_rlg_mode(name, lora=False, argument="rlg_mode")
+        assert get_rlg_mode(name, lora=None).name == name  # the fine-tune's kind not known yet: not refused
+    with pytest.raises(ValueError, match=r"guidance_scale=1.0 turns CFG off"):
+        get_rlg_mode("shared_uncond", guidance_scale=1.0)
+    with pytest.raises(ValueError, match=r"cannot be combined with skip_guidance_layers"):
+        get_rlg_mode("shared_uncond", guidance_scale=4.5, skip_guidance_layers=[1])
+
+
+def test_tensor_w_runs_the_same_strategy_as_host_w(world):
+    """w as a tensor (not read on the host) goes through each mode's own strategy: the same velocity as w given as a
+    number, bit for bit, and shared_uncond's rows: the base model on [uncond; cond], the fine-tuned on cond only."""
+    transformer = world.pipe.transformer
+    add_random_lora(transformer, "v", rank=4, seed=3, std=0.1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        kw = dict(
+            encoder_hidden_states=torch.randn(4, 17, 128, generator=g),
+            pooled_projections=torch.randn(4, 128, generator=g),
+            timestep=torch.tensor([900.0, 400.0, 900.0, 400.0]),
+        )
+        rows = []
+        hook = transformer.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+        with torch.no_grad():
+            transformer.disable_lora()
+            v_base = transformer(x, **kw).sample
+            transformer.enable_lora()
+            rlg = RLGTransformer(transformer, adapter_name="v")
+            rlg.cfg_batch = True
+            for mode in RLG_MODES:
+                rlg.mode = mode
+                rlg.set_rlg_scale(0.7)
+                host = rlg(x, **kw).sample
+                rlg.set_rlg_scale(torch.tensor(0.7))
+                rows.clear()
+                tensor = rlg(x, **kw).sample
+                assert torch.equal(tensor, host), mode
+                if mode == "shared_uncond":
+                    assert rows == [4 + 2]  # one pass: base on the 4 rows, the fine-tuned model on the 2 cond rows
+                    assert torch.allclose(tensor[:2], v_base[:2], atol=1e-5)  # uncond half: the base model
+            rlg.cfg_batch = False
+            with pytest.raises(RuntimeError, match=r"mode='shared_uncond' needs the CFG batch layout"):
+                rlg(x, **kw)
+            rlg.remove_hooks()
+        hook.remove()
     finally:
         transformer.unload_lora()
 

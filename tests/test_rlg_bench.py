@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
+import torch
 
 from flowalign.bench import rlg as bench_rlg
 
@@ -78,6 +80,24 @@ def test_bench_rlg_report():
         assert pair["max_abs_diff"] <= 1e-4
         assert pair["speed_ratio_eager_over_compiled"] > 0
     assert compiled["pairs"]["rlg_exact_compiled"]["compile_s"] > compiled["pairs"]["rlg_exact_compiled"]["compiled_median_s"]
+
+
+def test_bench_rlg_stock_row_is_the_base_model():
+    """``stock_cfg`` is the stock pipeline on the base model: its images are a fresh stock ``StableDiffusion3Pipeline``
+    of the base components (no LoRA anywhere), not the fine-tuned model's (RLG at w = 1). Before the fix the stock
+    pipeline shared its transformer with the RLG pipeline, whose LoRA stays active outside RLG calls."""
+    args = _args("--sweep", "0", "1")
+    images: dict[str, np.ndarray] = {}
+    bench_rlg.run_benchmark(args, images=images)
+    pipe, _ = bench_rlg._tiny_pipeline("cpu", torch.float32)  # the base components, as the bench loads them
+    pipe.set_progress_bar_config(disable=True)
+    call = bench_rlg._call_kwargs(args, pipe, "cpu", torch.float32)
+    stock = bench_rlg._as_numpy(pipe(**call, generator=torch.Generator("cpu").manual_seed(0)))
+    at_w0, at_w1 = images["rlg_sweep"][:BATCH], images["rlg_sweep"][BATCH:]  # the sweep's blocks, w = 0 and w = 1
+    assert np.abs(images["stock_cfg"] - stock).max() <= 1e-6
+    assert np.abs(at_w0 - stock).max() <= 1e-5  # RLG at w = 0 is the base model too
+    assert np.abs(images["stock_cfg_finetuned"] - at_w1).max() <= 1e-5  # the fine-tuned row is RLG at w = 1
+    assert np.abs(images["stock_cfg"] - at_w1).max() > 1e-2  # and the stock row is not
 
 
 @pytest.fixture

@@ -157,10 +157,10 @@ def test_sweep_with_images_per_prompt_latents_and_sde(world):
         # SDE: the copies of an image share its step noise, so the sweep equals SDE calls per scale
         singles = [pipe(**sd3_kwargs(), rlg_scale=w, sampler="sde").images for w in (0.5, 2.0)]
         sweep = pipe(**sd3_kwargs(), rlg_sweep=[0.5, 2.0], sampler="sde").images
-        ode = pipe(**sd3_kwargs(), rlg_scale=0.5).images
+        euler = pipe(**sd3_kwargs(), rlg_scale=0.5).images
     for j, block in enumerate(blocks(sweep, 2)):
         assert max_diff(block, singles[j]) <= SWEEP_TOL
-    assert max_diff(singles[0], ode) > 1e-3  # the SDE really added noise
+    assert max_diff(singles[0], euler) > 1e-3  # the SDE really added noise
 
 
 def test_sweep_output_latents_and_tuple(world):
@@ -371,8 +371,24 @@ BAD_CALLS = [
     ({}, dict(rlg_mode="fast"), ValueError, r"Unknown RLG mode 'fast'"),
     (dict(guidance_scale=1.0), dict(rlg_mode="shared_uncond"), ValueError, r"guidance_scale=1.0 turns CFG off"),
     ({}, dict(sampler="sde", sde_noise_level=-1.0), ValueError, r"sde_noise_level must be a finite number >= 0 .*got -1.0"),
-    ({}, dict(sampler="euler"), ValueError, r"sampler must be 'ode' or 'sde', got 'euler'"),
+    ({}, dict(sampler="heun"), ValueError, r"sampler must be 'euler' or 'sde', got 'heun'"),
 ]
+
+
+def test_sampler_ode_is_the_deprecated_name_of_euler(world):
+    """One sampler vocabulary, the training config's: "euler" (the default) and "sde"; the old "ode" still samples
+    Euler, with a FutureWarning that names the replacement and points at the caller's line."""
+    with rlg_pipeline(world) as pipe:
+        default = pipe(**sd3_kwargs(), rlg_scale=1.5).images
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "euler" itself: no warning
+            euler = pipe(**sd3_kwargs(), rlg_scale=1.5, sampler="euler").images
+        with pytest.warns(FutureWarning, match=r"sampler='ode' is deprecated.*use sampler='euler'") as record:
+            ode = pipe(**sd3_kwargs(), rlg_scale=1.5, sampler="ode").images
+        sde = pipe(**sd3_kwargs(), rlg_scale=1.5, sampler="sde").images
+    assert [w.filename for w in record if w.category is FutureWarning] == [__file__]
+    assert max_diff(euler, default) == 0.0 and max_diff(ode, euler) == 0.0
+    assert max_diff(sde, euler) > 1e-3  # the other sampler really is another one
 
 
 @pytest.mark.parametrize("overrides,options,error,message", BAD_CALLS)

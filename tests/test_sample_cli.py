@@ -99,7 +99,7 @@ def test_sample_writes_images_grid_and_metadata(models, tmp_path):
         assert (r["steps"], r["cfg"], r["sampler"], r["mode"], r["height"], r["width"]) == (
             3,
             4.5,
-            "ode",
+            "euler",
             "exact",
             32,
             32,
@@ -187,6 +187,20 @@ def test_sample_without_base_uses_the_embedded_model(models, tmp_path, monkeypat
         "float32",
     )
     assert png(out / "grid.png").shape == (32, 32, 3)
+
+
+def test_sample_sampler_ode_is_the_deprecated_name_of_euler(models, tmp_path):
+    """``--sampler euler`` is the default; the old name ``ode`` still samples Euler (the same images), with a
+    FutureWarning naming the replacement, and the metadata says "euler"."""
+    _, base, lora = models
+    args = ["--base", base, "--finetuned", lora, "--prompts", "a red circle", "--scales", 1.5, "--steps", 2,
+            "--device", "cpu"]  # fmt: skip
+    sample([*args, "--out", tmp_path / "euler"])
+    with pytest.warns(FutureWarning, match=r"--sampler='ode' is deprecated.*use --sampler='euler'"):
+        sample([*args, "--sampler", "ode", "--out", tmp_path / "ode"])
+    records = {name: json.loads((tmp_path / name / "metadata.jsonl").read_text()) for name in ("euler", "ode")}
+    assert records["euler"]["sampler"] == records["ode"]["sampler"] == "euler"
+    assert np.array_equal(png(tmp_path / "ode" / records["ode"]["file"]), png(tmp_path / "euler" / records["euler"]["file"]))
 
 
 @pytest.mark.parametrize(

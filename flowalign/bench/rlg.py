@@ -2,8 +2,10 @@
 
 Variants (all: CFG, same prompts, steps and seed; RLG at ``--scale``):
 
-- ``stock_cfg``: the stock ``StableDiffusion3Pipeline`` on the base model (2 evaluations per step).
-- ``stock_cfg_finetuned``: the stock pipeline on the fine-tuned model (base + LoRA), for reference.
+- ``stock_cfg``: the stock ``StableDiffusion3Pipeline`` on the base model (2 evaluations per step): a transformer
+  without any LoRA layer (the RLG pipeline holds its own copy, which carries the LoRA).
+- ``stock_cfg_finetuned``: the stock pipeline on the fine-tuned model (the RLG pipeline's transformer: base + LoRA,
+  the LoRA active as it is outside RLG calls), for reference; its images are RLG's at w = 1.
 - ``rlg_exact``: ``RLGStableDiffusion3Pipeline`` in its default exact mode (4 evaluations per step).
 - ``rlg_exact_<other>``: the other exact evaluation(s), to show why ``exact`` picks what it picks.
 - ``rlg_lora_scaled`` / ``rlg_shared_uncond``: the approximate modes (2 / 3 evaluations per step).
@@ -54,7 +56,9 @@ from peft import PeftModel
 
 from flowalign import tiny
 from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
+from flowalign.pipelines.guidance import classifier_free_guidance
 from flowalign.pipelines.lora_utils import add_random_lora, save_peft_adapter
+from flowalign.pipelines.rlg_modes import get_rlg_mode
 from flowalign.sampling import sde_step
 
 SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -125,7 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Set-up
 # ------------------------------------------------------------------------------------------------
 def _tiny_pipeline(device, dtype):
-
     try:
         return tiny.load_base_pipeline(device=device, dtype=dtype), "embedded tiny base model"
     except FileNotFoundError:
@@ -135,8 +138,6 @@ def _tiny_pipeline(device, dtype):
 
 def _sd3_random_pipeline(device, dtype, layers, resolution):
     """An SD3-medium-sized transformer (random weights) inside a pipeline with tiny text encoders / VAE stand-ins."""
-
-
     config = dict(SD3_MEDIUM, num_layers=layers or SD3_MEDIUM["num_layers"])
     torch.manual_seed(0)
     with torch.device(device):
@@ -163,7 +164,6 @@ def _sd3_random_pipeline(device, dtype, layers, resolution):
 
 def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
     """Inputs shared by all variants; sd3-random feeds random prompt embeddings and returns latents."""
-
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.model == "tiny":
@@ -189,7 +189,6 @@ def _call_kwargs(args, pipe, device, dtype, scale_kwargs=True):
 @torch.no_grad()
 def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, generator: torch.Generator):
     """Two sequential transformer calls per step (LoRA on, then off), RLG mix, CFG, SDE step with log-prob."""
-
     device = pipe._execution_device
     cfg = call_kwargs["guidance_scale"]
     if "prompt" in call_kwargs:
@@ -223,9 +222,9 @@ def reference_loop(pipe, peft_model, call_kwargs: dict, rlg_scale: float, genera
         v_ft = peft_model(**inputs)[0]
         with peft_model.disable_adapter():
             v_base = peft_model(**inputs)[0]
-        v = v_base + rlg_scale * (v_ft - v_base)
+        v = v_base + rlg_scale * (v_ft - v_base)  # the reference's RLG formula, written out
         v_uncond, v_cond = v.chunk(2)
-        v = v_uncond + cfg * (v_cond - v_uncond)
+        v = classifier_free_guidance(v_uncond, v_cond, cfg)
         latents, log_prob, _, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=0.0)
         del log_prob  # computed and discarded
     if call_kwargs["output_type"] == "latent":
@@ -246,8 +245,13 @@ def _as_numpy(output) -> np.ndarray:
     return np.asarray(images, dtype=np.float32)
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    """Run all variants and return the report (a JSON-ready dict); ``run`` prints it."""
+def run_benchmark(args: argparse.Namespace, images: dict | None = None) -> dict:
+    """Run all variants and return the report (a JSON-ready dict); ``run`` prints it.
+
+    ``images``: a dict that receives each variant's output of its first call (numpy), to check what it computes.
+
+    Example: ``report = run_benchmark(parser.parse_args(["--repeats", "1", "--steps", "2"]))``.
+    """
 
 
     sweep = [float(w) for w in check_rlg_sweep(args.sweep)]
@@ -274,15 +278,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         compiled_rlg.set_progress_bar_config(disable=True)
         compiled_rlg.load_finetuned(lora_dir)
         compiled_rlg.enable_compile(backend=args.compile_backend)
-    finetuned_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
-    finetuned_pipe.transformer.load_lora_adapter(
-        str(lora_dir / "adapter_model.safetensors"), prefix="base_model.model", adapter_name="bench"
-    )
-    finetuned_pipe.set_progress_bar_config(disable=True)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dir)).eval()  # as the reference loads it
-    rlg = RLGStableDiffusion3Pipeline(**pipe.components)  # shares the stock pipeline's modules
+    # The RLG pipeline loads the LoRA into a copy of the base transformer: `pipe` (stock_cfg) keeps the base model
+    # itself, with no LoRA layer (sharing it, the stock rows would run base + LoRA, i.e. RLG at w = 1).
+    rlg = RLGStableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
     rlg.set_progress_bar_config(disable=True)
     rlg.load_finetuned(lora_dir)
+    # The stock pipeline on the fine-tuned model: the RLG pipeline's transformer, whose LoRA is active outside RLG calls.
+    finetuned_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": rlg.transformer})
+    finetuned_pipe.set_progress_bar_config(disable=True)
     tmp.cleanup()  # everything is loaded
     exact_mode = rlg.rlg_transformer.resolved_mode
     other_exact = [m for m in ("exact_batched", "exact_two_pass") if m != exact_mode]
@@ -297,16 +301,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             f"rlg_{m}": ((lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)), True, 4)
             for m in other_exact
         },
-        "rlg_lora_scaled": (
-            lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="lora_scaled"),
-            False,
-            2,
-        ),
-        "rlg_shared_uncond": (
-            lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode="shared_uncond"),
-            False,
-            3,
-        ),
+        **{
+            f"rlg_{m}": (
+                (lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)),
+                get_rlg_mode(m).exact,  # False: the approximations
+                get_rlg_mode(m).evaluations,  # 2 (lora_scaled) and 3 (shared_uncond) evaluations per step
+            )
+            for m in ("lora_scaled", "shared_uncond")
+        },
         "reference_loop": (lambda: reference_loop(pipe, peft_model, call, args.scale, seed()), True, 4),
         # one call for all scales; evaluations per step summed over the scales (2 at w = 0 or 1, else 4)
         "rlg_sweep": (
@@ -346,6 +348,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for name, (fn, _, _) in variants.items():  # warm-up (and the images); compiled variants compile here
         first_call[name], out = timed(fn)
         outputs[name] = _as_numpy(out)
+        if images is not None:
+            images[name] = outputs[name]
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, (fn, _, _) in variants.items():
