@@ -201,8 +201,14 @@ class ACFlowConfig:
         "critic='lookahead': CNN widths of an optional image branch on the predicted latent x0_k ([] = none: V from"
         " the look-ahead reward, sigma and the prompt)"
     )})
+    critic_lookahead_steps: int = field(default=1, metadata={"help": (
+        "critic='lookahead': Euler steps of the policy's guided field from x_k to its predicted image (1 = the "
+        "one-step prediction x_k - s_k v_k, free; each more step costs one guided forward per window state and "
+        "predicts the final image better: held-out EV at the last window step of the tiny JPEG task .23 / .39 / "
+        ".44 with 1 / 2 / 4 steps, docs/algorithms.md)"
+    )})
     gae_lambda: float = field(default=0.9, metadata={"help": "lambda of advantage_estimator='gae', in [0, 1]"})
-    critic_steps: int = field(default=16, metadata={"help": (
+    critic_steps: int = field(default=32, metadata={"help": (
         "critic='lookahead': Adam steps per iteration on minibatches of the replay buffer"
     )})
     critic_batch_size: int = field(default=128, metadata={"help": "critic='lookahead': states per critic step"})
@@ -377,7 +383,7 @@ class ACFlowConfig:
             raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(WEIGHTINGS)}.")
         for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
                     "inner_epochs", "noise_draws", "rollout_batch_size", "decode_batch_size", "prompt_cache_size",
-                    "critic_steps", "critic_batch_size", "critic_buffer_iterations"):
+                    "critic_steps", "critic_batch_size", "critic_buffer_iterations", "critic_lookahead_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
 

@@ -61,7 +61,7 @@ from flowalign import objectives as O
 from flowalign.checkpoints import resolve_checkpoint, strict_json, write_json
 from flowalign.config import ACFlowConfig, parse_override
 from flowalign.eval import mean_se
-from flowalign.methods.acflow import LAMBDA, lookahead_rewards
+from flowalign.methods.acflow import LAMBDA, lookahead_predictions, lookahead_rewards
 from flowalign.methods.base import Metrics, Rewards
 from flowalign.methods.flow_matching import draw_state_batches
 from flowalign.sampling import sde_step
@@ -199,11 +199,13 @@ def _batch(trainer, index: int, g: int) -> tuple[Any, torch.Tensor, Rewards, lis
     return roll, rewards, Rewards(local=rewards, all=rewards, groups=group, mine=slice(0, rewards.shape[0])), prompts
 
 
-def _shaped_lookahead(trainer, roll, rewards: Rewards) -> torch.Tensor:
-    """``[B, K]`` z_k: the look-ahead rewards r(decode(x_k - s_k v_k)) shaped as the targets are (per group)."""
-    raw = lookahead_rewards(trainer, roll)
+def _shaped_lookahead(trainer, roll, rewards: Rewards) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, x0)``: z_k [B, K] the look-ahead rewards r(decode(x0_k)) shaped as the targets are (per group), and
+    the predictions x0_k [B, K, ...] (``lookahead_predictions``: ``critic_lookahead_steps`` Euler steps)."""
+    x0 = lookahead_predictions(trainer, roll)
+    raw = lookahead_rewards(trainer, roll, x0)
     return torch.stack([trainer.method.shape_like_targets(trainer, raw[:, k], rewards)
-                        for k in range(raw.shape[1])], dim=1)
+                        for k in range(raw.shape[1])], dim=1), x0
 
 
 def fit_critic(trainer, batches: int, images_per_prompt: int, progress: bool = False) -> list[float]:
@@ -228,7 +230,7 @@ def fit_critic(trainer, batches: int, images_per_prompt: int, progress: bool = F
         targets = method.targets(trainer, rw)  # r~: the shaped rewards the critic regresses on
         metrics = Metrics()
         if cfg.critic == "lookahead":
-            method.fit_lookahead(trainer, roll, _shaped_lookahead(trainer, roll, rw), targets, metrics)
+            method.fit_lookahead(trainer, roll, *_shaped_lookahead(trainer, roll, rw), targets, metrics)
         else:
             for b in draw_state_batches(trainer, roll):
                 method.critic_step(trainer, b, targets, metrics)  # one Adam step of L_V per minibatch
@@ -344,8 +346,8 @@ def probe_reward(config, batch: int = 64, repeats: int = 3, images_per_prompt: i
             cosines.append(split_half_cosine(g1, g2))
             continue
         targets = trainer.method.targets(trainer, rw)  # r~ [B]
-        z = _shaped_lookahead(trainer, roll, rw) if critic == "lookahead" else None
-        values = trainer.method.window_values(trainer, roll, z)  # V(x_k) [B, K], the critic fitted on other batches
+        z, x0 = _shaped_lookahead(trainer, roll, rw) if critic == "lookahead" else (None, None)
+        values = trainer.method.window_values(trainer, roll, z, x0)  # V(x_k) [B, K], the critic fitted on other batches
         critic_ev.append([float(O.explained_variance(values[:, k], targets)) for k in range(values.shape[1])])
         if z is not None:
             lookahead_ev.append([float(O.explained_variance(z[:, k], targets)) for k in range(z.shape[1])])

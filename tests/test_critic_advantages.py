@@ -163,3 +163,23 @@ def test_coupling_distance_and_path_kl(tmp_path, monkeypatch):
     for value in out["per_image"]["coupling_distance"]:
         assert value == pytest.approx(hand, rel=1e-4)
     assert min(out["per_image"]["path_kl"]) > max(out["per_image"]["kl_to_reference"]) > 0
+
+
+def test_two_step_lookahead_is_two_euler_steps_of_the_policy(tmp_path):
+    """critic_lookahead_steps=2: x_k + (s_k/2 - s_k) v_k, then + (0 - s_k/2) v(x_mid, s_k/2), the guided field of
+    the sampling policy; 1 step is x_k - s_k v_k."""
+    trainer = make_trainer(tmp_path, critic="lookahead", critic_lookahead_steps=2)
+    prompts = ["a photo of a red circle"] * 2 + ["a photo of a blue square"] * 2
+    roll = trainer.rollout(prompts, torch.Generator().manual_seed(3), "sde")
+    x0 = acflow.lookahead_predictions(trainer, roll)
+    neg = trainer.encode([""] * 4)
+    for k in range(trainer.sde_steps):
+        s = float(roll.sigmas[k])
+        mid = roll.trajectory[:, k] + (s / 2 - s) * roll.velocities[:, k]
+        with torch.no_grad():
+            v_mid = trainer.cfg_velocity(trainer.unwrapped, mid, torch.full((4,), s / 2), roll.embeds, roll.pooled, *neg)
+        torch.testing.assert_close(x0[:, k], mid + (0 - s / 2) * v_mid, atol=1e-5, rtol=1e-5)
+    trainer.config.critic_lookahead_steps = 1
+    one = acflow.lookahead_predictions(trainer, roll)
+    torch.testing.assert_close(one, roll.trajectory[:, :3] - roll.sigmas[:3].view(1, 3, 1, 1, 1) * roll.velocities[:, :3])
+    assert (one - x0).abs().max() > 1e-4  # the second step moved the prediction

@@ -30,21 +30,35 @@ from flowalign.seeding import generator
 LAMBDA = {"mc": 1.0, "td": 0.0}
 
 
-def lookahead_rewards(trainer: Any, roll: Rollout) -> torch.Tensor:
-    """``[B, K]`` training reward of the policy's one-step prediction at each window state,
-    ``r(decode(x_k - s_k v_k))`` (x0 = x_s - s v under x_s = (1 - s) x0 + s eps, v = eps - x0), with ``v_k`` the
-    guided velocity that drew step k. One decode and one reward call per window step."""
-    K = trainer.sde_steps
-    x0 = lookahead_latents(roll, K)
-    prompts = list(roll.prompts)
-    out = [trainer.score(trainer.decode(x0[:, k]), prompts) for k in range(K)]
+def lookahead_predictions(trainer: Any, roll: Rollout) -> torch.Tensor:
+    """``[B, K, C, H, W]``: the policy's prediction of the final latent from each window state x_k, by
+    ``critic_lookahead_steps`` = m Euler steps of its guided field from s_k to 0 (m = 1: the one-step prediction
+    ``x0_k = x_k - s_k v_k``, x0 = x_s - s v under x_s = (1 - s) x0 + s eps, v = eps - x0). The first step reuses
+    ``v_k``, the velocity that drew step k; each further step costs one guided forward per state."""
+    cfg, K = trainer.config, trainer.sde_steps
+    m, B = cfg.critic_lookahead_steps, roll.latents.shape[0]
+    neg = trainer.encode([""] * B) if m > 1 else None
+    out = []
+    for k in range(K):
+        x, v = roll.trajectory[:, k], roll.velocities[:, k]
+        grid = torch.linspace(float(roll.sigmas[k]), 0.0, m + 1)
+        for j in range(m):
+            if j:  # v(x, s_j) of the current (sampling) policy, in rollout micro-batches
+                s = torch.full((B,), float(grid[j]), device=x.device)
+                with torch.no_grad(), trainer.accelerator.autocast():
+                    v = torch.cat([trainer.cfg_velocity(trainer.unwrapped, x[i], s[i], roll.embeds[i], roll.pooled[i],
+                                                        neg[0][i], neg[1][i]).float()
+                                   for i in torch.arange(B).split(cfg.rollout_batch_size)])
+            x = x + (grid[j + 1] - grid[j]) * v  # Euler: x <- x + (s_{j+1} - s_j) v
+        out.append(x)
     return torch.stack(out, dim=1)
 
 
-def lookahead_latents(roll: Rollout, K: int) -> torch.Tensor:
-    """``[B, K, C, H, W]``: x0_k = x_k - s_k v_k for the window states."""
-    s = roll.sigmas[:K].view(1, K, 1, 1, 1).to(roll.trajectory.dtype)
-    return roll.trajectory[:, :K] - s * roll.velocities[:, :K]
+def lookahead_rewards(trainer: Any, roll: Rollout, x0: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` the training reward of the predictions ``x0`` [B, K, ...] (:func:`lookahead_predictions`),
+    decoded: one decode and one reward call per window step."""
+    prompts = list(roll.prompts)
+    return torch.stack([trainer.score(trainer.decode(x0[:, k]), prompts) for k in range(x0.shape[1])], dim=1)
 
 
 class ACFlow(FlowMatchingMethod):
@@ -74,7 +88,8 @@ class ACFlow(FlowMatchingMethod):
     def warming_up(self, trainer: Any) -> bool:
         return trainer.iteration < trainer.config.critic_warmup_iterations
 
-    def window_values(self, trainer: Any, roll: Rollout, z: torch.Tensor | None) -> torch.Tensor:
+    def window_values(self, trainer: Any, roll: Rollout, z: torch.Tensor | None,
+                      x0: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, K]`` the critic's V at every window state x_0 .. x_{K-1} (no gradient)."""
         cfg, K = trainer.config, trainer.sde_steps
         B = roll.latents.shape[0]
@@ -87,8 +102,8 @@ class ACFlow(FlowMatchingMethod):
                 if cfg.critic == "latent":
                     out.append(trainer.critic(roll.trajectory[:, k], sigma, roll.pooled).float())
                 else:
-                    x0 = lookahead_latents(roll, K)[:, k] if trainer.critic_has_image else None
-                    out.append(trainer.critic(z[:, k], sigma, roll.pooled, x0=x0).float())
+                    image = x0[:, k] if trainer.critic_has_image else None
+                    out.append(trainer.critic(z[:, k], sigma, roll.pooled, x0=image).float())
         return torch.stack(out, dim=1)
 
     def advantages(self, trainer: Any, batches: list[StateBatch], targets: torch.Tensor, metrics: Metrics,
@@ -98,16 +113,17 @@ class ACFlow(FlowMatchingMethod):
         held-out explained variance per window step, ``critic_ev_k<k>``, before it sees these states."""
         cfg = trainer.config
         warm = self.warming_up(trainer)
-        z = None
+        z = x0 = None
         if cfg.critic == "lookahead":
-            raw = lookahead_rewards(trainer, roll)
+            x0 = lookahead_predictions(trainer, roll)
+            raw = lookahead_rewards(trainer, roll, x0)
             z = torch.stack([self.shape_like_targets(trainer, raw[:, k], rewards)
                              for k in range(raw.shape[1])], dim=1)
             for k in range(z.shape[1]):
                 metrics.add(f"lookahead_ev_k{k}", O.explained_variance(z[:, k], targets))
         values = None
         if cfg.critic != "zero":
-            values = self.window_values(trainer, roll, z)
+            values = self.window_values(trainer, roll, z, x0)
             for k in range(values.shape[1]):
                 metrics.add(f"critic_ev_k{k}", O.explained_variance(values[:, k], targets))
         if cfg.critic == "latent" and cfg.advantage_estimator == "mc":
@@ -123,7 +139,7 @@ class ACFlow(FlowMatchingMethod):
                 b.adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
                 metrics.add("advantage_clip_fraction", (adv.abs() > cfg.advantage_clip).float().mean())
         if cfg.critic == "lookahead":
-            self.fit_lookahead(trainer, roll, z, targets, metrics)
+            self.fit_lookahead(trainer, roll, z, x0, targets, metrics)
 
     def _latent_mc_advantages(self, trainer, batches, targets, metrics, warm) -> None:
         """A = clip(r~ - V(x_s, s, c), +-eps_A) per minibatch (critic='latent', mc)."""
@@ -136,8 +152,8 @@ class ACFlow(FlowMatchingMethod):
             metrics.add("advantage_clip_fraction", clip_frac)
             metrics.add("explained_variance", O.explained_variance(b.values, tgt))
 
-    def fit_lookahead(self, trainer: Any, roll: Rollout, z: torch.Tensor, targets: torch.Tensor,
-                      metrics: Metrics) -> None:
+    def fit_lookahead(self, trainer: Any, roll: Rollout, z: torch.Tensor, x0: torch.Tensor | None,
+                      targets: torch.Tensor, metrics: Metrics) -> None:
         """Add this iteration's window states to the replay buffer (the last ``critic_buffer_iterations``
         iterations), then ``critic_steps`` Adam steps of L_V = mean (V(x_k) - r~)^2 on random buffer minibatches."""
         cfg, K = trainer.config, trainer.sde_steps
@@ -147,7 +163,7 @@ class ACFlow(FlowMatchingMethod):
                  "pooled": roll.pooled.repeat_interleave(K, dim=0).detach(),
                  "target": targets.repeat_interleave(K).detach()}
         if trainer.critic_has_image:
-            entry["x0"] = lookahead_latents(roll, K).flatten(0, 1).detach()
+            entry["x0"] = x0.flatten(0, 1).detach()
         buffer.append(entry)
         data = {key: torch.cat([e[key] for e in buffer]) for key in entry}
         n = data["z"].shape[0]
