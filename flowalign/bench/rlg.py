@@ -48,6 +48,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -245,71 +246,62 @@ def _as_numpy(output) -> np.ndarray:
     return np.asarray(images, dtype=np.float32)
 
 
-def run_benchmark(args: argparse.Namespace, images: dict | None = None) -> dict:
-    """Run all variants and return the report (a JSON-ready dict); ``run`` prints it.
-
-    ``images``: a dict that receives each variant's output of its first call (numpy), to check what it computes.
-
-    Example: ``report = run_benchmark(parser.parse_args(["--repeats", "1", "--steps", "2"]))``.
-    """
-
-
-    sweep = [float(w) for w in check_rlg_sweep(args.sweep)]
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")]
+def _models(args: argparse.Namespace, device: str, dtype: torch.dtype) -> SimpleNamespace:
+    """The pipelines every variant runs: the stock one on the base model, the RLG one (its own copy of the base
+    transformer, with a random Flow-GRPO-style LoRA: rank r, alpha 2r), the stock one on the fine-tuned model, the
+    reference's ``PeftModel`` and, with ``--compile``, a compiled RLG pipeline."""
     if args.model == "tiny":
         pipe, model = _tiny_pipeline(device, dtype)
     else:
         pipe, model = _sd3_random_pipeline(device, dtype, args.layers, args.resolution)
     pipe.set_progress_bar_config(disable=True)
     base = pipe.transformer
-
-    # A random Flow-GRPO-style LoRA (rank r, alpha 2r, attention projections), saved as a PEFT folder.
     tmp = tempfile.TemporaryDirectory(prefix="flowalign-bench-rlg-")
-    lora_dir = Path(tmp.name) / "lora"
+    lora_dir = Path(tmp.name) / "lora"  # the LoRA as a PEFT folder, as Flow-GRPO publishes it
     add_random_lora(base, "bench", rank=args.lora_rank, alpha=2 * args.lora_rank, seed=0, std=0.02)
     save_peft_adapter(base, "bench", lora_dir)
     base.unload_lora()
 
+    def rlg_pipeline() -> RLGStableDiffusion3Pipeline:
+        # A copy of the base transformer takes the LoRA: `pipe` (stock_cfg) keeps the base model itself, with no LoRA
+        # layer (sharing it, the stock rows would run base + LoRA, i.e. RLG at w = 1); an in-place compile of the
+        # compiled pipeline's copy does not reach the eager variants' modules either.
+        rlg = RLGStableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
+        rlg.set_progress_bar_config(disable=True)
+        rlg.load_finetuned(lora_dir)
+        return rlg
+
     compiled_rlg = None
-    if args.compile:  # its own transformer: an in-place compile must not reach the eager variants' modules
-        compiled_rlg = RLGStableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
-        compiled_rlg.set_progress_bar_config(disable=True)
-        compiled_rlg.load_finetuned(lora_dir)
+    if args.compile:
+        compiled_rlg = rlg_pipeline()
         compiled_rlg.enable_compile(backend=args.compile_backend)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dir)).eval()  # as the reference loads it
-    # The RLG pipeline loads the LoRA into a copy of the base transformer: `pipe` (stock_cfg) keeps the base model
-    # itself, with no LoRA layer (sharing it, the stock rows would run base + LoRA, i.e. RLG at w = 1).
-    rlg = RLGStableDiffusion3Pipeline(**{**pipe.components, "transformer": copy.deepcopy(base)})
-    rlg.set_progress_bar_config(disable=True)
-    rlg.load_finetuned(lora_dir)
+    rlg = rlg_pipeline()
     # The stock pipeline on the fine-tuned model: the RLG pipeline's transformer, whose LoRA is active outside RLG calls.
     finetuned_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": rlg.transformer})
     finetuned_pipe.set_progress_bar_config(disable=True)
     tmp.cleanup()  # everything is loaded
+    return SimpleNamespace(pipe=pipe, model=model, rlg=rlg, finetuned_pipe=finetuned_pipe, peft_model=peft_model,
+                           compiled_rlg=compiled_rlg)  # fmt: skip
+
+
+def _variants(args: argparse.Namespace, m: SimpleNamespace, call: dict, seed, sweep: list[float]) -> dict:
+    """``{name: (call, exact, model evaluations per step)}``, in the order they run."""
+    rlg, scale = m.rlg, args.scale
     exact_mode = rlg.rlg_transformer.resolved_mode
-    other_exact = [m for m in ("exact_batched", "exact_two_pass") if m != exact_mode]
-    call = _call_kwargs(args, pipe, device, dtype)
-    seed = lambda: torch.Generator(device).manual_seed(0)
+
+    def rlg_mode(mode: str):  # one RLG call in another evaluation mode; exact and evaluations: the mode's own
+        run = lambda: rlg(**call, generator=seed(), rlg_scale=scale, rlg_mode=mode)  # noqa: E731
+        return run, get_rlg_mode(mode).exact, get_rlg_mode(mode).evaluations
 
     variants = {
-        "stock_cfg": (lambda: pipe(**call, generator=seed()), True, 2),
-        "stock_cfg_finetuned": (lambda: finetuned_pipe(**call, generator=seed()), True, 2),
-        "rlg_exact": (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale), True, 4),
-        **{
-            f"rlg_{m}": ((lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)), True, 4)
-            for m in other_exact
-        },
-        **{
-            f"rlg_{m}": (
-                (lambda m=m: rlg(**call, generator=seed(), rlg_scale=args.scale, rlg_mode=m)),
-                get_rlg_mode(m).exact,  # False: the approximations
-                get_rlg_mode(m).evaluations,  # 2 (lora_scaled) and 3 (shared_uncond) evaluations per step
-            )
-            for m in ("lora_scaled", "shared_uncond")
-        },
-        "reference_loop": (lambda: reference_loop(pipe, peft_model, call, args.scale, seed()), True, 4),
+        "stock_cfg": (lambda: m.pipe(**call, generator=seed()), True, 2),
+        "stock_cfg_finetuned": (lambda: m.finetuned_pipe(**call, generator=seed()), True, 2),
+        "rlg_exact": (lambda: rlg(**call, generator=seed(), rlg_scale=scale), True, 4),
+        **{f"rlg_{mode}": rlg_mode(mode) for mode in ("exact_batched", "exact_two_pass") if mode != exact_mode},
+        # the approximations: 2 (lora_scaled) and 3 (shared_uncond) evaluations per step
+        **{f"rlg_{mode}": rlg_mode(mode) for mode in ("lora_scaled", "shared_uncond")},
+        "reference_loop": (lambda: reference_loop(m.pipe, m.peft_model, call, scale, seed()), True, 4),
         # one call for all scales; evaluations per step summed over the scales (2 at w = 0 or 1, else 4)
         "rlg_sweep": (
             lambda: rlg(**call, generator=seed(), rlg_sweep=sweep, rlg_max_rows=args.max_rows),
@@ -317,23 +309,26 @@ def run_benchmark(args: argparse.Namespace, images: dict | None = None) -> dict:
             sum(2 if w in (0.0, 1.0) else 4 for w in sweep),
         ),
         "reference_loop_sweep": (
-            lambda: np.concatenate([_as_numpy(reference_loop(pipe, peft_model, call, w, seed())) for w in sweep]),
+            lambda: np.concatenate([_as_numpy(reference_loop(m.pipe, m.peft_model, call, w, seed())) for w in sweep]),
             True,
             4 * len(sweep),
         ),
     }
-    # eager -> compiled pairs (the same call, the same seed)
-    compiled_pairs = {}
-    if compiled_rlg is not None:
-        sde = dict(sampler="sde", sde_noise_level=0.7)
-        variants["rlg_sde"] = (lambda: rlg(**call, generator=seed(), rlg_scale=args.scale, **sde), True, 4)
-        variants["rlg_exact_compiled"] = (lambda: compiled_rlg(**call, generator=seed(), rlg_scale=args.scale), True, 4)
-        variants["rlg_sde_compiled"] = (
-            lambda: compiled_rlg(**call, generator=seed(), rlg_scale=args.scale, **sde),
-            True,
-            4,
-        )
-        compiled_pairs = {"rlg_exact_compiled": "rlg_exact", "rlg_sde_compiled": "rlg_sde"}
+    if m.compiled_rlg is not None:  # eager -> compiled pairs (the same call, the same seed): see COMPILED_PAIRS
+        sde = {"sampler": "sde", "sde_noise_level": 0.7}
+        variants["rlg_sde"] = (lambda: rlg(**call, generator=seed(), rlg_scale=scale, **sde), True, 4)
+        variants["rlg_exact_compiled"] = (lambda: m.compiled_rlg(**call, generator=seed(), rlg_scale=scale), True, 4)
+        variants["rlg_sde_compiled"] = (lambda: m.compiled_rlg(**call, generator=seed(), rlg_scale=scale, **sde), True, 4)
+    return variants
+
+
+COMPILED_PAIRS = {"rlg_exact_compiled": "rlg_exact", "rlg_sde_compiled": "rlg_sde"}  # compiled variant -> eager one
+
+
+def _measure(variants: dict, repeats: int, device: str, split: dict) -> tuple[dict, dict, dict]:
+    """A warm-up call of every variant (its images; compiled variants compile here), then ``repeats`` rounds of one
+    timed call each (round-robin, so machine noise hits all alike). ``split``: variants timed as the sum of their
+    parts' calls. Returns ``(times, first-call times, images)``."""
 
     def timed(fn):
         if str(device).startswith("cuda"):
@@ -345,89 +340,110 @@ def run_benchmark(args: argparse.Namespace, images: dict | None = None) -> dict:
         return time.perf_counter() - start, out
 
     outputs, first_call = {}, {}
-    for name, (fn, _, _) in variants.items():  # warm-up (and the images); compiled variants compile here
+    for name, (fn, _, _) in variants.items():
         first_call[name], out = timed(fn)
         outputs[name] = _as_numpy(out)
-        if images is not None:
-            images[name] = outputs[name]
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, (fn, _, _) in variants.items():
-            if name == "reference_loop_sweep":  # each scale timed on its own; the sweep costs their sum
-                times[name].append(
-                    sum(timed(lambda w=w: reference_loop(pipe, peft_model, call, w, seed()))[0] for w in sweep)
-                )
-            else:
-                times[name].append(timed(fn)[0])
+            times[name].append(sum(timed(part)[0] for part in split[name]) if name in split else timed(fn)[0])
+    return times, first_call, outputs
 
+
+def _results(variants: dict, times: dict, outputs: dict) -> dict:
+    """Per variant: median / min / all times, ratio to ``stock_cfg``, exactness, evaluations and its max abs pixel
+    difference to ``rlg_exact`` (the sweep: to the reference loop run at each scale, the same seeds)."""
     stock = statistics.median(times["stock_cfg"])
     results = {}
     for name, (_, exact, evaluations) in variants.items():
         median = statistics.median(times[name])
         against = "reference_loop_sweep" if name == "rlg_sweep" else "rlg_exact"
-        if name.startswith("stock") or name == "reference_loop_sweep" or name == "rlg_sde" or name in compiled_pairs:
+        if name.startswith("stock") or name in ("reference_loop_sweep", "rlg_sde") or name in COMPILED_PAIRS:
             diff = None
         else:
             diff = float(np.abs(outputs[name] - outputs[against]).max())
-        results[name] = dict(
-            median_s=round(median, 5),
-            min_s=round(min(times[name]), 5),
-            times_s=[round(t, 5) for t in times[name]],
-            ratio_vs_stock_cfg=round(median / stock, 3),
-            exact=exact,
-            evaluations_per_step=evaluations,
-            max_abs_diff_vs_rlg_exact=diff if against == "rlg_exact" else None,
-        )
-        if name == "rlg_sweep":  # checked against the reference loop run at each scale (same seeds)
+        results[name] = {
+            "median_s": round(median, 5),
+            "min_s": round(min(times[name]), 5),
+            "times_s": [round(t, 5) for t in times[name]],
+            "ratio_vs_stock_cfg": round(median / stock, 3),
+            "exact": exact,
+            "evaluations_per_step": evaluations,
+            "max_abs_diff_vs_rlg_exact": diff if against == "rlg_exact" else None,
+        }
+        if name == "rlg_sweep":
             results[name]["max_abs_diff_vs_reference_loop_sweep"] = diff
-    report = dict(
-        benchmark="rlg",
-        model=model,
-        device=str(device),
-        device_name=torch.cuda.get_device_name(0)
+    return results
+
+
+def _compiled_report(backend: str, results: dict, times: dict, first_call: dict, outputs: dict) -> dict:
+    """Per eager -> compiled pair: max abs difference, speed ratio, the first (compiling) call's time."""
+    pairs = {}
+    for name, eager in COMPILED_PAIRS.items():
+        pairs[name] = {
+            "eager": eager,
+            "max_abs_diff": float(np.abs(outputs[name] - outputs[eager]).max()),
+            # > 1: compiled is faster; the medians exclude the first (compiling) call
+            "speed_ratio_eager_over_compiled": round(statistics.median(times[eager]) / statistics.median(times[name]), 3),
+            "eager_median_s": results[eager]["median_s"],
+            "compiled_median_s": results[name]["median_s"],
+            "first_call_s": round(first_call[name], 3),
+            # compilation: the first compiled call's time beyond a compiled call's median
+            "compile_s": round(first_call[name] - statistics.median(times[name]), 3),
+        }
+    return {"backend": backend, "pairs": pairs}
+
+
+def run_benchmark(args: argparse.Namespace, images: dict | None = None) -> dict:
+    """Run all variants and return the report (a JSON-ready dict); ``run`` prints it.
+
+    ``images``: a dict that receives each variant's output of its first call (numpy), to check what it computes.
+
+    Example: ``report = run_benchmark(parser.parse_args(["--repeats", "1", "--steps", "2"]))``.
+    """
+    sweep = [float(w) for w in check_rlg_sweep(args.sweep)]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")]
+    m = _models(args, device, dtype)
+    call = _call_kwargs(args, m.pipe, device, dtype)
+    seed = lambda: torch.Generator(device).manual_seed(0)
+    variants = _variants(args, m, call, seed, sweep)
+    # the reference loop's sweep: each scale timed on its own; the sweep costs their sum
+    split = {"reference_loop_sweep": [lambda w=w: reference_loop(m.pipe, m.peft_model, call, w, seed()) for w in sweep]}
+    times, first_call, outputs = _measure(variants, args.repeats, device, split)
+    if images is not None:
+        images.update(outputs)
+    results = _results(variants, times, outputs)
+    sweep_vs_reference = round(statistics.median(times["rlg_sweep"]) / statistics.median(times["reference_loop_sweep"]), 3)
+    report = {
+        "benchmark": "rlg",
+        "model": m.model,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(0)
         if str(device).startswith("cuda")
         else platform.processor() or platform.machine(),
-        torch_threads=torch.get_num_threads(),
-        dtype=str(dtype).replace("torch.", ""),
-        steps=args.steps,
-        batch=args.batch,
-        repeats=args.repeats,
-        rlg_scale=args.scale,
-        cfg=args.cfg,
-        lora_rank=args.lora_rank,
-        exact_mode=exact_mode,
-        sweep=sweep,
-        max_rows=args.max_rows,
-        results=results,
-        sweep_vs_reference=round(
-            statistics.median(times["rlg_sweep"]) / statistics.median(times["reference_loop_sweep"]), 3
-        ),
-        targets={
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "steps": args.steps,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "rlg_scale": args.scale,
+        "cfg": args.cfg,
+        "lora_rank": args.lora_rank,
+        "exact_mode": m.rlg.rlg_transformer.resolved_mode,
+        "sweep": sweep,
+        "max_rows": args.max_rows,
+        "results": results,
+        "sweep_vs_reference": sweep_vs_reference,
+        "targets": {
             "rlg_exact_le_2.05x_stock_cfg": results["rlg_exact"]["ratio_vs_stock_cfg"] <= 2.05,
             "rlg_exact_faster_than_reference_loop": results["rlg_exact"]["median_s"]
             < results["reference_loop"]["median_s"],
-            "sweep_vs_reference_le_0.7": False,  # set below
+            "sweep_vs_reference_le_0.7": sweep_vs_reference <= 0.7,
         },
-    )
-    report["targets"]["sweep_vs_reference_le_0.7"] = report["sweep_vs_reference"] <= 0.7
-    if compiled_pairs:
-        report["compiled"] = dict(
-            backend=args.compile_backend,
-            pairs={
-                name: dict(
-                    eager=eager,
-                    max_abs_diff=float(np.abs(outputs[name] - outputs[eager]).max()),
-                    # > 1: compiled is faster; the medians exclude the first (compiling) call
-                    speed_ratio_eager_over_compiled=round(statistics.median(times[eager]) / statistics.median(times[name]), 3),
-                    eager_median_s=results[eager]["median_s"],
-                    compiled_median_s=results[name]["median_s"],
-                    first_call_s=round(first_call[name], 3),
-                    # compilation: the first compiled call's time beyond a compiled call's median
-                    compile_s=round(first_call[name] - statistics.median(times[name]), 3),
-                )
-                for name, eager in compiled_pairs.items()
-            },
-        )
+    }
+    if m.compiled_rlg is not None:
+        report["compiled"] = _compiled_report(args.compile_backend, results, times, first_call, outputs)
     return report
 
 
