@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: the tiny SD3 pipeline and a LoRA of it on disk, tiny reward checkpoints, a cheap
+"""Fixtures shared by the test files: the tiny SD3 pipeline and a LoRA of it on disk, a tiny training config, a
+trainer of it and a copy of its LoRA, a launcher of scripts on several CPU processes, tiny reward checkpoints, a cheap
 reward, image conversion, and a fake clock for the benchmarks.
 
 Markers (registered in pyproject.toml): ``slow``; ``docs`` for tests that read README.md or docs/; ``committed`` for
@@ -10,6 +11,9 @@ those two::
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -45,6 +49,78 @@ def tiny_pipeline() -> Callable:
         return build_tiny_sd3_pipeline(seed=seed, **kwargs)
 
     return build
+
+
+# The tiny training run the trainer tests start from: 2 prompts x 2 images, 3 steps, one minibatch of 4, one epoch,
+# no evaluation, a rank-4 LoRA at scale alpha / r = 1 (a few seconds an iteration on one CPU core).
+TINY_TRAINING = {
+    "prompts_per_iteration": 2, "images_per_prompt": 2, "sample_steps": 3, "minibatch_size": 4, "inner_epochs": 1,
+    "noise_draws": 1, "eval_prompts": 0, "progress": False, "lora_rank": 4, "lora_alpha": 4.0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable:
+    """``tiny_config(output_dir, **overrides)``: an ``ACFlowConfig`` of the tiny training run (``TINY_TRAINING``) with
+    ``overrides`` on top. Example: ``tiny_config(tmp_path, algorithm="orw").minibatch_size`` is 4."""
+    # flowalign.config pulls in the method registry: imported only by the tests that use the fixture
+    from flowalign.config import ACFlowConfig
+
+    def make(output_dir: str | Path, **overrides) -> ACFlowConfig:
+        return ACFlowConfig(output_dir=str(output_dir), **{**TINY_TRAINING, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_trainer(tiny_config, tiny_pipeline, redness) -> Callable:
+    """``make_trainer(output_dir, reward=None, pipeline=None, accelerator=None, prompt_source=None, **overrides)``:
+    an ``ACFlowTrainer`` of ``tiny_config(output_dir, **overrides)`` (config keys, ``prompts`` included) on a fresh
+    1-layer seed-0 ``tiny_pipeline`` (or ``pipeline``), rewarded by ``redness`` (or ``reward``); ``prompt_source`` is
+    the trainer's ``prompts`` argument (a list of prompts in place of the config's). Example:
+    ``make_trainer(tmp_path, algorithm="orw").step()``."""
+    # the trainer imports diffusers, peft and accelerate: imported only by the tests that use the fixture
+    from flowalign.trainer import ACFlowTrainer
+
+    def make(output_dir: str | Path, reward: Callable | None = None, pipeline=None, accelerator=None,
+             prompt_source=None, **overrides):
+        return ACFlowTrainer(tiny_config(output_dir, **overrides), reward=reward if reward is not None else redness,
+                             pipeline=pipeline if pipeline is not None else tiny_pipeline(seed=0, num_layers=1),
+                             accelerator=accelerator, prompts=prompt_source)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lora_state() -> Callable:
+    """``lora_state(trainer)``: a detached copy of the trainer's LoRA weights, ``{peft key: tensor}``, to compare
+    before and after an update."""
+    # peft is heavy: imported only by the tests that use the fixture
+    from peft.utils import get_peft_model_state_dict
+
+    def copy(trainer) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.unwrapped).items()}
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def accelerate_launch() -> Callable:
+    """``accelerate_launch(script, *args, processes=2, port=29500)``: run the Python file ``script`` with ``args``
+    under ``accelerate launch`` on ``processes`` CPU processes of one thread each (``--multi_gpu`` with no GPU starts
+    torch.distributed on the CPU over gloo: what a user of 2 CPU processes types). A non-zero exit fails the test with
+    the end of its stderr. Example: ``accelerate_launch(tmp_path / "dist.py", tmp_path, processes=2, port=29533)``."""
+
+    def launch(script: Path, *args, processes: int = 2, port: int = 29500) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
+               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+               "no", "--main_process_port", str(port), str(script), *map(str, args)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return launch
 
 
 @pytest.fixture(scope="session")

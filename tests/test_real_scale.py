@@ -4,41 +4,23 @@ decodes and evaluations that equal the batched ones, the fp16 gradient-scaler pa
 starting from an existing LoRA, and an evaluation that works on any prompt and on every rank."""
 
 import contextlib
-import os
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import StableDiffusion3Pipeline
-from peft.utils import get_peft_model_state_dict
+from flowalign.pipelines import RLGStableDiffusion3Pipeline
+from PIL import Image
 
 from flowalign import sample
-from flowalign.config import ACFlowConfig
-from flowalign.pipelines import RLGStableDiffusion3Pipeline
-from flowalign.tiny import build_tiny_sd3_pipeline
-from flowalign.trainer import ACFlowTrainer
 
-TINY = dict(
-    prompts_per_iteration=2, images_per_prompt=2, sample_steps=3, minibatch_size=4, inner_epochs=1,
-    noise_draws=1, eval_prompts=0, progress=False, lora_rank=4, lora_alpha=4.0,
-)
+# The tiny config, trainer (rewarded by redness), pipeline and LoRA copy are conftest.py's fixtures: tiny_config,
+# make_trainer, tiny_pipeline, lora_state. prompt_source=PROMPTS hands the trainer these prompts (not shapes prompts).
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow star", "a photo of a cat"]
-
-
-def redness(images, prompts):
-    return images[:, 0].mean((1, 2)) - 0.5 * images[:, 1:].mean((1, 2, 3))
-
-
-def make_trainer(tmp_path, pipeline=None, accelerator=None, prompts=None, **overrides):
-    cfg = ACFlowConfig(output_dir=str(tmp_path), **{**TINY, **overrides})
-    pipe = pipeline if pipeline is not None else build_tiny_sd3_pipeline(seed=0, num_layers=1)
-    return ACFlowTrainer(cfg, reward=redness, pipeline=pipe, accelerator=accelerator, prompts=prompts)
 
 
 @pytest.fixture
@@ -49,24 +31,21 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def lora_state(trainer):
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.unwrapped).items()}
-
-
 # --- 1. LoRA checkpoints keep their strength -----------------------------------------------------------------------
-def test_a_trained_lora_with_alpha_not_r_reloads_at_its_trained_strength(tmp_path):
+def test_a_trained_lora_with_alpha_not_r_reloads_at_its_trained_strength(tmp_path, make_trainer, lora_state,
+                                                                          tiny_pipeline):
     """r = 4, alpha = 8 (scale 2): the checkpoint must carry alpha, or every loader scales it by 1."""
     base_dir = tmp_path / "base"
-    build_tiny_sd3_pipeline(seed=0, num_layers=1).save_pretrained(base_dir)
+    tiny_pipeline(seed=0, num_layers=1).save_pretrained(base_dir)
     trainer = make_trainer(tmp_path / "run", algorithm="orw", lora_rank=4, lora_alpha=8.0, learning_rate=3e-2,
-                           prompts=PROMPTS, guidance_scale=2.0)
+                           prompt_source=PROMPTS, guidance_scale=2.0)
     trainer.step()
     assert any(v.abs().sum() > 0 for k, v in lora_state(trainer).items() if "lora_B" in k)  # it did train
     checkpoint = trainer.save_checkpoint()
     trained = trainer.pipe  # the trainer's own pipeline: its transformer is the policy
     trained.transformer.eval()
-    call = dict(prompt=["a red circle"], negative_prompt=[""], num_inference_steps=3, guidance_scale=2.0,
-                max_sequence_length=1)
+    call = {"prompt": ["a red circle"], "negative_prompt": [""], "num_inference_steps": 3, "guidance_scale": 2.0,
+            "max_sequence_length": 1}
 
     def images(pipe, **extra):
         generator = [torch.Generator().manual_seed(0)]
@@ -99,7 +78,8 @@ def test_a_trained_lora_with_alpha_not_r_reloads_at_its_trained_strength(tmp_pat
 
 
 # --- 2. frozen weights in the training dtype, trainable ones in fp32 ------------------------------------------------
-def test_frozen_weights_in_the_weight_dtype_and_trainable_ones_in_fp32(tmp_path, fresh_accelerate_state):
+def test_frozen_weights_in_the_weight_dtype_and_trainable_ones_in_fp32(tmp_path, fresh_accelerate_state, make_trainer,
+                                                                        lora_state):
     trainer = make_trainer(tmp_path, mixed_precision="bf16", algorithm="orw", learning_rate=1e-2)
     model = trainer.unwrapped
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -118,7 +98,7 @@ def test_frozen_weights_in_the_weight_dtype_and_trainable_ones_in_fp32(tmp_path,
         make_trainer(tmp_path, mixed_precision="no", weight_dtype="bf16")
 
 
-def test_precision_and_checkpointing_defaults_follow_the_device(tmp_path):
+def test_precision_and_checkpointing_defaults_follow_the_device(tmp_path, make_trainer):
     trainer = make_trainer(tmp_path)  # on this CPU: "auto" is full precision, checkpointing off (time, not memory)
     assert trainer.accelerator.mixed_precision == "no" and trainer.weight_dtype == torch.float32
     assert not trainer.unwrapped.is_gradient_checkpointing
@@ -127,7 +107,7 @@ def test_precision_and_checkpointing_defaults_follow_the_device(tmp_path):
 
 # --- 3. decode, rollouts and evaluation in micro-batches equal the batched ones ------------------------------------
 @pytest.mark.parametrize("sampler", ["sde", "euler"])
-def test_rollout_and_decode_do_not_depend_on_the_micro_batch(tmp_path, sampler):
+def test_rollout_and_decode_do_not_depend_on_the_micro_batch(tmp_path, sampler, make_trainer):
     whole = make_trainer(tmp_path, rollout_batch_size=64, decode_batch_size=64, sampler=sampler,
                          fm_states="noised", sde_steps_fraction=0.67)
     small = make_trainer(tmp_path, rollout_batch_size=2, decode_batch_size=3, sampler=sampler,
@@ -146,15 +126,16 @@ def test_rollout_and_decode_do_not_depend_on_the_micro_batch(tmp_path, sampler):
         assert a.log_probs[:, :2].abs().sum() > 0 and a.log_probs[:, 2:].abs().sum() == 0  # the window
 
 
-def test_evaluation_does_not_depend_on_the_micro_batch_and_reads_any_prompt(tmp_path):
+def test_evaluation_does_not_depend_on_the_micro_batch_and_reads_any_prompt(tmp_path, make_trainer):
     """Default unseen rewards read any prompt (the shapes verifier only reads shapes prompts)."""
     evals = []
     for size in (1, 64):
-        trainer = make_trainer(tmp_path / str(size), prompts=PROMPTS, eval_prompts=3, eval_images_per_prompt=2,
+        trainer = make_trainer(tmp_path / str(size), prompt_source=PROMPTS, eval_prompts=3, eval_images_per_prompt=2,
                                eval_steps=2, rollout_batch_size=size, decode_batch_size=size)
         evals.append(trainer.evaluate())
     a, b = evals
-    assert list(a["per_image"]) == ["reward", "eval_jpeg_compressibility", "kl_to_reference"]
+    assert list(a["per_image"]) == ["reward", "eval_jpeg_compressibility", "coupling_distance", "kl_to_reference",
+                                    "path_kl"]
     assert len(a["per_image"]["reward"]) == 6
     for key, values in a["per_image"].items():  # equal up to float rounding (a 1-row GEMM may round differently)
         np.testing.assert_allclose(b["per_image"][key], values, rtol=1e-6, atol=1e-7, err_msg=key)
@@ -162,9 +143,9 @@ def test_evaluation_does_not_depend_on_the_micro_batch_and_reads_any_prompt(tmp_
 
 
 # --- 4. the prompt cache is bounded; the text encoders are needed once ---------------------------------------------
-def test_prompt_cache_is_bounded_and_equal_to_fresh_encodes(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, prompts=PROMPTS, prompt_cache_size=3)
-    fresh = make_trainer(tmp_path, prompts=PROMPTS, cache_prompt_embeddings=False)
+def test_prompt_cache_is_bounded_and_equal_to_fresh_encodes(tmp_path, monkeypatch, make_trainer):
+    trainer = make_trainer(tmp_path, prompt_source=PROMPTS, prompt_cache_size=3)
+    fresh = make_trainer(tmp_path, prompt_source=PROMPTS, cache_prompt_embeddings=False)
     for _ in range(3):
         embeds, pooled = trainer.encode(PROMPTS)
         assert len(trainer._embed_cache) <= 3
@@ -174,13 +155,14 @@ def test_prompt_cache_is_bounded_and_equal_to_fresh_encodes(tmp_path, monkeypatc
     assert len(fresh._embed_cache) == 0
 
 
-def test_every_prompt_is_encoded_once_when_they_fit(tmp_path, monkeypatch):
+def test_every_prompt_is_encoded_once_when_they_fit(tmp_path, monkeypatch, make_trainer):
     """What the trainer does at start when the text encoders are offloaded (on a GPU)."""
-    trainer = make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=2, iterations=2)
+    trainer = make_trainer(tmp_path, prompt_source=PROMPTS, eval_prompts=2, iterations=2)
     assert trainer.encoded_prompts == 0  # on a CPU prompts are encoded as they come
     assert trainer.precompute_embeddings()
     assert trainer.encoded_prompts == len(PROMPTS) + 1  # the training prompts (held-out: their first 2) and ""
-    assert not make_trainer(tmp_path, prompts=PROMPTS, prompt_cache_size=5).precompute_embeddings()  # 6 do not fit
+    six = make_trainer(tmp_path, prompt_source=PROMPTS, prompt_cache_size=5)
+    assert not six.precompute_embeddings()  # 6 do not fit
     calls = []
     monkeypatch.setattr("flowalign.trainer.encode_prompts", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
         AssertionError("the text encoders ran during training")))
@@ -197,7 +179,8 @@ def _scaled_accelerator(init_scale):
     return acc
 
 
-def test_grpo_under_an_overflowing_fp16_scaler_skips_steps_instead_of_crashing(tmp_path, fresh_accelerate_state):
+def test_grpo_under_an_overflowing_fp16_scaler_skips_steps_instead_of_crashing(tmp_path, fresh_accelerate_state,
+                                                                                make_trainer, lora_state):
     trainer = make_trainer(tmp_path, algorithm="grpo", minibatch_size=2,
                            accelerator=_scaled_accelerator(init_scale=3e38))  # every scaled gradient is inf
     before = lora_state(trainer)
@@ -209,7 +192,7 @@ def test_grpo_under_an_overflowing_fp16_scaler_skips_steps_instead_of_crashing(t
 
 
 # --- 6. resolution, starting from an existing LoRA, the optional 8-bit optimizer ----------------------------------
-def test_resolution_sets_the_latent_size_and_bad_values_are_named(tmp_path):
+def test_resolution_sets_the_latent_size_and_bad_values_are_named(tmp_path, make_trainer):
     trainer = make_trainer(tmp_path, resolution=16)  # the tiny model's default is 32 px
     down = trainer.pipe.vae_scale_factor
     assert trainer.latent_shape[1:] == (16 // down, 16 // down)
@@ -222,7 +205,7 @@ def test_resolution_sets_the_latent_size_and_bad_values_are_named(tmp_path):
         make_trainer(tmp_path, resolution=64)
 
 
-def test_init_lora_starts_from_a_checkpoint_and_refuses_another_alpha(tmp_path):
+def test_init_lora_starts_from_a_checkpoint_and_refuses_another_alpha(tmp_path, make_trainer, lora_state):
     first = make_trainer(tmp_path / "a", algorithm="orw", learning_rate=3e-2, lora_alpha=8.0)
     first.step()
     checkpoint = first.save_checkpoint()
@@ -233,7 +216,7 @@ def test_init_lora_starts_from_a_checkpoint_and_refuses_another_alpha(tmp_path):
         make_trainer(tmp_path / "c", init_lora=str(checkpoint))
 
 
-def test_adamw8bit_without_bitsandbytes_says_how_to_install_it(tmp_path, monkeypatch):
+def test_adamw8bit_without_bitsandbytes_says_how_to_install_it(tmp_path, monkeypatch, make_trainer):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         make_trainer(tmp_path, optimizer="adamw8bit")
@@ -246,13 +229,10 @@ EVAL_SCRIPT = textwrap.dedent(
     from flowalign.tiny import build_tiny_sd3_pipeline
     from flowalign.trainer import ACFlowConfig, ACFlowTrainer
 
-    out = sys.argv[1]
+    out, config = sys.argv[1], sys.argv[2]  # the test's tiny_config, written as YAML
     results = {}
     for n_prompts in (3, 1):  # 2 ranks: 2 + 1 prompts (the last share padded), and 1 + 0 (an empty share)
-        cfg = ACFlowConfig(output_dir=out, iterations=1, prompts_per_iteration=2, images_per_prompt=2, sample_steps=2,
-                           minibatch_size=2, inner_epochs=1, noise_draws=1, eval_prompts=n_prompts,
-                           eval_images_per_prompt=2, eval_steps=2, progress=False, lora_rank=4, lora_alpha=4.0,
-                           algorithm="orw")
+        cfg = ACFlowConfig.from_yaml(config, {"output_dir": out, "eval_prompts": n_prompts})
         reward = lambda images, prompts: images[:, 0].mean((1, 2))
         trainer = ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1),
                                 prompts=["a red circle", "a blue square", "two green triangles", "a yellow star"])
@@ -265,20 +245,16 @@ EVAL_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_evaluation_on_two_processes_equals_one(tmp_path):
-    script = tmp_path / "eval.py"
+def test_evaluation_on_two_processes_equals_one(tmp_path, tiny_config, accelerate_launch):
+    script, config = tmp_path / "eval.py", tmp_path / "tiny.yaml"
     script.write_text(EVAL_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny_config(tmp_path, algorithm="orw", iterations=1, sample_steps=2, minibatch_size=2, eval_images_per_prompt=2,
+                eval_steps=2).to_yaml(config)
     results = []
     for n in (1, 2):
         out = tmp_path / f"p{n}"
         out.mkdir()
-        launch = ["--multi_gpu"] if n > 1 else []
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(n),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29541", str(script), str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        accelerate_launch(script, out, config, processes=n, port=29541)
         results.append(__import__("json").loads((out / "eval.json").read_text()))
     for n_prompts in ("3", "1"):
         one, two = results[0][n_prompts], results[1][n_prompts]
@@ -290,7 +266,7 @@ def test_evaluation_on_two_processes_equals_one(tmp_path):
 
 
 # --- 8. compiled rollouts ----------------------------------------------------------------------------------------------
-def test_compiled_rollouts_equal_eager_ones_and_the_reference_still_switches(tmp_path):
+def test_compiled_rollouts_equal_eager_ones_and_the_reference_still_switches(tmp_path, make_trainer):
     eager = make_trainer(tmp_path / "eager", sampler="sde", sample_steps=2)
     fast = make_trainer(tmp_path / "fast", sampler="sde", sample_steps=2, compile=True)
     for trainer in (eager, fast):  # a non-zero LoRA, so policy and reference differ

@@ -1,8 +1,5 @@
-"""ACFlowTrainer: config, the three algorithms, warm-up, robustness, checkpoints, resume, multi-process."""
+"""ACFlowTrainer: config, the five methods, warm-up, robustness, checkpoints, resume, multi-process."""
 
-import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -11,33 +8,13 @@ import pytest
 import torch
 
 from flowalign import objectives as O
-from flowalign.tiny import build_tiny_sd3_pipeline
 from flowalign.checkpoints import latest_checkpoint, resolve_checkpoint
+from flowalign.config import ACFlowConfig, parse_override
 from flowalign.eval import diversity
 from flowalign.prompts import load_prompts
-from flowalign.config import ACFlowConfig, parse_override
-from flowalign.trainer import ACFlowTrainer
 
-TINY = dict(
-    prompts_per_iteration=2, images_per_prompt=2, sample_steps=3, minibatch_size=4, inner_epochs=1,
-    noise_draws=1, eval_prompts=0, progress=False, lora_rank=4, lora_alpha=4.0,
-)
-
-
-def redness(images, prompts):
-    """A cheap differentiable reward: mean red minus mean green and blue."""
-    return images[:, 0].mean((1, 2)) - 0.5 * images[:, 1:].mean((1, 2, 3))
-
-
-def make_trainer(tmp_path, reward=redness, **overrides):
-    cfg = ACFlowConfig(output_dir=str(tmp_path), **{**TINY, **overrides})
-    return ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1))
-
-
-def lora_state(trainer):
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.unwrapped).items()}
+# The tiny config, trainer, pipeline, reward and LoRA copy are conftest.py's fixtures: tiny_config, make_trainer,
+# tiny_pipeline, redness, lora_state.
 
 
 def critic_state(trainer):
@@ -99,7 +76,7 @@ def test_diversity_metric():
     assert diversity(b, [0, 0]) == pytest.approx(1.0)  # RMS distance of all-zeros vs all-ones
 
 
-def test_shapes_prompts_are_drawn_family_balanced(tmp_path):
+def test_shapes_prompts_are_drawn_family_balanced(tmp_path, make_trainer):
     from flowalign import shapes
 
     source = load_prompts("shapes")
@@ -122,7 +99,7 @@ def test_shapes_prompts_are_drawn_family_balanced(tmp_path):
 
 
 # --- algorithms --------------------------------------------------------------------------------
-def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
+def test_acflow_warmup_trains_critic_only_then_actor(tmp_path, make_trainer, lora_state):
     """warmup_actor="frozen": the warm-up iteration trains the critic only (the default "shaped" is tested below)."""
     trainer = make_trainer(tmp_path, critic_warmup_iterations=1, warmup_actor="frozen")
     lora0, critic0 = lora_state(trainer), critic_state(trainer)
@@ -135,10 +112,10 @@ def test_acflow_warmup_trains_critic_only_then_actor(tmp_path):
     assert changed(lora0, lora_state(trainer))
     assert {"actor_loss", "w2", "ess", "grad_norm"} <= set(m)
     # exp weights of advantages that differ: fewer effective samples than states (uniform weights would give 4)
-    assert 1.0 <= m["ess"] < TINY["minibatch_size"] - 1e-3
+    assert 1.0 <= m["ess"] < trainer.config.minibatch_size - 1e-3
 
 
-def test_warmup_actor_learns_from_shaped_rewards(tmp_path, monkeypatch):
+def test_warmup_actor_learns_from_shaped_rewards(tmp_path, monkeypatch, make_trainer, lora_state):
     """warmup_actor="shaped" (default): while the critic warms up the actor moves, with advantages clip(r~) (V = 0);
     after warm-up the critic's values enter: A = clip(r~ - V)."""
     seen = []
@@ -165,7 +142,7 @@ def test_warmup_actor_learns_from_shaped_rewards(tmp_path, monkeypatch):
     assert not any(set(a.tolist()) <= allowed for a in seen)  # the critic's values enter now: A = clip(r~ - V)
 
 
-def test_advantages_do_not_change_when_the_critic_trains_within_the_iteration(tmp_path, monkeypatch):
+def test_advantages_do_not_change_when_the_critic_trains_within_the_iteration(tmp_path, monkeypatch, make_trainer):
     """PPO-style: the critic scores every state of the iteration before it trains on them, so the advantages the
     actor sees are the same whether the critic learns fast or not at all within the iteration."""
     seen = {}
@@ -204,7 +181,7 @@ def _velocity_change(trainer) -> float:
 
 
 @pytest.mark.parametrize("algorithm", ["acflow", "orw", "grpo", "nft", "awm"])
-def test_larger_kl_coef_gives_a_smaller_update(tmp_path, algorithm):
+def test_larger_kl_coef_gives_a_smaller_update(tmp_path, algorithm, make_trainer):
     """The one regulariser axis: on the same batch (same seeds), a larger kl_coef moves the policy less."""
     sizes = []
     for kl in (0.0, 1.0, 100.0):
@@ -226,15 +203,16 @@ def test_kl_coef_must_be_a_non_negative_number():
     assert ACFlowConfig(algorithm="orw", fm_states="trajectory").fm_states == "noised"  # orw as published
 
 
-def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_path):
+def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_path, make_trainer, lora_state):
     """fm_states="trajectory": the first actor step sees the rollout policy itself, so the scaled residual
     |c_v| / std (v - u) is the injected SDE noise -z and the weighted loss is mean w z^2 ~ 1 per dimension."""
     with pytest.raises(ValueError, match="sampler='euler' with fm_states='trajectory'"):
         ACFlowConfig(sampler="euler")  # the default states are the trajectory's
     with pytest.raises(ValueError, match="guided_loss=False with fm_states='trajectory'"):
         ACFlowConfig(guided_loss=False)
-    trajectory = dict(algorithm="acflow", critic_warmup_iterations=0, w2_weight=0.0, fm_states="trajectory",
-                      sampler="sde", prompts_per_iteration=4, images_per_prompt=4, minibatch_size=16, sample_steps=4)
+    trajectory = {"algorithm": "acflow", "critic_warmup_iterations": 0, "w2_weight": 0.0, "fm_states": "trajectory",
+                  "sampler": "sde", "prompts_per_iteration": 4, "images_per_prompt": 4, "minibatch_size": 16,
+                  "sample_steps": 4}
     trainer = make_trainer(tmp_path, beta=0.0, centered_weights=False, **trajectory)
     lora0 = lora_state(trainer)
     m = trainer.step()
@@ -253,7 +231,7 @@ def test_trajectory_states_loss_is_the_transition_likelihood_in_noise_units(tmp_
     assert abs(noised["fm_loss"] - 1.0) > 0.2  # the noised-state regression has another scale: eps - x0
 
 
-def test_sde_window_rollouts_and_trajectory_states(tmp_path):
+def test_sde_window_rollouts_and_trajectory_states(tmp_path, make_trainer):
     """sde_steps_fraction=0.5: rollouts inject noise on the first half of the steps only, and the trajectory-state
     loss draws its states there (a deterministic step has no step noise: its scaled residual would be inf)."""
     with pytest.raises(ValueError, match="sde_steps_fraction=0.0 must be in"):
@@ -268,7 +246,7 @@ def test_sde_window_rollouts_and_trajectory_states(tmp_path):
     assert m["fm_loss"] == pytest.approx(1.0, abs=0.05)
 
 
-def test_initial_noises_branch_and_group(tmp_path, monkeypatch):
+def test_initial_noises_branch_and_group(tmp_path, monkeypatch, make_trainer):
     """initial_noises=2, G=4: each prompt's images branch in pairs from 2 starting noises, shaped per pair."""
     with pytest.raises(ValueError, match="initial_noises=2 needs"):
         ACFlowConfig(initial_noises=2, sampler="euler", fm_states="noised")
@@ -299,7 +277,7 @@ def test_initial_noises_branch_and_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("algorithm", ["acflow", "orw", "grpo", "nft", "awm"])
-def test_training_raises_the_reward(tmp_path, algorithm):
+def test_training_raises_the_reward(tmp_path, algorithm, make_trainer, redness):
     """The point of it all: 15 iterations on the redness reward make fresh samples redder (fixed seeds, Euler)."""
     (tmp_path / "p.txt").write_text("a photo of a circle\n")  # one prompt: its group is the whole batch
     trainer = make_trainer(tmp_path, algorithm=algorithm, prompts=str(tmp_path / "p.txt"), prompts_per_iteration=2,
@@ -316,7 +294,7 @@ def test_training_raises_the_reward(tmp_path, algorithm):
     assert sum(rollout_rewards[-3:]) > sum(rollout_rewards[:3]) + 0.03
 
 
-def test_critic_is_a_small_fraction_of_the_transformer(tmp_path):
+def test_critic_is_a_small_fraction_of_the_transformer(tmp_path, make_trainer):
     info = make_trainer(tmp_path).parameter_counts()
     assert info["critic"] > 0 and info["trainable"] < info["transformer"]  # LoRA: a few trainable weights
     assert info["critic_fraction_of_transformer"] == info["critic"] / info["transformer"]
@@ -324,7 +302,7 @@ def test_critic_is_a_small_fraction_of_the_transformer(tmp_path):
     assert info["critic"] < 1_000_000
 
 
-def test_orw_has_no_critic_and_updates(tmp_path):
+def test_orw_has_no_critic_and_updates(tmp_path, make_trainer, lora_state):
     trainer = make_trainer(tmp_path, algorithm="orw", beta=0.5)
     assert trainer.critic is None
     lora0 = lora_state(trainer)
@@ -332,7 +310,7 @@ def test_orw_has_no_critic_and_updates(tmp_path):
     assert changed(lora0, lora_state(trainer)) and "critic_loss" not in m
 
 
-def test_grpo_updates_with_zero_initial_kl(tmp_path):
+def test_grpo_updates_with_zero_initial_kl(tmp_path, make_trainer, lora_state):
     trainer = make_trainer(tmp_path, algorithm="grpo", grpo_train_fraction=0.34)
     lora0 = lora_state(trainer)
     m = trainer.step()
@@ -342,10 +320,10 @@ def test_grpo_updates_with_zero_initial_kl(tmp_path):
     assert m["clip_fraction"] == 0.0 and m["approx_kl"] == pytest.approx(0.0, abs=1e-10)
 
 
-def test_reference_is_the_adapter_free_transformer(tmp_path):
+def test_reference_is_the_adapter_free_transformer(tmp_path, make_trainer, tiny_pipeline):
     trainer = make_trainer(tmp_path, algorithm="orw")
     trainer.step()
-    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe = tiny_pipeline(seed=0, num_layers=1)
     x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
     e, p = trainer.encode(["a photo of a circle"] * 2)
     with torch.no_grad(), trainer.reference_model() as ref:
@@ -356,7 +334,7 @@ def test_reference_is_the_adapter_free_transformer(tmp_path):
         assert not torch.allclose(trainer.velocity(trainer.unwrapped, x, s, e, p), v_base)
 
 
-def test_training_noise_levels_follow_the_sampler_shift(tmp_path):
+def test_training_noise_levels_follow_the_sampler_shift(tmp_path, make_trainer):
     trainer = make_trainer(tmp_path)
     assert trainer.sigma_shift == trainer.pipe.scheduler.config.shift == 3.0  # default: the scheduler's shift
     assert make_trainer(tmp_path / "b", sigma_shift=1.0).sigma_shift == 1.0
@@ -368,7 +346,7 @@ def test_training_noise_levels_follow_the_sampler_shift(tmp_path):
 
 
 @pytest.mark.parametrize("guided", [True, False])
-def test_flow_matching_loss_fits_the_guided_velocity(tmp_path, monkeypatch, guided):
+def test_flow_matching_loss_fits_the_guided_velocity(tmp_path, monkeypatch, guided, make_trainer):
     """With CFG g, the actor and its W2 reference are the guided field v_u + g (v_c - v_u) (or v_c if not guided)."""
     from flowalign import objectives as O
 
@@ -402,7 +380,7 @@ def test_flow_matching_loss_fits_the_guided_velocity(tmp_path, monkeypatch, guid
 
 
 # --- robustness --------------------------------------------------------------------------------
-def test_nan_reward_skips_the_update(tmp_path):
+def test_nan_reward_skips_the_update(tmp_path, make_trainer, lora_state):
     trainer = make_trainer(tmp_path, algorithm="orw", reward=lambda im, p: torch.full((im.shape[0],), float("nan")))
     lora0 = lora_state(trainer)
     with pytest.warns(UserWarning, match="non-finite rewards"):
@@ -410,7 +388,7 @@ def test_nan_reward_skips_the_update(tmp_path):
     assert m["skipped_updates"] == 1 and not changed(lora0, lora_state(trainer))
 
 
-def test_reward_that_raises_saves_a_checkpoint(tmp_path):
+def test_reward_that_raises_saves_a_checkpoint(tmp_path, make_trainer):
     def broken(images, prompts):
         raise OSError("reward server down")
 
@@ -421,12 +399,12 @@ def test_reward_that_raises_saves_a_checkpoint(tmp_path):
 
 
 # --- checkpoints and resume ----------------------------------------------------------------------
-def test_checkpoint_is_a_diffusers_lora_file(tmp_path):
+def test_checkpoint_is_a_diffusers_lora_file(tmp_path, make_trainer, tiny_pipeline):
     trainer = make_trainer(tmp_path, algorithm="orw")
     trainer.step()
     folder = trainer.save_checkpoint()
     assert (folder / "pytorch_lora_weights.safetensors").exists()
-    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe = tiny_pipeline(seed=0, num_layers=1)
     pipe.load_lora_weights(folder)  # stock diffusers reads it directly
     x, s = torch.randn(1, 3, 32, 32), torch.tensor([0.5])
     e, p = trainer.encode(["a photo of a circle"])
@@ -435,7 +413,7 @@ def test_checkpoint_is_a_diffusers_lora_file(tmp_path):
                                    trainer.velocity(trainer.unwrapped, x, s, e, p))
 
 
-def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path):
+def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path, make_trainer, tiny_pipeline):
     trainer = make_trainer(tmp_path / "run", algorithm="orw")
     trainer.step()
     folder = trainer.save_checkpoint()
@@ -443,7 +421,7 @@ def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path):
     assert resolve_checkpoint(tmp_path / "run" / "checkpoints" / "latest") == str(folder)  # the pointer file
     assert resolve_checkpoint(folder) == str(folder)
     assert resolve_checkpoint("org/some-lora") == "org/some-lora"  # a hub id passes through
-    pipe = build_tiny_sd3_pipeline(seed=0, num_layers=1)
+    pipe = tiny_pipeline(seed=0, num_layers=1)
     pipe.load_lora_weights(resolve_checkpoint(tmp_path / "run" / "checkpoints" / "latest"))
     (tmp_path / "run" / "checkpoints" / "latest").write_text("iter-999999")
     with pytest.raises(FileNotFoundError, match="iter-999999"):
@@ -451,9 +429,10 @@ def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["acflow", "orw", "grpo", "nft", "awm"])
-def test_resume_matches_uninterrupted_run(tmp_path, algorithm):
+def test_resume_matches_uninterrupted_run(tmp_path, algorithm, make_trainer, lora_state):
     """nft with an EMA sampling policy: the EMA is part of the state (a resume without it samples differently)."""
-    kw = dict(iterations=3, critic_warmup_iterations=1, algorithm=algorithm, nft_ema_decay=0.5, learning_rate=1e-2)
+    kw = {"iterations": 3, "critic_warmup_iterations": 1, "algorithm": algorithm, "nft_ema_decay": 0.5,
+          "learning_rate": 1e-2}
     full = make_trainer(tmp_path / "full", **kw)
     full.train()
     first = make_trainer(tmp_path / "resumed", **{**kw, "iterations": 2})
@@ -479,7 +458,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, algorithm):
     assert full.counters == second.counters
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings_and_names_them(tmp_path):
+def test_resume_refuses_a_checkpoint_of_other_settings_and_names_them(tmp_path, make_trainer):
     make_trainer(tmp_path, algorithm="orw", iterations=1, learning_rate=1e-2).train()
     with pytest.raises(ValueError, match=r"other settings \(beta: 1.0 -> 0.5; learning_rate: 0.01 -> 0.02\)"):
         make_trainer(tmp_path, algorithm="orw", iterations=2, learning_rate=2e-2, beta=0.5, resume=True).train()
@@ -492,7 +471,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_names_them(tmp_path):
     assert forced.iteration == 3
 
 
-def test_orw_trains_on_batch_z_scored_rewards_with_exp_weights(tmp_path, monkeypatch):
+def test_orw_trains_on_batch_z_scored_rewards_with_exp_weights(tmp_path, monkeypatch, make_trainer):
     """The trainer's own ORW path: the advantages the loss gets are the z-scores of the batch's rewards (population
     std), and the weighting is exp(beta A), whatever ``weighting`` says."""
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
@@ -509,7 +488,7 @@ def test_orw_trains_on_batch_z_scored_rewards_with_exp_weights(tmp_path, monkeyp
     assert kw["weighting"] == "exp" and kw["beta"] == 0.5
 
 
-def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, make_trainer):
     trainer = make_trainer(tmp_path, algorithm="orw")
     trainer.step()
     good = trainer.save_checkpoint()
@@ -536,10 +515,8 @@ SCRIPT = textwrap.dedent(
     from flowalign.trainer import ACFlowConfig, ACFlowTrainer
     from peft.utils import get_peft_model_state_dict
 
-    out = sys.argv[1]
-    cfg = ACFlowConfig(output_dir=out, iterations=2, critic_warmup_iterations=1, prompts_per_iteration=2,
-                       images_per_prompt=2, sample_steps=2, minibatch_size=2, inner_epochs=1, noise_draws=1,
-                       eval_prompts=0, progress=False, lora_rank=4, lora_alpha=4.0)
+    out, config = sys.argv[1], sys.argv[2]  # the test's tiny_config, written as YAML
+    cfg = ACFlowConfig.from_yaml(config, {"output_dir": out})
     reward = lambda images, prompts: images[:, 0].mean((1, 2))
     trainer = ACFlowTrainer(cfg, reward=reward, pipeline=build_tiny_sd3_pipeline(seed=0, num_layers=1))
     trainer.train()
@@ -553,15 +530,11 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_two_processes_end_with_identical_weights(tmp_path):
-    script = tmp_path / "dist.py"
+def test_two_processes_end_with_identical_weights(tmp_path, tiny_config, accelerate_launch):
+    script, config = tmp_path / "dist.py", tmp_path / "tiny.yaml"
     script.write_text(SCRIPT)
-    # `--multi_gpu` with no GPU starts torch.distributed on the CPU (gloo): what a user of 2 CPU processes types.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny_config(tmp_path, iterations=2, critic_warmup_iterations=1, sample_steps=2, minibatch_size=2).to_yaml(config)
+    accelerate_launch(script, tmp_path, config, processes=2, port=29533)  # 2 CPU processes (gloo)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["world"] == r1["world"] == 2 and r0["local_g"] == 1  # G=2 images per prompt, one on each rank
@@ -572,7 +545,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").exists()  # written once, by rank 0
 
 
-def test_detach_uncond_trains_only_the_conditional_branch(tmp_path):
+def test_detach_uncond_trains_only_the_conditional_branch(tmp_path, make_trainer):
     """detach_uncond: the guided value is unchanged, and its gradient is the conditional branch's, g * grad v_c."""
     trainer = make_trainer(tmp_path, guidance_scale=3.0)
     model, g = trainer.unwrapped, trainer.guidance_scale
