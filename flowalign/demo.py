@@ -35,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -415,11 +416,16 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
 
 def draw_grid(images: dict, per_image: dict, prompts: list[str], k: int, path: Path, n_rows: int = 6) -> None:
     """Rows: the first image of each of the first ``n_rows`` prompts, its prompt on the left; columns: w; under each
-    image its training reward."""
+    image its training reward. The cells are tiled by diffusers' ``make_image_grid``; the labels are drawn around.
+
+    Example: ``draw_grid({0.0: images, 1.0: images}, per_image, prompts, k=2, path=Path("grid.png"), n_rows=2)`` writes
+    a grid of ``grid_size(2, 2)`` pixels."""
     scales = sorted(images)
     grid = Image.new("RGB", grid_size(n_rows, len(scales)), "white")
-    draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=11)
+    cells = [_grid_cell(images[w][i * k], per_image[w]["reward"][i * k], font) for i in range(n_rows) for w in scales]
+    grid.paste(make_image_grid(cells, rows=n_rows, cols=len(scales)), (LABEL_W + PAD, HEADER_H))
+    draw = ImageDraw.Draw(grid)
     for j, w in enumerate(scales):
         x = LABEL_W + PAD + j * (CELL + PAD)
         draw.text((x + CELL // 2, HEADER_H // 2), f"w = {w:g}" + (" (base)" if w == 0 else " (ft)" if w == 1 else ""),
@@ -428,14 +434,17 @@ def draw_grid(images: dict, per_image: dict, prompts: list[str], k: int, path: P
         y = HEADER_H + i * (CELL + CAPTION_H + PAD)
         for n, line in enumerate(_wrap(prompts[i], draw, font, LABEL_W - 2 * PAD)[:6]):
             draw.text((PAD, y + 4 + 13 * n), line, fill="black", font=font)
-        for j, w in enumerate(scales):
-            x = LABEL_W + PAD + j * (CELL + PAD)
-            img = images[w][i * k]
-            pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-            grid.paste(pil.resize((CELL, CELL), Image.NEAREST), (x, y))
-            draw.text((x + CELL // 2, y + CELL + CAPTION_H // 2), f"{per_image[w]['reward'][i * k]:.3f}",
-                      fill="black", font=font, anchor="mm")
     grid.save(path)
+
+
+def _grid_cell(image: torch.Tensor, reward: float, font) -> Image.Image:
+    """One cell of ``grid.png``: the image ``[3, H, W]`` in [0, 1] scaled to CELL x CELL (nearest), its reward under
+    it, and PAD pixels of white to the right and below (the gap to the next cell)."""
+    cell = Image.new("RGB", (CELL + PAD, CELL + CAPTION_H + PAD), "white")
+    pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))  # [0, 1] -> 0 ... 255
+    cell.paste(pil.resize((CELL, CELL), Image.NEAREST), (0, 0))
+    ImageDraw.Draw(cell).text((CELL // 2, CELL + CAPTION_H // 2), f"{reward:.3f}", fill="black", font=font, anchor="mm")
+    return cell
 
 
 def plot_sweep(rows: list[dict], path: Path, reward_name: str = "reward"):
