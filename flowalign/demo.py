@@ -44,6 +44,7 @@ from flowalign.checkpoints import latest_checkpoint
 from flowalign.config import ACFlowConfig
 from flowalign.eval import diversity, mean_se, paired_difference, sde_path_kl
 from flowalign.pipelines import RLGStableDiffusion3Pipeline
+from flowalign.pipelines.guidance import classifier_free_guidance
 from flowalign.sampling import flow_sigmas
 from flowalign.seeding import generator
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline
@@ -235,7 +236,7 @@ def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_sc
                         encoder_hidden_states=torch.cat([neg_embeds, embeds]),
                         pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0]
                 v_u, v_c = v.chunk(2)
-                return v_u + cfg_scale * (v_c - v_u)
+                return classifier_free_guidance(v_u, v_c, cfg_scale)
             return field
 
         try:

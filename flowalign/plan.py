@@ -57,6 +57,7 @@ from torch.utils._pytree import tree_flatten
 
 from flowalign.config import ACFlowConfig, add_config_arguments, config_overrides
 from flowalign.critic import Critic
+from flowalign.pipelines.guidance import classifier_free_guidance
 from flowalign.rewards.preprocess import ImagePreprocess
 from flowalign.sampling import sample_latents
 from flowalign.tiny import BASE_MODEL_DIR
@@ -664,7 +665,7 @@ class _Tracer:
         if not self.s.cfg:
             return v
         v_u, v_c = v.chunk(2)
-        return v_u + 4.5 * (v_c - v_u)
+        return classifier_free_guidance(v_u, v_c, 4.5)
 
     @contextlib.contextmanager
     def reference_model(self):

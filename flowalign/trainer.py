@@ -85,6 +85,7 @@ from flowalign.config import ACFlowConfig
 from flowalign.critic import Critic, LookaheadCritic
 from flowalign.eval import diversity_per_group, eval_features, sde_path_kl
 from flowalign.methods import Rewards, Rollout, get_method
+from flowalign.pipelines.guidance import classifier_free_guidance
 from flowalign.pipelines.lora_utils import load_lora_state
 from flowalign.prompts import PromptSource, load_prompts, read_prompt_file
 from flowalign.rewards import NonFiniteRewardError
@@ -444,7 +445,7 @@ class ACFlowTrainer:
         v_u, v_c = v.chunk(2)
         if detach_uncond:
             v_u = v_u.detach()
-        return v_u + g * (v_c - v_u)
+        return classifier_free_guidance(v_u, v_c, g)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
