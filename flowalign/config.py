@@ -31,9 +31,9 @@ import yaml
 
 from flowalign.methods import METHODS
 from flowalign.objectives import WEIGHTINGS
+from flowalign.pipelines.lora_utils import FLOW_GRPO_SD3_TARGET_MODULES
 
 ALGORITHMS = tuple(METHODS)
-LORA_TARGETS_SD3 = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 @dataclass
@@ -73,9 +73,14 @@ class ACFlowConfig:
     use_lora: bool = field(default=True, metadata={"help": "LoRA (peft) on the transformer; False = full fine-tuning"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS_SD3), metadata={"help": (
-        "transformer modules that get LoRA adapters (SD3 attention projections)"
-    )})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(FLOW_GRPO_SD3_TARGET_MODULES), metadata={
+        "help": (
+            "transformer modules that get LoRA adapters: Flow-GRPO's SD3 list (the joint attention's projections, "
+            "'attn.to_q' ...; pipelines.lora_utils.FLOW_GRPO_SD3_TARGET_MODULES). On SD3.5 it leaves the second "
+            "self-attention of the dual-attention blocks (attn2) frozen, as Flow-GRPO's LoRAs do; add 'attn2.to_q' "
+            "... to train it. Runs written before this list was shared used the bare names ('to_q' ...), which also "
+            "match attn2: resume those with that list"
+        )})
     init_lora: str | None = field(default=None, metadata={"help": (
         "start from an existing LoRA (a flowalign checkpoint, a diffusers LoRA file or folder, a PEFT adapter "
         "folder, or a hub id); its rank, alpha and target modules must equal lora_rank, lora_alpha and "
