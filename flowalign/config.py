@@ -315,6 +315,11 @@ class ACFlowConfig:
     eval_at_start: bool = field(default=True, metadata={"help": (
         "evaluate before the first update (the no-update control of the run)"
     )})
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": (
+        "experiment trackers (accelerate's): 'tensorboard' (output_dir/tensorboard) and/or 'wandb' (pip install "
+        "wandb; project wandb_project, run named after output_dir); [] = the CSV files only"
+    )})
+    wandb_project: str = field(default="flowalign", metadata={"help": "W&B project of log_with: [wandb]"})
     eval_kl: bool = field(default=True, metadata={"help": (
         "measure KL(p_theta || p_ref) in nats per image on held-out rollouts: the exact Gaussian KL of every "
         "stochastic transition of the rollout sampler (the first sde_steps_fraction of sample_steps, noise_level), "
@@ -341,6 +346,9 @@ class ACFlowConfig:
                    "optimizer": ("adamw", "adamw8bit"), "sigma_sampling": ("logit_normal", "uniform"),
                    "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen"),
                    "critic": (None, "zero", "latent", "lookahead"), "advantage_estimator": ("mc", "td", "gae")}
+        bad = [t for t in self.log_with if t not in ("tensorboard", "wandb")]
+        if bad:
+            raise ValueError(f"ACFlowConfig.log_with={self.log_with!r}: {bad} unknown; choose from 'tensorboard', 'wandb'.")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
@@ -426,7 +434,7 @@ class ACFlowConfig:
 
 RUN_CONTROL_KEYS = frozenset({
     "iterations", "resume", "allow_config_change", "output_dir", "checkpoint_every", "progress", "eval_every",
-    "eval_at_start", "distributed_timeout",
+    "eval_at_start", "distributed_timeout", "log_with", "wandb_project",
 })
 """Settings a resumed run may change: how long it runs and where and how often it writes, not what it learns."""
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import copy
 import csv
 import json
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
+from accelerate.tracking import TensorBoardTracker, WandBTracker
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, gather_object
 from diffusers import StableDiffusion3Pipeline
 from diffusers.training_utils import cast_training_params
@@ -73,7 +75,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from flowalign import objectives as O
@@ -140,6 +141,26 @@ def make_accelerator(cfg: ACFlowConfig) -> Accelerator:
         AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
         AcceleratorState._shared_state["fsdp_plugin"] = plugin
     return acc
+
+
+def make_trackers(cfg: ACFlowConfig, output_dir: Path) -> list:
+    """accelerate's experiment trackers for ``cfg.log_with`` (main process only): TensorBoard in
+    ``output_dir/tensorboard``; W&B in project ``wandb_project``, run named after the output folder."""
+    trackers = []
+    for name in cfg.log_with:
+        if name == "tensorboard":  # the config is beside it, in config.yaml
+            tracker = TensorBoardTracker("tensorboard", str(output_dir))
+            tracker.start()
+        else:  # wandb
+            if importlib.util.find_spec("wandb") is None:
+                raise ImportError("ACFlowConfig.log_with names 'wandb', which is not installed: pip install wandb (and "
+                                  "wandb login), or drop it from log_with.")
+            tracker = WandBTracker(cfg.wandb_project, name=output_dir.name, dir=str(output_dir))
+            tracker.start()
+            tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                              for k, v in asdict(cfg).items()})
+        trackers.append(tracker)
+    return trackers
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -229,7 +250,7 @@ class ACFlowTrainer:
         self.eval_history: list[dict[str, Any]] = []
         self._ref_eval_features: torch.Tensor | None = None
         self._ref_eval_latents: torch.Tensor | None = None
-        self._tb = None
+        self._trackers: list | None = None  # accelerate trackers, made on the first log (log_with)
 
     @property
     def sharded(self) -> bool:
@@ -844,13 +865,13 @@ class ACFlowTrainer:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-        if self._tb is None:
-            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+        if self._trackers is None:
+            self._trackers = make_trackers(self.config, self.output_dir)
         prefix = "eval/" if filename.startswith("eval") else "train/"
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v) and k != "iteration":
-                self._tb.add_scalar(prefix + k, v, metrics.get("iteration", self.iteration))
-        self._tb.flush()
+        scalars = {prefix + k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and math.isfinite(v) and k != "iteration"}
+        for tracker in self._trackers:  # accelerate's trackers (TensorBoard flushes after each call)
+            tracker.log(scalars, step=int(metrics.get("iteration", self.iteration)))
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -886,8 +907,9 @@ class ACFlowTrainer:
             if last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
         bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers or []:
+            tracker.finish()
+        self._trackers = None
         self.accelerator.wait_for_everyone()
         return result or (self.eval_history[-1] if self.eval_history else {})
 

@@ -183,3 +183,21 @@ def test_two_step_lookahead_is_two_euler_steps_of_the_policy(tmp_path):
     one = acflow.lookahead_predictions(trainer, roll)
     torch.testing.assert_close(one, roll.trajectory[:, :3] - roll.sigmas[:3].view(1, 3, 1, 1, 1) * roll.velocities[:, :3])
     assert (one - x0).abs().max() > 1e-4  # the second step moved the prediction
+
+
+def test_trackers_write_tensorboard_scalars_and_refuse_unknown(tmp_path):
+    """accelerate's TensorBoard tracker gets every finite metric under train/ at its iteration; log_with: [] writes
+    none; an unknown tracker is refused by name."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path / "tb", critic="zero", iterations=2)
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard")).Reload()
+    rewards = events.Scalars("train/reward_mean")
+    assert [e.step for e in rewards] == [0, 1]
+    assert [e.value for e in rewards] == pytest.approx([h["reward_mean"] for h in trainer.history], rel=1e-6)
+    silent = make_trainer(tmp_path / "none", critic="zero", iterations=1, log_with=[])
+    silent.train()
+    assert not (tmp_path / "none" / "tensorboard").exists()
+    with pytest.raises(ValueError, match="'mlflow'"):
+        ACFlowConfig(log_with=["mlflow"])
