@@ -1,8 +1,8 @@
 """``flowalign sample``: images at several RLG scales, a grid, and the settings to reproduce each one.
 
 For every (prompt, scale, seed) it writes one PNG, then ``grid.png`` (one row per prompt and seed,
-one column per scale) and ``metadata.jsonl`` (one JSON object per image: file, prompt, scale, seed,
-steps, cfg, base, finetuned, sampler, mode, height, width, ...).
+one column per scale, tiled by diffusers' ``make_image_grid``) and ``metadata.jsonl`` (one JSON object
+per image: file, prompt, scale, seed, steps, cfg, base, finetuned, sampler, mode, height, width, ...).
 
 Example::
 
@@ -29,13 +29,19 @@ import re
 from pathlib import Path
 
 import torch
-from PIL import Image
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from flowalign import tiny
 from flowalign.checkpoints import resolve_checkpoint
-from flowalign.pipelines import RLGStableDiffusion3Pipeline, check_rlg_sweep
-from flowalign.pipelines.rlg import RLG_MODES, SAMPLERS, check_sampler, get_rlg_mode
+from flowalign.pipelines import (
+    RLG_MODES,
+    SAMPLERS,
+    RLGStableDiffusion3Pipeline,
+    check_rlg_sweep,
+    check_sampler,
+    get_rlg_mode,
+)
 from flowalign.prompts import read_prompt_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,15 +149,6 @@ def _load_pipeline(base: str | None, device: str, dtype: torch.dtype):
     return pipe
 
 
-def make_grid(images: list, rows: int, cols: int):
-    """Paste ``rows * cols`` equally sized PIL images (row-major) into one image."""
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for k, image in enumerate(images):
-        grid.paste(image, ((k % cols) * width, (k // cols) * height))
-    return grid
-
-
 def _settings(args: argparse.Namespace, pipe, device: str, dtype_name: str) -> dict:
     """What every image of the run shares, as ``metadata.jsonl`` records it (the call's settings included)."""
     return {
@@ -239,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows = [(i, s) for i in range(len(prompts)) for s in range(len(args.seed))]
     cells = [images[(i, s, j)] for i, s in rows for j in range(len(args.scales))]
-    make_grid(cells, rows=len(rows), cols=len(args.scales)).save(out / "grid.png")
+    # every cell is an RGB image of one size and the grid has exactly rows x cols of them: no background shows
+    make_image_grid(cells, rows=len(rows), cols=len(args.scales)).save(out / "grid.png")
     records.sort(key=lambda r: (r["grid_row"], r["grid_col"]))
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
