@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import importlib.util
 import copy
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -687,8 +687,7 @@ class ACFlowTrainer:
         result.update({key: sum(values) / len(values) for key, values in per_image.items()})
         group_diversity = gather_object(list(diversity_per_group(images, groups).values()))
         result["diversity"] = sum(group_diversity) / len(group_diversity) if group_diversity else float("nan")
-        readouts = getattr(self.prompt_source, "group_readouts", {})
-        for name, readout in (readouts() if callable(readouts) else readouts).items():  # e.g. colour entropy
+        for name, readout in self.prompt_source.group_readouts.items():  # e.g. colour entropy (shapes_nocolor)
             values = gather_object(list(readout(images, groups).values()))
             result[name] = sum(values) / len(values) if values else float("nan")
         features = torch.cat(gather_object([eval_features(images)]))

@@ -35,13 +35,9 @@ Example::
 
 from __future__ import annotations
 
-import io
-
-import torch
 from flowalign.rewards.base import Reward
-from flowalign.rewards.jpeg import JpegCompressibility
+from flowalign.rewards.jpeg import JpegCompressibility, encoded_size_kb
 from flowalign.rewards.mixture import Mixture
-from PIL import Image
 from torch import Tensor
 
 # (mean, std) of each red_jpeg component on the embedded base model's rollouts of the no-colour training prompts
@@ -83,14 +79,7 @@ class Redness(Reward):
 def png_size_kb(images: Tensor, compress_level: int = 6) -> Tensor:
     """Lossless PNG size in kB (1000 bytes) of each image of a float batch ``[B, 3, H, W]`` in [0, 1]
     (rounded to uint8 first, as :func:`flowalign.rewards.jpeg.jpeg_size_kb`)."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # NCHW -> NHWC for PIL
-    sizes = []
-    for array in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
-        sizes.append(buffer.tell() / 1000.0)
-    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+    return encoded_size_kb(images, "PNG", compress_level=compress_level)
 
 
 class PngCompressibility(Reward):

@@ -25,16 +25,22 @@ from PIL import Image
 from torch import Tensor
 
 
-def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
-    """Encoded JPEG size in kB (1000 bytes) of each image of a float batch ``[B, 3, H, W]`` in [0, 1]."""
+def encoded_size_kb(images: Tensor, format: str, **save_options) -> Tensor:
+    """Size in kB (1000 bytes) of each image of a float batch ``[B, 3, H, W]`` in [0, 1], rounded to uint8 and
+    encoded by PIL in ``format`` with ``save_options`` (e.g. ``quality=95`` for JPEG)."""
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # NCHW -> NHWC for PIL
     sizes = []
     for array in pixels:
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        Image.fromarray(array).save(buffer, format=format, **save_options)
         sizes.append(buffer.tell() / 1000.0)
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
+    """Encoded JPEG size in kB (1000 bytes) of each image of a float batch ``[B, 3, H, W]`` in [0, 1]."""
+    return encoded_size_kb(images, "JPEG", quality=quality)
 
 
 class JpegIncompressibility(Reward):
