@@ -408,17 +408,22 @@ def test_sde_sampler(world):
 # ------------------------------------------------------------------------------------------------
 # The wrapper alone: velocity level, and inside a second pipeline class (FLUX)
 # ------------------------------------------------------------------------------------------------
+def wrapper_inputs():
+    """A 4-row transformer input (two timesteps, a CFG-shaped batch) of the tiny world, seeded: ``(x, kwargs)``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    return x, dict(
+        encoder_hidden_states=torch.randn(4, 17, 128, generator=g),
+        pooled_projections=torch.randn(4, 128, generator=g),
+        timestep=torch.tensor([900.0, 400.0, 900.0, 400.0]),
+    )
+
+
 def test_wrapper_velocities_all_modes(world):
     transformer = world.pipe.transformer
     add_random_lora(transformer, "v", rank=4, seed=3, std=0.1)
     try:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(4, 3, 32, 32, generator=g)
-        kw = dict(
-            encoder_hidden_states=torch.randn(4, 17, 128, generator=g),
-            pooled_projections=torch.randn(4, 128, generator=g),
-            timestep=torch.tensor([900.0, 400.0, 900.0, 400.0]),
-        )
+        x, kw = wrapper_inputs()
         with torch.no_grad():
             transformer.disable_lora()
             v_base = transformer(x, **kw).sample
@@ -471,13 +476,7 @@ def test_tensor_w_runs_the_same_strategy_as_host_w(world):
     transformer = world.pipe.transformer
     add_random_lora(transformer, "v", rank=4, seed=3, std=0.1)
     try:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(4, 3, 32, 32, generator=g)
-        kw = dict(
-            encoder_hidden_states=torch.randn(4, 17, 128, generator=g),
-            pooled_projections=torch.randn(4, 128, generator=g),
-            timestep=torch.tensor([900.0, 400.0, 900.0, 400.0]),
-        )
+        x, kw = wrapper_inputs()
         rows = []
         hook = transformer.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
         with torch.no_grad():
