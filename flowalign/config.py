@@ -30,18 +30,24 @@ from typing import Any
 import yaml
 
 from flowalign.methods import METHODS
-from flowalign.objectives import WEIGHTINGS
+from flowalign.methods.acflow import ACFlowSettings
+from flowalign.methods.awm import AWMSettings
+from flowalign.methods.flow_matching import FlowMatchingSettings
+from flowalign.methods.grpo import GRPOSettings
+from flowalign.methods.nft import NFTSettings
 from flowalign.pipelines.lora_utils import FLOW_GRPO_SD3_TARGET_MODULES
+from flowalign.sampling import sde_window
 
 ALGORITHMS = tuple(METHODS)
 
 
 @dataclass
-class ACFlowConfig:
-    """Every knob of a fine-tuning run. Load from YAML with ``ACFlowConfig.from_yaml``."""
+class RunSettings:
+    """What every run has: the run, the model, prompts and rollouts, the reward, the regulariser axis and the actor's
+    optimizer. The methods' own knobs are in their sections (``flowalign.methods``), the evaluation's below."""
 
     # --- run -----------------------------------------------------------------------------------
-    algorithm: str = field(default="acflow", metadata={"help": (
+    algorithm: str = field(default="acflow", metadata={"choices": ALGORITHMS, "help": (
         "'acflow' | 'orw' (ORW-CFM-W2) | 'grpo' (Flow-GRPO) | 'nft' (DiffusionNFT) | 'awm' (Advantage Weighted Matching)"
     )})
     output_dir: str = field(default="runs/acflow", metadata={"help": (
@@ -51,7 +57,7 @@ class ACFlowConfig:
         "seed of everything random: LoRA and critic init, prompts, rollout noise (a pure function of (seed, "
         "iteration, rank))"
     )})
-    iterations: int = field(default=50, metadata={"help": "outer iterations (rollout + update)"})
+    iterations: int = field(default=50, metadata={"minimum": 1, "help": "outer iterations (rollout + update)"})
     resume: bool = field(default=False, metadata={"help": (
         "continue from output_dir/checkpoints/latest if present; a checkpoint written with other settings (other "
         "than the run-control keys: iterations, output_dir, checkpoint_every, eval_every, progress, ...) is refused, "
@@ -86,11 +92,11 @@ class ACFlowConfig:
         "folder, or a hub id); its rank, alpha and target modules must equal lora_rank, lora_alpha and "
         "lora_target_modules"
     )})
-    mixed_precision: str = field(default="auto", metadata={"help": (
+    mixed_precision: str = field(default="auto", metadata={"choices": ("auto", "no", "fp16", "bf16"), "help": (
         "'auto' (bf16 on a GPU, 'no' on a CPU) | 'no' | 'fp16' | 'bf16' (accelerate autocast; fp16 adds a "
         "gradient scaler)"
     )})
-    weight_dtype: str | None = field(default=None, metadata={"help": (
+    weight_dtype: str | None = field(default=None, metadata={"choices": (None, "fp32", "bf16", "fp16"), "help": (
         "dtype of the frozen weights (base transformer, text encoders, VAE): 'fp32' | 'bf16' | 'fp16'; None = the"
         " mixed-precision dtype. Trainable parameters (LoRA, or the full transformer) stay fp32"
     )})
@@ -98,7 +104,7 @@ class ACFlowConfig:
         "recompute activations in the backward pass (a fraction of the activation memory, ~30% slower); None ="
         " on a GPU, off on a CPU"
     )})
-    optimizer: str = field(default="adamw", metadata={"help": (
+    optimizer: str = field(default="adamw", metadata={"choices": ("adamw", "adamw8bit"), "help": (
         "'adamw' (torch) | 'adamw8bit' (bitsandbytes: the optimizer states in 8 bits, needs `pip install "
         "bitsandbytes`)"
     )})
@@ -108,7 +114,7 @@ class ACFlowConfig:
     cache_prompt_embeddings: bool = field(default=True, metadata={"help": (
         "encode each distinct prompt once (frozen text encoders); the cache lives on the CPU"
     )})
-    prompt_cache_size: int = field(default=1024, metadata={"help": (
+    prompt_cache_size: int = field(default=1024, metadata={"minimum": 1, "help": (
         "most prompts whose embeddings are cached (least recently used evicted; ~5 MiB per prompt for SD3 in "
         "fp32, 256 T5 tokens); when every training and held-out prompt fits, all are encoded once at start"
     )})
@@ -125,8 +131,8 @@ class ACFlowConfig:
         " them; held out: its held-out split) or a text file, one prompt a line (drawn uniformly; held out: its "
         "first eval_prompts lines); see flowalign.prompts"
     )})
-    prompts_per_iteration: int = field(default=8, metadata={"help": "P, identical on all ranks"})
-    images_per_prompt: int = field(default=8, metadata={"help": (
+    prompts_per_iteration: int = field(default=8, metadata={"minimum": 1, "help": "P, identical on all ranks"})
+    images_per_prompt: int = field(default=8, metadata={"minimum": 1, "help": (
         "G, split across ranks (must be divisible by the number of processes)"
     )})
     initial_noises: int | None = field(default=None, metadata={"help": (
@@ -134,20 +140,20 @@ class ACFlowConfig:
         "each) and are shaped within (prompt, x_1) groups, so the advantage holds only what the policy's own "
         "noise did; None = G (every image its own x_1)"
     )})
-    sample_steps: int = field(default=16, metadata={"help": "sampling steps of the rollouts"})
+    sample_steps: int = field(default=16, metadata={"minimum": 1, "help": "sampling steps of the rollouts"})
     resolution: int | None = field(default=None, metadata={"help": (
         "image side in pixels of rollouts and evaluation (a multiple of the VAE's downsampling times the "
         "transformer's patch size); None = the transformer's sample_size times the VAE's downsampling"
     )})
-    rollout_batch_size: int = field(default=16, metadata={"help": (
+    rollout_batch_size: int = field(default=16, metadata={"minimum": 1, "help": (
         "images per transformer call in rollouts and evaluation (CFG doubles the rows); the results do not "
         "depend on it"
     )})
-    decode_batch_size: int = field(default=8, metadata={"help": "images per VAE decode"})
+    decode_batch_size: int = field(default=8, metadata={"minimum": 1, "help": "images per VAE decode"})
     guidance_scale: float | None = field(default=None, metadata={"help": (
         "CFG of rollouts and evaluation; None = 2.0 for the embedded tiny model (its card), else 4.5"
     )})
-    sampler: str = field(default="sde", metadata={"help": (
+    sampler: str = field(default="sde", metadata={"choices": ("euler", "sde"), "help": (
         "'euler' | 'sde' (grpo always uses 'sde'; fm_states='trajectory' needs 'sde')"
     )})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a"})
@@ -169,134 +175,28 @@ class ACFlowConfig:
         "kl_coef (derivation and conversions to Flow-GRPO's beta and ORW-CFM-W2's (alpha, beta): "
         "docs/algorithms.md, 'One regulariser axis'); None = the method knobs as given"
     )})
-    # --- shaping, critic, advantages (acflow) --------------------------------------------------
-    shaping: bool = field(default=True, metadata={"help": (
-        "z-score within each prompt's group (each (prompt, x_1) group with initial_noises); running statistics "
-        "over all images only when a group has one image"
-    )})
-    shaping_clip: float = field(default=3.0, metadata={"help": "k: shaped rewards are clipped to [-k, k]"})
-    critic_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the critic"})
-    critic_warmup_iterations: int = field(default=3, metadata={"help": (
-        "iterations before the critic's values enter the advantages"
-    )})
-    warmup_actor: str = field(default="shaped", metadata={"help": (
-        "during the critic warm-up the actor 'shaped': learns from the shaped rewards (advantage r~, i.e. V = 0),"
-        " or 'frozen': does not move (those rollouts only train the critic)"
-    )})
-    advantage_clip: float = field(default=2.0, metadata={"help": "eps_A: advantages are clipped to [-eps_A, eps_A]"})
-    critic_channels: list[int] = field(default_factory=lambda: [32, 64, 128], metadata={"help": (
-        "critic='latent': CNN widths (stride 2 after the first)"
-    )})
-    critic_hidden_dim: int = field(default=256, metadata={"help": "width of the critic's MLP head"})
-    critic: str | None = field(default=None, metadata={"help": (
-        "acflow's value model V of a window state x_k: 'latent' = a CNN on the noisy latent x_k, one Adam step per "
-        "actor minibatch (the original design); 'lookahead' = flowalign.critic.LookaheadCritic on the policy's own"
-        " one-step prediction x0_k = x_k - s_k v_k: its reward (decoded and scored, one extra decode + reward per "
-        "window step and image), sigma and prompt, fitted critic_steps times per iteration on a replay buffer; "
-        "'zero' = V = 0 (the shaped reward is every state's advantage); None = 'latent' on trajectory states, "
-        "'zero' on noised states (where a critic's input would be a noised copy of the scored sample itself). "
-        "docs/algorithms.md, 'The critic'"
-    )})
-    advantage_estimator: str = field(default="mc", metadata={"help": (
-        "per-step advantage of the SDE transition x_k -> x_{k+1} (V(x_K) = r~ at the window's end, the path after"
-        " it being deterministic): 'mc' = r~ - V(x_k); 'td' = V(x_{k+1}) - V(x_k); 'gae' = sum_j lambda^j "
-        "delta_{k+j} with delta_k = V(x_{k+1}) - V(x_k) (gae_lambda 1 = mc, 0 = td)"
-    )})
-    critic_lookahead_channels: list[int] = field(default_factory=list, metadata={"help": (
-        "critic='lookahead': CNN widths of an optional image branch on the predicted latent x0_k ([] = none: V from"
-        " the look-ahead reward, sigma and the prompt)"
-    )})
-    critic_lookahead_steps: int = field(default=1, metadata={"help": (
-        "critic='lookahead': Euler steps of the policy's guided field from x_k to its predicted image (1 = the "
-        "one-step prediction x_k - s_k v_k, free; each more step costs one guided forward per window state and "
-        "predicts the final image better: held-out EV at the last window step of the tiny JPEG task .23 / .39 / "
-        ".44 with 1 / 2 / 4 steps, docs/algorithms.md)"
-    )})
-    gae_lambda: float = field(default=0.9, metadata={"help": "lambda of advantage_estimator='gae', in [0, 1]"})
-    critic_steps: int = field(default=32, metadata={"help": (
-        "critic='lookahead': Adam steps per iteration on minibatches of the replay buffer"
-    )})
-    critic_batch_size: int = field(default=128, metadata={"help": "critic='lookahead': states per critic step"})
-    critic_buffer_iterations: int = field(default=4, metadata={"help": (
-        "critic='lookahead': the replay buffer keeps the window states of this many most recent iterations (the "
-        "critic fits them; the actor's advantages always come from the current rollout)"
-    )})
-    # --- actor update (acflow, orw) ------------------------------------------------------------
-    weighting: str = field(default="exp", metadata={"help": (
-        "see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)"
-    )})
-    beta: float = field(default=1.0, metadata={"help": (
-        "temperature of the weighting exp(beta A) on normalised advantages (1 / beta: the per-iteration KL "
-        "coefficient to the rollout policy, a trust region)"
-    )})
-    w2_weight: float = field(default=0.03, metadata={"help": (
-        "alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2; acts as the KL coefficient alpha / beta (set "
-        "kl_coef instead); on trajectory states in units of the step noise (W2 = 2 KL per step), on noised states"
-        " (orw) in velocity units"
-    )})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (acflow, orw)"})
+    # --- actor update (every method) -------------------------------------------------------------
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (grpo: grpo_learning_rate)"})
     adam_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the actor"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip of the actor"})
-    inner_epochs: int = field(default=2, metadata={"help": (
+    inner_epochs: int = field(default=2, metadata={"minimum": 1, "help": (
         "passes over the rollout batch per iteration (Adam steps per iteration = inner_epochs x noise_draws x "
         "batch / minibatch_size: with a noisy reward gradient fewer, larger steps spend less KL per unit of reward;"
         " AC-Flow on JPEG: 1 pass of 64-state minibatches, docs/algorithms.md)"
     )})
-    noise_draws: int = field(default=2, metadata={"help": (
-        "states per sample per pass: (s, eps) draws, or trajectory steps k"
-    )})
-    minibatch_size: int = field(default=32, metadata={"help": "states (or images, grpo) per optimizer step"})
-    sigma_sampling: str = field(default="logit_normal", metadata={"help": (
-        "'logit_normal' | 'uniform' (fm_states='noised')"
-    )})
-    fm_states: str = field(default="trajectory", metadata={"help": (
-        "(acflow; orw always uses 'noised', as published) where the critic and the weighted loss are evaluated: "
-        "'noised' = fresh x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); 'trajectory' ="
-        " the rollout's own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} "
-        "(needs sampler: sde)"
-    )})
-    centered_weights: bool = field(default=True, metadata={"help": (
-        "fm_states='trajectory': weights w - 1 plus a proximal term to the rollout velocity (the pure-noise part "
-        "of the weighted regression removed; see objectives.acflow_actor_loss)"
-    )})
-    guided_loss: bool = field(default=True, metadata={"help": (
-        "fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts and samples at test "
-        "time; False = the conditional velocity only (then guidance piles up on itself: the conditional branch "
-        "learns guided samples and is guided again when sampling)"
-    )})
+    minibatch_size: int = field(default=32, metadata={"minimum": 1, "help": "states (or images, grpo) per optimizer step"})
     detach_uncond: bool = field(default=False, metadata={"help": (
         "stop the actor's gradient through the unconditional CFG branch (as Flow-GRPO's code does): the loss "
         "still fits the guided velocity, but only the conditional branch learns; see docs/benchmarks.md for the "
         "measurement that chose the default"
     )})
-    sigma_shift: float | None = field(default=None, metadata={"help": (
-        "s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift (noised)"
-    )})
-    ot_pairing: bool = field(default=False, metadata={"help": (
-        "minibatch OT coupling of noise and samples (POT; fm_states='noised')"
-    )})
-    # --- Flow-GRPO ----------------------------------------------------------------------------
-    grpo_clip_range: float = field(default=1e-4, metadata={"help": "on per-dimension-mean log-probs, as Flow-GRPO"})
-    grpo_kl_weight: float = field(default=0.04, metadata={"help": (
-        "coefficient of the per-step Gaussian KL (per-dimension mean, as the log-probs): nats per image, the "
-        "kl_coef unit; Flow-GRPO's beta b corresponds to kl_coef ~ b |dt| (docs/algorithms.md)"
-    )})
-    grpo_train_fraction: float = field(default=0.5, metadata={"help": (
-        "fraction of the sampling steps trained on ('denoising reduction')"
-    )})
-    grpo_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (grpo)"})
-    # --- DiffusionNFT and AWM (forward-process baselines) -----------------------------------------
-    nft_beta: float = field(default=1.0, metadata={"help": (
-        "b of DiffusionNFT's implicit policies v+ = (1 - b) v_old + b v, v- = (1 + b) v_old - b v"
-    )})
-    nft_ema_decay: float = field(default=0.0, metadata={"help": (
-        "DiffusionNFT's sampling policy: an EMA of the trained parameters with this decay per iteration "
-        "(0 = the trained policy itself, on-policy)"
-    )})
-    awm_clip_range: float = field(default=0.01, metadata={"help": (
-        "AWM's ratio clip on exp(log p - log p_old), log p = -||v - u||^2 (per-dimension mean)"
-    )})
-    # --- evaluation ----------------------------------------------------------------------------
+
+
+
+@dataclass
+class EvaluationSettings:
+    """The held-out evaluation and the logs."""
+
     eval_every: int = field(default=10, metadata={"help": "iterations between evaluations (0 = only at start and end)"})
     eval_prompts: int = field(default=48, metadata={"help": (
         "held-out prompts (flowalign.shapes.heldout_prompts) or the first N of eval_prompt_file"
@@ -336,52 +236,39 @@ class ACFlowConfig:
         "jpeg_compressibility), else jpeg_compressibility, which reads any prompt"
     )})
 
+
+@dataclass
+class ACFlowConfig(EvaluationSettings, AWMSettings, NFTSettings, GRPOSettings, FlowMatchingSettings, ACFlowSettings,
+                   RunSettings):
+    """Every knob of a fine-tuning run, one flat namespace of typed, documented fields (as YAML and the command line
+    give them) made of sections: :class:`RunSettings`, each method's own (``ACFlowSettings``,
+    ``FlowMatchingSettings``, ``GRPOSettings``, ``NFTSettings``, ``AWMSettings``, in ``flowalign/methods/``) and
+    :class:`EvaluationSettings`. The chosen method resolves and checks its own settings
+    (``Method.resolve`` / ``Method.validate``). Load from YAML with ``ACFlowConfig.from_yaml``."""
+
     # ------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         for f in fields(self):  # values as the field types say (YAML reads "1e-4" as a string)
             setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
-        choices = {"algorithm": ALGORITHMS, "sampler": ("euler", "sde"),
-                   "mixed_precision": ("auto", "no", "fp16", "bf16"), "weight_dtype": (None, "fp32", "bf16", "fp16"),
-                   "optimizer": ("adamw", "adamw8bit"), "sigma_sampling": ("logit_normal", "uniform"),
-                   "fm_states": ("noised", "trajectory"), "warmup_actor": ("shaped", "frozen"),
-                   "critic": (None, "zero", "latent", "lookahead"), "advantage_estimator": ("mc", "td", "gae")}
+        for f in fields(self):  # each section's declared choices and minimums
+            value, allowed, low = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("minimum")
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"ACFlowConfig.{f.name}={value!r}; choose one of {allowed}.")
+            if low is not None and value < low:
+                raise ValueError(f"ACFlowConfig.{f.name}={value} must be >= {low}.")
         bad = [t for t in self.log_with if t not in ("tensorboard", "wandb")]
         if bad:
             raise ValueError(f"ACFlowConfig.log_with={self.log_with!r}: {bad} unknown; choose from 'tensorboard', 'wandb'.")
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
-        if self.kl_coef is not None:  # the one regulariser axis, mapped onto each method's knob
-            if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-                raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
-                                 "or None to use w2_weight / grpo_kl_weight as given.")
+        if self.kl_coef is not None and not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"ACFlowConfig.kl_coef={self.kl_coef} must be a finite number >= 0 (nats per image), "
+                             "or None to use w2_weight / grpo_kl_weight as given.")
         method = METHODS[self.algorithm]
-        if self.kl_coef is not None:  # the method's own mapping (flowalign.methods)
-            for key, value in method.kl_knobs(self, self.kl_coef).items():
-                setattr(self, key, value)
-        self.fm_states = method.fm_states or self.fm_states  # forward-process methods: freshly noised states
-        own_sampler = method.sampler is None  # grpo samples with the SDE whatever `sampler` says
-        if self.fm_states == "trajectory" and self.sampler != "sde" and own_sampler:
-            raise ValueError(f"ACFlowConfig.sampler={self.sampler!r} with fm_states='trajectory': the actor learns "
-                             "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
-                             "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
-        if self.fm_states == "trajectory" and not self.guided_loss and own_sampler:
-            raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
-                             "velocities are the CFG-guided field's, so the loss must fit that field; set "
-                             "guided_loss=True, or fm_states='noised'.")
+        method.resolve(self)  # its kl_coef mapping and its states (flowalign.methods)
         if self.critic is None:
             self.critic = "latent" if self.fm_states == "trajectory" else "zero"
-        if method.uses_critic and self.critic != "zero" and self.fm_states == "noised":
-            raise ValueError(f"ACFlowConfig.critic={self.critic!r} with fm_states='noised': V would be evaluated at a "
-                             "noised copy of the scored sample itself, so the baseline depends on the outcome and "
-                             "biases the gradient; set critic='zero' (V = 0) or fm_states='trajectory'.")
-        if method.uses_critic and (self.critic == "lookahead" or self.advantage_estimator != "mc") \
-                and self.fm_states != "trajectory":
-            raise ValueError(f"ACFlowConfig.critic={self.critic!r}, advantage_estimator={self.advantage_estimator!r} "
-                             "need fm_states='trajectory' (the rollout's SDE window states and velocities).")
-        if not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"ACFlowConfig.gae_lambda={self.gae_lambda} must be in [0, 1] (1 = mc, 0 = td).")
+        method.validate(self)  # the method's own refusals
+        own_sampler = method.sampler is None  # grpo samples with the SDE whatever `sampler` says
         if self.initial_noises is not None and (self.initial_noises < 1 or (self.sampler != "sde" and own_sampler)):
             raise ValueError(f"ACFlowConfig.initial_noises={self.initial_noises} needs an integer >= 1 and sampler='sde' "
                              "(branches of one starting noise differ only by the SDE noise); or set it to None.")
@@ -392,17 +279,10 @@ class ACFlowConfig:
         if not 0.0 < self.sde_steps_fraction <= 1.0:
             raise ValueError(f"ACFlowConfig.sde_steps_fraction={self.sde_steps_fraction} must be in (0, 1]: the "
                              "fraction of the earliest sampling steps that inject SDE noise (1.0 = every step).")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"ACFlowConfig.weighting={self.weighting!r}; choose one of {sorted(WEIGHTINGS)}.")
-        for key in ("iterations", "prompts_per_iteration", "images_per_prompt", "sample_steps", "minibatch_size",
-                    "inner_epochs", "noise_draws", "rollout_batch_size", "decode_batch_size", "prompt_cache_size",
-                    "critic_steps", "critic_batch_size", "critic_buffer_iterations", "critic_lookahead_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"ACFlowConfig.{key}={getattr(self, key)} must be >= 1.")
 
     def sde_steps(self, steps: int) -> int:
         """How many of ``steps`` sampling steps inject SDE noise (the first ones): ``sde_steps_fraction`` of them."""
-        return max(1, round(self.sde_steps_fraction * steps))
+        return sde_window(self.sde_steps_fraction, steps)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ACFlowConfig":
@@ -424,12 +304,12 @@ class ACFlowConfig:
 
     def changes_from(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """``{key: (saved value, this value)}`` for every setting that differs from ``saved`` (a checkpoint's
-        ``asdict(config)``), the run-control keys (:data:`RUN_CONTROL_KEYS`) aside. A key the checkpoint predates
-        counts as its default."""
+        ``asdict(config)``) in alphabetical order, the run-control keys (:data:`RUN_CONTROL_KEYS`) aside. A key
+        the checkpoint predates counts as its default."""
         defaults = {f.name: _field_default(f) for f in fields(self)}
         now = asdict(self)
-        return {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
-                if k not in RUN_CONTROL_KEYS and saved.get(k, defaults[k]) != v}
+        return {k: (saved.get(k, defaults[k]), now[k]) for k in sorted(now)
+                if k not in RUN_CONTROL_KEYS and saved.get(k, defaults[k]) != now[k]}
 
 
 RUN_CONTROL_KEYS = frozenset({

@@ -44,10 +44,10 @@ from flowalign.checkpoints import latest_checkpoint
 from flowalign.config import ACFlowConfig
 from flowalign.eval import diversity, mean_se, paired_difference, sde_path_kl
 from flowalign.pipelines import RLGStableDiffusion3Pipeline
-from flowalign.pipelines.guidance import classifier_free_guidance
 from flowalign.sampling import flow_sigmas
 from flowalign.seeding import generator
-from flowalign.tiny import MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline
+from flowalign.policy import Policy
+from flowalign.tiny import MAX_SEQUENCE_LENGTH, load_base_pipeline
 from flowalign.trainer import ACFlowTrainer
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -216,33 +216,30 @@ def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_sc
     base velocity, through :func:`flowalign.eval.sde_path_kl`: the units of the trainer's ``kl_to_reference``.
     The same initial noise and SDE noise at every ``w``; ``w = 0`` is exactly 0.
     """
-    rlg = pipe.rlg_transformer
-    window = cfg.sde_steps(cfg.sample_steps)
-    sigmas = flow_sigmas(pipe.scheduler, cfg.sample_steps)[: window + 1]
+    # the RLG transformer as the policy: its guided field at scale w, the prompt encoding and CFG of the trainer
     tcfg = pipe.transformer.config
     shape = (tcfg.in_channels, tcfg.sample_size, tcfg.sample_size)
+    policy = Policy(pipe, pipe.rlg_transformer, cfg_scale, latent_shape=shape, prompt_cache_size=0)
+    window = cfg.sde_steps(cfg.sample_steps)
+    sigmas = flow_sigmas(pipe.scheduler, cfg.sample_steps)[: window + 1]
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        embeds, pooled = encode_prompts(pipe, chunk)
-        neg_embeds, neg_pooled = encode_prompts(pipe, [""] * len(chunk))
+        embeds, pooled = policy.encode(chunk)
+        neg_embeds, neg_pooled = policy.encode([""] * len(chunk))
         gen = generator(seed, 10**6 + start)
         noise = torch.randn((len(chunk), *shape), generator=gen)
 
         def guided(scale: float, embeds=embeds, pooled=pooled, neg_embeds=neg_embeds, neg_pooled=neg_pooled):
             def field(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-                rlg.set_rlg_scale(scale)
-                v = rlg(hidden_states=torch.cat([x, x]), timestep=torch.cat([s, s]) * 1000,
-                        encoder_hidden_states=torch.cat([neg_embeds, embeds]),
-                        pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0]
-                v_u, v_c = v.chunk(2)
-                return classifier_free_guidance(v_u, v_c, cfg_scale)
+                policy.model.set_rlg_scale(scale)
+                return policy.cfg_velocity(policy.model, x, s, embeds, pooled, neg_embeds, neg_pooled)
             return field
 
         try:
             out += sde_path_kl(guided(w), guided(0.0), noise, sigmas, cfg.noise_level, generator=gen).tolist()
         finally:
-            rlg.set_rlg_scale(1.0)
+            policy.model.set_rlg_scale(1.0)
     return out
 
 

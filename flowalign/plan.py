@@ -651,7 +651,7 @@ class _Tracer:
                      pooled_projections=pooled, return_dict=False)[0]
 
     def field(self, model, x, sigma, embeds, pooled, neg, neg_pooled, replay=True):
-        """The guided velocity ``v_u + g (v_c - v_u)`` in one batched call, as ``trainer.cfg_velocity``."""
+        """The guided velocity ``v_u + g (v_c - v_u)`` in one batched call, as ``Policy.cfg_velocity``."""
         if not self.s.cfg:
             call = lambda: self.velocity(model, x, sigma, embeds, pooled)  # noqa: E731
         else:
@@ -681,13 +681,13 @@ class _Tracer:
             self.transformer._flowalign_adapters_off = False
 
     def embeddings(self, n: int):
-        """The prompt (and empty-prompt) embeddings of ``n`` images on the GPU, as ``trainer.encode`` stacks them."""
+        """The prompt (and empty-prompt) embeddings of ``n`` images on the GPU, as ``Policy.encode`` stacks them."""
         d, p = self.tcfg.joint_attention_dim, self.tcfg.pooled_projection_dim
         return (torch.empty(n, self.seq, d, dtype=self.embed_dtype), torch.empty(n, p, dtype=self.embed_dtype),
                 torch.empty(n, self.seq, d, dtype=self.embed_dtype), torch.empty(n, p, dtype=self.embed_dtype))
 
     def sample(self, n: int, batch: int, steps: int, sampler: str, model, trajectory: bool, concat: bool):
-        """``trainer.rollout``: ``n`` images, ``batch`` per transformer call, under autocast."""
+        """``Policy.rollout``: ``n`` images, ``batch`` per transformer call, under autocast."""
         s = self.s
         embeds, pooled, neg, neg_pooled = self.embeddings(n)
         sigmas = torch.linspace(1.0, 0.0, steps + 1)
@@ -721,7 +721,7 @@ class _Tracer:
         return roll
 
     def decode(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
-        """``trainer.decode``: ``batch`` images per VAE call, in the VAE's dtype, no autocast."""
+        """``Policy.decode``: ``batch`` images per VAE call, in the VAE's dtype, no autocast."""
         vae = self.vae
         images = []
         with GpuKernels(None), torch.no_grad():

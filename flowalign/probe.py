@@ -124,7 +124,7 @@ def half_gradients(trainer, roll: dict, advantages: torch.Tensor, halves: list[t
 
     ``k`` runs over the rollout's SDE steps (``trainer.sde_steps``; the Euler steps after them have no density),
     ``log p`` is the exact Gaussian log-density (``sde_step(..., prev_sample=x_{k+1})``, summed over dimensions)
-    of the stored transition under the guided field ``trainer.cfg_velocity``; theta = the trainable parameters.
+    of the stored transition under the guided field ``trainer.policy.cfg_velocity``; theta = the trainable parameters.
     ``advantages`` [B] (one per image) or [B, K] (one per SDE step, :func:`step_half_gradients`).
 
     Example: ``g1, g2 = half_gradients(trainer, roll, adv, [first_half, second_half])``.
@@ -157,9 +157,9 @@ def step_half_gradients(trainer, roll: dict, tables: list[torch.Tensor], halves:
             raise ValueError(f"An advantage table must be [B={B}] (per image) or [B={B}, K={K}] (per SDE step), "
                              f"got shape {tuple(a.shape)}.")
         columns.append(a.detach().float().reshape(B, -1).expand(B, K))
-    neg_embeds, neg_pooled = trainer.encode([""] * B)
+    neg_embeds, neg_pooled = trainer.policy.encode([""] * B)
     was_training = model.training
-    model.eval()  # the rollout's own field (no dropout), as trainer.rollout samples it
+    model.eval()  # the rollout's own field (no dropout), as trainer.policy.rollout samples it
     grads: list[list[torch.Tensor]] = [[] for _ in tables]
     try:
         for idx in halves:
@@ -168,8 +168,8 @@ def step_half_gradients(trainer, roll: dict, tables: list[torch.Tensor], halves:
                 for chunk in idx.split(minibatch):
                     x, x_next = traj[chunk, k], traj[chunk, k + 1]
                     with trainer.accelerator.autocast():
-                        v = trainer.cfg_velocity(model, x, sigmas[k].expand(chunk.numel()), embeds[chunk],
-                                                 pooled[chunk], neg_embeds[chunk], neg_pooled[chunk])
+                        v = trainer.policy.cfg_velocity(model, x, sigmas[k].expand(chunk.numel()), embeds[chunk],
+                                                        pooled[chunk], neg_embeds[chunk], neg_pooled[chunk])
                     _, log_prob, _, _ = sde_step(x, v, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
                                                  prev_sample=x_next, log_prob_reduction="sum")
                     for t, (total, a) in enumerate(zip(totals, columns)):
@@ -193,8 +193,8 @@ def _batch(trainer, index: int, g: int) -> tuple[Any, torch.Tensor, Rewards, lis
     ``generator(seed, index)``, the raw rewards [B] and the :class:`Rewards` of one process."""
     cfg = trainer.config
     prompts = [p for p in trainer.iteration_prompts(index) for _ in range(g)]
-    roll = trainer.rollout(prompts, generator(cfg.seed, index), "sde")
-    rewards = trainer.score(trainer.decode(roll.latents), prompts)
+    roll = trainer.policy.rollout(prompts, generator(cfg.seed, index), "sde")
+    rewards = trainer.score(trainer.policy.decode(roll.latents), prompts)
     group = torch.arange(len(prompts) // g, device=rewards.device).repeat_interleave(g)
     return roll, rewards, Rewards(local=rewards, all=rewards, groups=group, mine=slice(0, rewards.shape[0])), prompts
 

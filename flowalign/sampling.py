@@ -37,9 +37,15 @@ __all__ = [
     "sample_latents",
     "sde_step",
     "sde_step_velocity",
+    "sde_window",
 ]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def sde_window(fraction: float, steps: int) -> int:
+    """How many of ``steps`` sampling steps inject SDE noise (the first ones): ``fraction`` of them, at least 1."""
+    return max(1, round(fraction * steps))
 
 
 def _broadcast_sigma(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:

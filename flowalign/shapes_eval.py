@@ -169,7 +169,7 @@ def reward_statistics(config: str | ACFlowConfig, rewards: Sequence[str], n_imag
         values: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
         for it in tqdm(range(n_images // per_iteration), desc="reward statistics", disable=not progress):
             prompts = [p for p in trainer.iteration_prompts(it) for _ in range(cfg.images_per_prompt)]
-            images = trainer.decode(trainer.rollout(prompts, generator(seed, it), "sde").latents).cpu()
+            images = trainer.policy.decode(trainer.policy.rollout(prompts, generator(seed, it), "sde").latents).cpu()
             for name, scorer in scorers.items():
                 values[name].append(scorer(images, prompts).double())
     out = {}

@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import csv
 import importlib.util
@@ -52,7 +51,6 @@ import math
 import os
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -85,13 +83,12 @@ from flowalign.compile import compile_transformer
 from flowalign.config import ACFlowConfig
 from flowalign.critic import Critic, LookaheadCritic
 from flowalign.eval import diversity_per_group, eval_features, sde_path_kl
-from flowalign.methods import Rewards, Rollout, get_method
-from flowalign.pipelines.guidance import classifier_free_guidance
+from flowalign.methods import Rewards, get_method
+from flowalign.policy import Policy, default_guidance_scale, load_sd3_pipeline
 from flowalign.pipelines.lora_utils import load_lora_state
 from flowalign.prompts import PromptSource, load_prompts, read_prompt_file
 from flowalign.rewards import NonFiniteRewardError
-from flowalign.sampling import draw_step_noise, flow_sigmas, sample_latents
-from flowalign.tiny import EVAL_CFG, MAX_SEQUENCE_LENGTH, encode_prompts, load_base_pipeline, load_pipeline
+from flowalign.sampling import draw_step_noise, flow_sigmas
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
@@ -205,7 +202,8 @@ class ACFlowTrainer:
         self.output_dir = Path(cfg.output_dir)
 
         self._setup_pipeline(pipeline)  # frozen text encoders and VAE in the weight dtype
-        transformer, optimizer = self._setup_policy()  # the transformer's LoRA (or all of it), fp32, and its optimizer
+        # the transformer's LoRA (or all of it) in fp32, the frozen reference (None: adapters disabled), the optimizer
+        transformer, reference, optimizer = self._setup_transformer()
         tcfg = transformer.config
         self.latent_shape = (tcfg.in_channels, *self._latent_size(tcfg))  # latents at the configured resolution
         self.critic = self.critic_optimizer = None
@@ -226,11 +224,18 @@ class ACFlowTrainer:
         if cfg.compile and self.sharded:
             raise ValueError("ACFlowConfig.compile=true with FSDP / DeepSpeed is not measured yet (the all-gather hooks"
                              " break the graph); set compile=false, or train with DDP (samples/accelerate/multi_gpu.yaml).")
-        # rollouts and evaluation (no grad) through a compiled forward of the same module (shared weights)
-        self._compiled = compile_transformer(self.unwrapped) if cfg.compile else None
-        # nft: the sampling policy, an EMA of the trained parameters (None: the trained policy itself)
-        self.ema = [q.detach().clone() for q in self._trainable()] if self.method.uses_ema(cfg) else None
-        self.sde_steps = cfg.sde_steps(cfg.sample_steps)  # the rollouts' noisy (trainable) steps
+        # encode, CFG, reference, EMA (nft), rollouts and decoding (flowalign.policy); rollouts and evaluation (no
+        # grad) may run a compiled forward of the same module (shared weights)
+        self.policy = Policy(
+            self.pipe, self.unwrapped, self.guidance_scale, reference=reference, device=self.device,
+            max_sequence_length=cfg.max_sequence_length, sample_steps=cfg.sample_steps, noise_level=cfg.noise_level,
+            sde_steps_fraction=cfg.sde_steps_fraction, latent_shape=self.latent_shape,
+            rollout_batch_size=cfg.rollout_batch_size, decode_batch_size=cfg.decode_batch_size,
+            prompt_cache_size=cfg.prompt_cache_size if cfg.cache_prompt_embeddings else 0,
+            offload_text_encoders=cfg.offload_text_encoders, keep_velocities=cfg.fm_states == "trajectory",
+            autocast=acc.autocast, compiled=compile_transformer(self.unwrapped) if cfg.compile else None,
+            ema_decay=cfg.nft_ema_decay if self.method.uses_ema(cfg) else 0.0)
+        self.sde_steps = self.policy.sde_steps()  # the rollouts' noisy (trainable) steps
 
         self.reward = R.as_reward(reward) if reward is not None else self._load_reward(cfg.reward, cfg.reward_normalize)
         # Prompts, and their embeddings (cached on the CPU, least recently used evicted).
@@ -239,9 +244,7 @@ class ACFlowTrainer:
         self.prompt_weights = self.prompt_source.sampling_weights()
         unseen = cfg.eval_rewards if cfg.eval_rewards is not None else self.prompt_source.unseen_rewards
         self.eval_rewards = {name: R.load(name) for name in unseen}
-        self._embed_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.encoded_prompts = 0  # prompts run through the text encoders so far
-        if self._offload_encoders:
+        if self.policy.offload_text_encoders:
             self.precompute_embeddings()
         self.running = O.RunningMeanStd()
         self.iteration = 0
@@ -282,29 +285,25 @@ class ACFlowTrainer:
                              f"the fp32 trainable parameters; set mixed_precision to {cfg.weight_dtype!r}, or "
                              "weight_dtype='fp32'.")
         if pipeline is None:
-            pipeline = (load_base_pipeline(dtype=self.weight_dtype) if cfg.pretrained is None
-                        else load_pipeline(cfg.pretrained, dtype=self.weight_dtype))
+            pipeline = load_sd3_pipeline(cfg.pretrained, dtype=self.weight_dtype)
         self.pipe = pipeline.to(self.device)
         if self.pipe.transformer.dtype != self.weight_dtype:
             self.pipe.to(dtype=self.weight_dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        self.text_encoders = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3)
-                              if m is not None]
-        for module in (*self.text_encoders, self.pipe.vae):
+        text_encoders = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3)
+                         if m is not None]
+        for module in (*text_encoders, self.pipe.vae):
             module.requires_grad_(False)
-        self._offload_encoders = cfg.offload_text_encoders and self.device.type != "cpu"
-        if self._offload_encoders:  # on the CPU between encodes (every prompt embedding is cached)
-            for module in self.text_encoders:
+        if cfg.offload_text_encoders and self.device.type != "cpu":  # on the CPU between encodes (cached embeddings)
+            for module in text_encoders:
                 module.to("cpu")
-        no_t5 = self.pipe.text_encoder_3 is None
-        self.max_sequence_length = cfg.max_sequence_length or (MAX_SEQUENCE_LENGTH if no_t5 else 256)
-        self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else (
-            EVAL_CFG if cfg.pretrained is None else 4.5)
+        self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else default_guidance_scale(
+            cfg.pretrained)
         # training noise levels warped like the sampling grid (SD3 trains with the shift it samples with)
         self.sigma_shift = cfg.sigma_shift if cfg.sigma_shift is not None else float(
             getattr(self.pipe.scheduler.config, "shift", 1.0) or 1.0)
 
-    def _setup_policy(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def _setup_transformer(self) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.optim.Optimizer]:
         """The trained transformer (a LoRA, or every weight) with its trainable parameters in fp32, the frozen
         reference (the same module with adapters disabled, or a copy), checkpointing, and the optimizer."""
         cfg = self.config
@@ -320,11 +319,11 @@ class ACFlowTrainer:
             if cfg.init_lora:  # continue from an existing LoRA (checked against this adapter's config)
                 self._load_lora(transformer, load_lora_state(cfg.init_lora, self.lora_config), source=cfg.init_lora)
             cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights in fp32
-            self.reference = None  # the same transformer, adapters disabled
+            reference = None  # the same transformer, adapters disabled
         else:
             if cfg.init_lora:
                 raise ValueError(f"ACFlowConfig.init_lora={cfg.init_lora!r} needs use_lora=True.")
-            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()  # frozen, weight dtype
+            reference = copy.deepcopy(transformer).requires_grad_(False).eval()  # frozen, weight dtype
             transformer.to(torch.float32).requires_grad_(True)
         checkpointing = cfg.gradient_checkpointing
         if checkpointing is None:  # on a GPU memory is the limit, on a CPU time is
@@ -332,8 +331,9 @@ class ACFlowTrainer:
         if checkpointing:
             transformer.enable_gradient_checkpointing()
         params = [p for p in transformer.parameters() if p.requires_grad]
-        return transformer, make_optimizer(cfg.optimizer, params, lr=self.method.learning_rate(cfg),
-                                           weight_decay=cfg.adam_weight_decay)
+        optimizer = make_optimizer(cfg.optimizer, params, lr=self.method.learning_rate(cfg),
+                                   weight_decay=cfg.adam_weight_decay)
+        return transformer, reference, optimizer
 
     # -- set-up helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -386,33 +386,6 @@ class ACFlowTrainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.transformer)
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings ``[N, L, D]`` and pooled embeddings ``[N, P]`` on the device.
-
-        Each distinct prompt is encoded once and cached on the CPU; the cache holds at most ``prompt_cache_size``
-        prompts (least recently used evicted). With ``offload_text_encoders`` the encoders come to the device only
-        for the prompts missing from the cache."""
-        cache, cfg = self._embed_cache, self.config
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            with self._text_encoders_on_device():
-                pe, pp = encode_prompts(self.pipe, missing, max_sequence_length=self.max_sequence_length,
-                                        device=self.device)
-            self.encoded_prompts += len(missing)
-            for i, p in enumerate(missing):
-                cache[p] = (pe[i].cpu(), pp[i].cpu())
-        rows = []
-        for p in prompts:
-            cache.move_to_end(p)  # most recently used last
-            rows.append(cache[p])
-        embeds = torch.stack([r[0] for r in rows]).to(self.device)
-        pooled = torch.stack([r[1] for r in rows]).to(self.device)
-        limit = cfg.prompt_cache_size if cfg.cache_prompt_embeddings else 0
-        while len(cache) > limit:
-            cache.popitem(last=False)
-        return embeds, pooled
-
     def precompute_embeddings(self) -> bool:
         """Encode every training and held-out prompt (and "") now, when they all fit in the cache: the text
         encoders then never come back to the device. Returns whether they fit. (Done at start when the encoders
@@ -421,107 +394,8 @@ class ACFlowTrainer:
         known = list(dict.fromkeys(["", *self.train_prompts, *(self.eval_prompt_list() if cfg.eval_prompts else [])]))
         if not (cfg.cache_prompt_embeddings and len(known) <= cfg.prompt_cache_size):
             return False
-        self.encode(known)
+        self.policy.encode(known)
         return True
-
-    @contextlib.contextmanager
-    def _text_encoders_on_device(self):
-        """The text encoders on the device for the duration (they live on the CPU with ``offload_text_encoders``)."""
-        if not self._offload_encoders:
-            yield
-            return
-        for module in self.text_encoders:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            for module in self.text_encoders:
-                module.to("cpu")
-
-    # -- model evaluations ----------------------------------------------------------------------
-    def velocity(self, model, x, sigma, embeds, pooled):
-        """``v_theta(x, s, c)``; the transformer takes ``timestep = 1000 s``."""
-        return model(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds,
-                     pooled_projections=pooled, return_dict=False)[0]
-
-    @contextlib.contextmanager
-    def reference_model(self):
-        """The frozen reference: the same transformer with LoRA disabled, or the full-FT copy."""
-        if self.reference is not None:
-            yield self.reference
-            return
-        model = self.unwrapped
-        model.disable_adapters()
-        try:
-            yield model
-        finally:
-            model.enable_adapters()
-
-    def cfg_velocity(self, model, x, sigma, embeds, pooled, neg_embeds, neg_pooled, detach_uncond: bool = False):
-        """Classifier-free guidance in one batched call: ``v_u + g (v_c - v_u)``; ``detach_uncond`` stops the
-        gradient through the unconditional branch (the value is unchanged)."""
-        g = self.guidance_scale
-        v = self.velocity(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg_embeds, embeds]),
-                          torch.cat([neg_pooled, pooled]))
-        v_u, v_c = v.chunk(2)
-        if detach_uncond:
-            v_u = v_u.detach()
-        return classifier_free_guidance(v_u, v_c, g)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], exactly as the stock pipeline's ``output_type="pt"``, ``decode_batch_size``
-        images per VAE call (a 1024 px decode holds GiBs of activations per image)."""
-        vae = self.pipe.vae
-        images = []
-        for chunk in latents.split(self.config.decode_batch_size):
-            x = chunk / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-            images.append((vae.decode(x.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(images)
-
-    @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator, sampler: str, model=None,
-                steps: int | None = None, noise: torch.Tensor | None = None) -> Rollout:
-        """Sample one image per entry of ``prompts`` with the frozen current policy (or ``model``), from
-        ``noise`` (drawn from ``generator`` when None; the SDE noise always comes from ``generator``).
-
-        The transformer runs on ``rollout_batch_size`` images at a time; every random draw is made up front in the
-        order of one batched call, so the result does not depend on the micro-batch size."""
-        cfg = self.config
-        model = model if model is not None else self.unwrapped
-        was_training = model.training
-        model.eval()
-        if self._compiled is not None and model is self.unwrapped:  # the same weights, compiled forward
-            model = self._compiled
-        embeds, pooled = self.encode(prompts)
-        neg_embeds, neg_pooled = self.encode([""] * len(prompts))
-        if noise is None:
-            noise = torch.randn((len(prompts), *self.latent_shape), generator=generator)
-        n_steps = steps or cfg.sample_steps
-        window = cfg.sde_steps(n_steps)
-        step_noise = draw_step_noise(noise.shape, window, generator) if sampler == "sde" else None
-        sigmas = flow_sigmas(self.pipe.scheduler, n_steps, self.device)
-        parts = []
-        for rows in torch.arange(len(prompts)).split(cfg.rollout_batch_size):
-            i = slice(int(rows[0]), int(rows[-1]) + 1)
-            with self.accelerator.autocast():
-                parts.append(sample_latents(
-                    lambda x, s, i=i: self.cfg_velocity(model, x, s, embeds[i], pooled[i], neg_embeds[i], neg_pooled[i]),
-                    noise[i].to(self.device), sigmas, sampler=sampler, noise_level=cfg.noise_level, sde_steps=window,
-                    step_noise=step_noise[i].to(self.device) if step_noise is not None else None,
-                    return_trajectory=sampler == "sde", return_log_probs=sampler == "sde",
-                    return_velocities=sampler == "sde" and cfg.fm_states == "trajectory",
-                    log_prob_reduction="mean",  # per-dimension mean, the scale Flow-GRPO's clip range is set for
-                ))
-        getattr(model, "_orig_mod", model).train(was_training)
-
-        def cat(name):
-            values = [getattr(part, name) for part in parts]
-            return torch.cat(values) if values[0] is not None else None
-
-        return Rollout(prompts=list(prompts), latents=cat("latents").float(), sigmas=sigmas, embeds=embeds,
-                       pooled=pooled, trajectory=cat("trajectory"), log_probs=cat("log_probs"),
-                       velocities=cat("velocities"))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         try:
@@ -560,12 +434,12 @@ class ACFlowTrainer:
             noise = torch.stack([starts[j, b] for j in range(cfg.prompts_per_iteration) for b in branch.tolist()])
             group = group * cfg.initial_noises + branch.repeat(cfg.prompts_per_iteration).to(self.device)
         sampler = self.method.sampler or cfg.sampler
-        with self.sampling_policy():
-            roll = self.rollout(prompts, seeding.generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
+        with self.policy.sampling_policy():
+            roll = self.policy.rollout(prompts, seeding.generator(cfg.seed, it, rank + 1, 1), sampler, noise=noise)
         t1 = time.perf_counter()
 
         # 2. Reward of the decoded images; gather across ranks for group statistics.
-        images = self.decode(roll.latents)
+        images = self.policy.decode(roll.latents)
         rewards = self.score(images, prompts)
         t2 = time.perf_counter()
         all_rewards, all_groups = acc.gather(rewards), acc.gather(group)
@@ -582,10 +456,7 @@ class ACFlowTrainer:
         else:
             metrics.update(self.method.update(self, roll, Rewards(local=rewards, all=all_rewards, groups=all_groups,
                                                                   mine=mine)))
-        if self.ema is not None:  # nft: the sampling policy follows the trained one, ema <- d ema + (1 - d) theta
-            with torch.no_grad():
-                for e, q in zip(self.ema, self._trainable()):
-                    e.mul_(cfg.nft_ema_decay).add_(q.detach(), alpha=1.0 - cfg.nft_ema_decay)
+        self.policy.update_ema()  # nft: the sampling policy follows the trained one, ema <- d ema + (1 - d) theta
         t3 = time.perf_counter()
 
         n_images = all_rewards.numel()
@@ -613,28 +484,6 @@ class ACFlowTrainer:
             warnings.warn(f"iteration {self.iteration}: non-finite actor gradient (norm {float(grad_norm)}); "
                           "update skipped" + (" by the fp16 gradient scaler." if self.accelerator.scaler else "."))
         return grad_norm
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        return [q for q in self.unwrapped.parameters() if q.requires_grad]
-
-    @contextlib.contextmanager
-    def sampling_policy(self):
-        """The policy that draws the rollouts: the trained one, or (nft with ``nft_ema_decay > 0``) its EMA,
-        swapped into the trainable parameters for the duration."""
-        if self.ema is None:
-            yield
-            return
-        params = self._trainable()
-        with torch.no_grad():
-            saved = [q.detach().clone() for q in params]
-            for q, e in zip(params, self.ema):
-                q.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for q, t in zip(params, saved):
-                    q.copy_(t)
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_prompt_list(self) -> list[str]:
@@ -669,7 +518,7 @@ class ACFlowTrainer:
         latents, images = self._eval_images(padded, rows, model=None)
         latents, images = latents[:keep], images[:keep]
         if self._ref_eval_features is None:
-            with self.reference_model() as ref:
+            with self.policy.reference_model() as ref:
                 ref_latents, ref_images = self._eval_images(padded, rows, model=ref)
             self._ref_eval_latents, self._ref_eval_features = ref_latents[:keep], eval_features(ref_images[:keep])
         per_image = {"reward": self.reward(images, prompts).float().flatten().tolist() if keep else []}
@@ -721,8 +570,8 @@ class ACFlowTrainer:
     def _eval_images(self, prompts: list[str], rows: range, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Euler samples (``eval_steps``) of the held-out images ``rows``: latents and decoded images, on the CPU."""
         noise, _ = self._eval_noise(rows, 10**6)
-        roll = self.rollout(prompts, None, "euler", model=model, steps=self.config.eval_steps, noise=noise)
-        return roll.latents.cpu(), self.decode(roll.latents).cpu()
+        roll = self.policy.rollout(prompts, None, "euler", model=model, steps=self.config.eval_steps, noise=noise)
+        return roll.latents.cpu(), self.policy.decode(roll.latents).cpu()
 
     def _eval_kl(self, prompts: list[str], rows: range, full_path: bool = False) -> list[float]:
         """KL(p_theta || p_ref) of each held-out image in nats, the exact Gaussian KL of each stochastic transition
@@ -730,7 +579,7 @@ class ACFlowTrainer:
         ``sde_steps`` of ``sample_steps``; the deterministic steps after it have no density and are not counted),
         or with ``full_path`` of one common sampler with noise at every step but the last (whose std is 0), the
         same for every method whatever its rollout window."""
-        cfg, model = self.config, self.unwrapped
+        cfg, model, policy = self.config, self.unwrapped, self.policy
         n_sde = cfg.sample_steps - 1 if full_path else self.sde_steps
         sigmas = flow_sigmas(self.pipe.scheduler, cfg.sample_steps, self.device)[: n_sde + 1]
         noise, step_noise = self._eval_noise(rows, 10**6 + 1 + full_path, sde_steps=n_sde)
@@ -739,18 +588,18 @@ class ACFlowTrainer:
         out = []
         for start in range(0, len(prompts), cfg.rollout_batch_size):
             i = slice(start, start + cfg.rollout_batch_size)
-            embeds, pooled = self.encode(prompts[i])
-            neg = self.encode([""] * len(prompts[i]))
+            embeds, pooled = policy.encode(prompts[i])
+            neg = policy.encode([""] * len(prompts[i]))
 
-            def policy(x, s, embeds=embeds, pooled=pooled, neg=neg):
-                return self.cfg_velocity(model, x, s, embeds, pooled, *neg)
+            def trained(x, s, embeds=embeds, pooled=pooled, neg=neg):
+                return policy.cfg_velocity(model, x, s, embeds, pooled, *neg)
 
             def reference(x, s, embeds=embeds, pooled=pooled, neg=neg):
-                with self.reference_model() as ref:
-                    return self.cfg_velocity(ref, x, s, embeds, pooled, *neg)
+                with policy.reference_model() as ref:
+                    return policy.cfg_velocity(ref, x, s, embeds, pooled, *neg)
 
             with self.accelerator.autocast():
-                out += sde_path_kl(policy, reference, noise[i].to(self.device), sigmas, cfg.noise_level,
+                out += sde_path_kl(trained, reference, noise[i].to(self.device), sigmas, cfg.noise_level,
                                    step_noise=step_noise[i].to(self.device)).tolist()
         model.train(was_training)
         return out
@@ -776,7 +625,7 @@ class ACFlowTrainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.config.use_lora)
         return {"weights": get_model_state_dict(self.transformer, options=options),
                 "optimizer": get_optimizer_state_dict(self.transformer, self.optimizer, options=FULL_STATE),
-                "ema": [_full(e) for e in self.ema] if self.ema is not None else None,
+                "ema": [_full(e) for e in self.policy.ema.shadow_params] if self.policy.ema is not None else None,
                 "critic_buffer": gather_object([[{k: v.cpu() for k, v in e.items()} for e in self.critic_buffer]])}
 
     def _write_checkpoint(self, folder: Path, gathered: dict[str, Any]) -> None:
@@ -837,8 +686,8 @@ class ACFlowTrainer:
         if self.critic_optimizer is not None and state["critic_optimizer"] is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        if self.ema is not None:
-            self.ema = [_like(e, q) for e, q in zip(state["ema"], self._trainable())]
+        if self.policy.ema is not None:
+            self.policy.ema.shadow_params = [_like(e, q) for e, q in zip(state["ema"], self.policy.trainable())]
         self.iteration, self.counters = state["iteration"], state["counters"]
         self.running.load_state_dict(state["running"])
         self.history, self.eval_history = state["history"], state["eval_history"]

@@ -216,6 +216,9 @@ def test_no_import_cycle_among_flowalign_modules():
 def test_the_trainer_does_not_import_the_shapes_world():
     edges = [e.where() for e in EDGES if e.source == "flowalign.trainer" and e.target == "flowalign.shapes"]
     assert not edges, f"flowalign.trainer imports flowalign.shapes at {edges}; take prompts from a prompt source"
+    edges = [e.where() for e in EDGES if e.source == "flowalign.trainer" and e.target == "flowalign.tiny"]
+    assert not edges, (f"flowalign.trainer imports flowalign.tiny at {edges}; the embedded model is the policy's "
+                       "default (flowalign.policy.load_sd3_pipeline, default_guidance_scale)")
 
 
 def _comments(path: Path) -> dict[int, str]:

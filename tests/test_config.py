@@ -51,3 +51,51 @@ def test_kl_coef_maps_onto_each_method(algorithm, alpha):
     cfg = ACFlowConfig(algorithm=algorithm, kl_coef=0.3, beta=2.0, advantage_clip=2.0)
     assert cfg.w2_weight == pytest.approx(alpha) and cfg.grpo_kl_weight == 0.3
     assert ACFlowConfig(algorithm=algorithm, w2_weight=0.7).w2_weight == 0.7  # kl_coef None: the knob as given
+
+
+def _section_fields(cls) -> set[str]:
+    """The fields a section declares itself (not those of its bases)."""
+    return set(cls.__annotations__)
+
+
+def test_every_key_is_declared_by_exactly_one_section_and_each_method_names_its_own():
+    from flowalign.config import EvaluationSettings, RunSettings
+    from flowalign.methods import METHODS
+
+    sections = {RunSettings, EvaluationSettings} | {s for m in METHODS.values() for s in m.settings}
+    assert all(issubclass(ACFlowConfig, s) for s in sections)
+    declared = [name for s in sections for name in _section_fields(s)]
+    assert len(declared) == len(set(declared)), "a key declared by two sections"
+    assert set(declared) == {f.name for f in dataclasses.fields(ACFlowConfig)}
+    assert {s.__name__ for s in METHODS["nft"].settings} == {"FlowMatchingSettings", "NFTSettings"}
+    assert {s.__name__ for s in METHODS["grpo"].settings} == {"GRPOSettings"}
+
+
+@pytest.mark.parametrize("name", ["acflow", "orw", "grpo", "nft", "awm"])
+def test_a_method_reads_only_the_shared_settings_and_its_own(name):
+    """Each method file reads ``cfg.<key>`` of RunSettings and of its own sections only: a knob of another method
+    is never read behind its back (the sections say which knobs a method has)."""
+    import inspect
+    import re
+
+    from flowalign.config import RunSettings
+    from flowalign.methods import METHODS
+
+    method = METHODS[name]
+    allowed = _section_fields(RunSettings).union(*(_section_fields(s) for s in method.settings))
+    source = inspect.getsource(inspect.getmodule(type(method)))
+    read = set(re.findall(r"\b(?:cfg|config)\.(\w+)", source)) & {f.name for f in dataclasses.fields(ACFlowConfig)}
+    assert read, f"methods/{name}.py reads no config key: the pattern is broken"
+    assert read <= allowed, f"methods/{name}.py reads {sorted(read - allowed)}, not in its sections"
+
+
+def test_the_method_owns_its_refusals_and_the_sections_their_choices():
+    # AC-Flow refuses a critic on noised states; ORW, which has no critic, ignores the key
+    with pytest.raises(ValueError, match="noised copy of the scored sample"):
+        ACFlowConfig(fm_states="noised", critic="latent")
+    assert ACFlowConfig(algorithm="orw", critic="latent").fm_states == "noised"
+    # a field's declared choices and minimum are checked for every method
+    with pytest.raises(ValueError, match=r"ACFlowConfig.weighting='square'; choose one of \("):
+        ACFlowConfig(algorithm="grpo", weighting="square")
+    with pytest.raises(ValueError, match="ACFlowConfig.critic_steps=0 must be >= 1"):
+        ACFlowConfig(algorithm="nft", critic_steps=0)

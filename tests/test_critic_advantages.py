@@ -67,7 +67,7 @@ def test_lookahead_td_advantages_equal_a_hand_computation(tmp_path, monkeypatch)
     values = []
     for k in range(3):  # the one-step prediction x0 = x_k - s_k v_k, decoded and scored, z-scored per prompt
         x0 = roll.trajectory[:, k] - roll.sigmas[k] * roll.velocities[:, k]
-        z = O.shape_rewards(redness(trainer.decode(x0), roll.prompts), groups, clip=trainer.config.shaping_clip)
+        z = O.shape_rewards(redness(trainer.policy.decode(x0), roll.prompts), groups, clip=trainer.config.shaping_clip)
         values.append(a * z + b)
     values.append(targets)  # V(x_3) = r~
     hand = torch.stack([values[k + 1] - values[k] for k in range(3)], dim=1)  # [B, 3]
@@ -155,8 +155,8 @@ def test_coupling_distance_and_path_kl(tmp_path, monkeypatch):
         field = c if in_reference else c + d
         return field.to(x).expand_as(x).clone()
 
-    monkeypatch.setattr(trainer, "reference_model", reference_model)
-    monkeypatch.setattr(trainer, "velocity", velocity)
+    monkeypatch.setattr(trainer.policy, "reference_model", reference_model)
+    monkeypatch.setattr(trainer.policy, "velocity", velocity)
     trainer._ref_eval_features = None  # recompute the reference samples under the constructed field
     out = trainer.evaluate()
     hand = float(d.pow(2).sum())
@@ -170,14 +170,14 @@ def test_two_step_lookahead_is_two_euler_steps_of_the_policy(tmp_path):
     the sampling policy; 1 step is x_k - s_k v_k."""
     trainer = make_trainer(tmp_path, critic="lookahead", critic_lookahead_steps=2)
     prompts = ["a photo of a red circle"] * 2 + ["a photo of a blue square"] * 2
-    roll = trainer.rollout(prompts, torch.Generator().manual_seed(3), "sde")
+    roll = trainer.policy.rollout(prompts, torch.Generator().manual_seed(3), "sde")
     x0 = acflow.lookahead_predictions(trainer, roll)
-    neg = trainer.encode([""] * 4)
+    neg = trainer.policy.encode([""] * 4)
     for k in range(trainer.sde_steps):
         s = float(roll.sigmas[k])
         mid = roll.trajectory[:, k] + (s / 2 - s) * roll.velocities[:, k]
         with torch.no_grad():
-            v_mid = trainer.cfg_velocity(trainer.unwrapped, mid, torch.full((4,), s / 2), roll.embeds, roll.pooled, *neg)
+            v_mid = trainer.policy.cfg_velocity(trainer.unwrapped, mid, torch.full((4,), s / 2), roll.embeds, roll.pooled, *neg)
         torch.testing.assert_close(x0[:, k], mid + (0 - s / 2) * v_mid, atol=1e-5, rtol=1e-5)
     trainer.config.critic_lookahead_steps = 1
     one = acflow.lookahead_predictions(trainer, roll)

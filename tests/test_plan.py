@@ -55,7 +55,7 @@ def _measure(stage: str, overrides: dict, output_dir: str) -> dict:
         latents = torch.randn(n, trainer.latent_shape[0], DECODE_SIDE, DECODE_SIDE)
 
         def run():
-            return trainer.decode(latents)
+            return trainer.policy.decode(latents)
     else:
         trainer.step()  # the steady state: optimizer states and the last step's gradients exist, as the plan's
 
@@ -96,7 +96,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 
 @needs_proc
 def test_traced_decode_peak_matches_the_measured_cpu_allocation(tmp_path):
-    """trainer.decode of 8 latents at 768 x 768, 2 per VAE call: the traced increment within 25% of the real one."""
+    """trainer.policy.decode of 8 latents at 768 x 768, 2 per VAE call: the traced increment within 25% of the real one."""
     real = measured("decode", DECODE, tmp_path)
     p = plan(ACFlowConfig.from_dict(DECODE), model="tiny", resolution=DECODE_SIDE, device="cpu", stages=("decode",))
     d = p.stages["decode"]

@@ -84,7 +84,7 @@ def test_half_gradients_are_linear_in_the_advantages():
 
     trainer = ACFlowTrainer(_config(prompts_per_iteration=1, images_per_prompt=4))
     prompts = trainer.iteration_prompts(0) * 4
-    roll = trainer.rollout(prompts, torch.Generator().manual_seed(0), "sde")
+    roll = trainer.policy.rollout(prompts, torch.Generator().manual_seed(0), "sde")
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     one, two = [torch.tensor([0]), torch.tensor([1])], [torch.tensor([0, 1])]
     g0, g1 = half_gradients(trainer, roll, adv, one)
@@ -119,10 +119,10 @@ def _step_gradient(trainer, roll, a, idx, k):
     from flowalign.sampling import sde_step
 
     params = [p for p in trainer.transformer.parameters() if p.requires_grad]
-    neg_embeds, neg_pooled = trainer.encode([""] * idx.numel())
+    neg_embeds, neg_pooled = trainer.policy.encode([""] * idx.numel())
     x, x_next = roll.trajectory[idx, k], roll.trajectory[idx, k + 1]
     trainer.transformer.eval()
-    v = trainer.cfg_velocity(trainer.transformer, x, roll.sigmas[k].expand(idx.numel()), roll.embeds[idx],
+    v = trainer.policy.cfg_velocity(trainer.transformer, x, roll.sigmas[k].expand(idx.numel()), roll.embeds[idx],
                              roll.pooled[idx], neg_embeds, neg_pooled)
     _, log_prob, _, _ = sde_step(x, v, roll.sigmas[k], roll.sigmas[k + 1], noise_level=trainer.config.noise_level,
                                  prev_sample=x_next, log_prob_reduction="sum")
@@ -141,7 +141,7 @@ def test_per_step_advantages_weight_each_sde_step_by_its_own_advantage():
     trainer = ACFlowTrainer(_config(prompts_per_iteration=1, images_per_prompt=4))
     assert trainer.sde_steps == 2
     prompts = trainer.iteration_prompts(0) * 4
-    roll = trainer.rollout(prompts, torch.Generator().manual_seed(1), "sde")
+    roll = trainer.policy.rollout(prompts, torch.Generator().manual_seed(1), "sde")
     adv = torch.tensor([1.0, -1.0, 0.5, -0.25])
     idx = torch.tensor([0, 2, 3])
     step0, step1 = (_step_gradient(trainer, roll, adv[idx], idx, k) for k in range(2))

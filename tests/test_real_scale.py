@@ -113,12 +113,12 @@ def test_rollout_and_decode_do_not_depend_on_the_micro_batch(tmp_path, sampler, 
     small = make_trainer(tmp_path, rollout_batch_size=2, decode_batch_size=3, sampler=sampler,
                          fm_states="noised", sde_steps_fraction=0.67)
     prompts = PROMPTS * 2
-    a = whole.rollout(prompts, torch.Generator().manual_seed(1), sampler)
-    b = small.rollout(prompts, torch.Generator().manual_seed(1), sampler)
+    a = whole.policy.rollout(prompts, torch.Generator().manual_seed(1), sampler)
+    b = small.policy.rollout(prompts, torch.Generator().manual_seed(1), sampler)
     for key in ("latents", "trajectory", "log_probs"):  # equal up to float rounding of batched kernels
         if getattr(a, key) is not None:
             torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-6, msg=key)
-    torch.testing.assert_close(whole.decode(a.latents), small.decode(a.latents), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole.policy.decode(a.latents), small.policy.decode(a.latents), rtol=1e-6, atol=1e-6)
     if sampler == "sde":  # the pre-drawn noise is the generator's stream: the same samples as one batched SDE call
         g = torch.Generator().manual_seed(1)
         noise = torch.randn((len(prompts), *whole.latent_shape), generator=g)
@@ -147,24 +147,24 @@ def test_prompt_cache_is_bounded_and_equal_to_fresh_encodes(tmp_path, monkeypatc
     trainer = make_trainer(tmp_path, prompt_source=PROMPTS, prompt_cache_size=3)
     fresh = make_trainer(tmp_path, prompt_source=PROMPTS, cache_prompt_embeddings=False)
     for _ in range(3):
-        embeds, pooled = trainer.encode(PROMPTS)
-        assert len(trainer._embed_cache) <= 3
-    ref_embeds, ref_pooled = fresh.encode(PROMPTS)
+        embeds, pooled = trainer.policy.encode(PROMPTS)
+        assert len(trainer.policy._embed_cache) <= 3
+    ref_embeds, ref_pooled = fresh.policy.encode(PROMPTS)
     torch.testing.assert_close(embeds, ref_embeds, rtol=1e-6, atol=1e-6)  # other encoder batches: float rounding
     torch.testing.assert_close(pooled, ref_pooled, rtol=1e-6, atol=1e-6)
-    assert len(fresh._embed_cache) == 0
+    assert len(fresh.policy._embed_cache) == 0
 
 
 def test_every_prompt_is_encoded_once_when_they_fit(tmp_path, monkeypatch, make_trainer):
     """What the trainer does at start when the text encoders are offloaded (on a GPU)."""
     trainer = make_trainer(tmp_path, prompt_source=PROMPTS, eval_prompts=2, iterations=2)
-    assert trainer.encoded_prompts == 0  # on a CPU prompts are encoded as they come
+    assert trainer.policy.encoded_prompts == 0  # on a CPU prompts are encoded as they come
     assert trainer.precompute_embeddings()
-    assert trainer.encoded_prompts == len(PROMPTS) + 1  # the training prompts (held-out: their first 2) and ""
+    assert trainer.policy.encoded_prompts == len(PROMPTS) + 1  # the training prompts (held-out: their first 2) and ""
     six = make_trainer(tmp_path, prompt_source=PROMPTS, prompt_cache_size=5)
     assert not six.precompute_embeddings()  # 6 do not fit
     calls = []
-    monkeypatch.setattr("flowalign.trainer.encode_prompts", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+    monkeypatch.setattr("flowalign.policy.encode_prompts", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
         AssertionError("the text encoders ran during training")))
     trainer.train()
     assert calls == [] and trainer.iteration == 2
@@ -196,8 +196,8 @@ def test_resolution_sets_the_latent_size_and_bad_values_are_named(tmp_path, make
     trainer = make_trainer(tmp_path, resolution=16)  # the tiny model's default is 32 px
     down = trainer.pipe.vae_scale_factor
     assert trainer.latent_shape[1:] == (16 // down, 16 // down)
-    roll = trainer.rollout(PROMPTS[:2], torch.Generator().manual_seed(0), "sde")
-    assert trainer.decode(roll.latents).shape[-2:] == (16, 16)
+    roll = trainer.policy.rollout(PROMPTS[:2], torch.Generator().manual_seed(0), "sde")
+    assert trainer.policy.decode(roll.latents).shape[-2:] == (16, 16)
     trainer.step()  # the critic and the update take the smaller latents
     with pytest.raises(ValueError, match="resolution=30 must be a multiple of"):
         make_trainer(tmp_path, resolution=30)
@@ -274,14 +274,14 @@ def test_compiled_rollouts_equal_eager_ones_and_the_reference_still_switches(tmp
             for name, p in trainer.unwrapped.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-    assert fast._compiled is not None and eager._compiled is None
+    assert fast.policy.compiled is not None and eager.policy.compiled is None
     prompts = PROMPTS[:4]
     for model in ("policy", "reference"):
         rolls = []
         for trainer in (eager, fast):
             with contextlib.ExitStack() as stack:
-                ref = stack.enter_context(trainer.reference_model()) if model == "reference" else None
-                rolls.append(trainer.rollout(prompts, torch.Generator().manual_seed(3), "sde", model=ref))
+                ref = stack.enter_context(trainer.policy.reference_model()) if model == "reference" else None
+                rolls.append(trainer.policy.rollout(prompts, torch.Generator().manual_seed(3), "sde", model=ref))
         torch.testing.assert_close(rolls[1].latents, rolls[0].latents, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(rolls[1].log_probs, rolls[0].log_probs, rtol=1e-4, atol=1e-4)
         if model == "policy":

@@ -172,11 +172,11 @@ def _velocity_change(trainer) -> float:
     """Mean squared difference between the policy's and the reference's velocity on a fixed probe batch."""
     x = torch.randn(4, *trainer.latent_shape, generator=torch.Generator().manual_seed(7))
     s = torch.tensor([0.9, 0.7, 0.5, 0.3])
-    e, p = trainer.encode(["a photo of a circle"] * 4)
+    e, p = trainer.policy.encode(["a photo of a circle"] * 4)
     with torch.no_grad():
-        v = trainer.velocity(trainer.unwrapped, x, s, e, p)
-        with trainer.reference_model() as ref:
-            v_ref = trainer.velocity(ref, x, s, e, p)
+        v = trainer.policy.velocity(trainer.unwrapped, x, s, e, p)
+        with trainer.policy.reference_model() as ref:
+            v_ref = trainer.policy.velocity(ref, x, s, e, p)
     return ((v - v_ref) ** 2).mean().item()
 
 
@@ -240,7 +240,7 @@ def test_sde_window_rollouts_and_trajectory_states(tmp_path, make_trainer):
                            centered_weights=False, sde_steps_fraction=0.5, prompts_per_iteration=4, images_per_prompt=4, minibatch_size=16,
                            sample_steps=4)
     assert trainer.sde_steps == 2
-    roll = trainer.rollout(["a red circle"] * 3, torch.Generator().manual_seed(0), "sde")
+    roll = trainer.policy.rollout(["a red circle"] * 3, torch.Generator().manual_seed(0), "sde")
     assert (roll.log_probs[:, :2] != 0).all() and (roll.log_probs[:, 2:] == 0).all()
     m = trainer.step()
     assert m["fm_loss"] == pytest.approx(1.0, abs=0.05)
@@ -254,7 +254,7 @@ def test_initial_noises_branch_and_group(tmp_path, monkeypatch, make_trainer):
         make_trainer(tmp_path / "bad", images_per_prompt=4, initial_noises=3)
     trainer = make_trainer(tmp_path, images_per_prompt=4, initial_noises=2, critic_warmup_iterations=5)
     seen = {}
-    rollout, shape = trainer.rollout, O.shape_rewards
+    rollout, shape = trainer.policy.rollout, O.shape_rewards
 
     def spy_rollout(prompts, generator, sampler, **kw):
         seen["noise"] = kw["noise"]
@@ -266,7 +266,7 @@ def test_initial_noises_branch_and_group(tmp_path, monkeypatch, make_trainer):
         seen["groups"] = groups.tolist()
         return shape(rewards, groups, **kw)
 
-    monkeypatch.setattr(trainer, "rollout", spy_rollout)
+    monkeypatch.setattr(trainer.policy, "rollout", spy_rollout)
     monkeypatch.setattr(O, "shape_rewards", spy_shape)
     trainer.step()
     x1, final = seen["noise"], seen["final"]
@@ -285,8 +285,8 @@ def test_training_raises_the_reward(tmp_path, algorithm, make_trainer, redness):
                            learning_rate=1e-2, grpo_learning_rate=1e-2, grpo_clip_range=1e-2, kl_coef=0.0)
 
     def fresh_redness():
-        roll = trainer.rollout(["a photo of a circle"] * 64, torch.Generator().manual_seed(123), "euler")
-        return redness(trainer.decode(roll.latents), None).mean().item()
+        roll = trainer.policy.rollout(["a photo of a circle"] * 64, torch.Generator().manual_seed(123), "euler")
+        return redness(trainer.policy.decode(roll.latents), None).mean().item()
 
     before = fresh_redness()
     rollout_rewards = [trainer.step()["reward_mean"] for _ in range(15)]
@@ -325,13 +325,13 @@ def test_reference_is_the_adapter_free_transformer(tmp_path, make_trainer, tiny_
     trainer.step()
     pipe = tiny_pipeline(seed=0, num_layers=1)
     x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
-    e, p = trainer.encode(["a photo of a circle"] * 2)
-    with torch.no_grad(), trainer.reference_model() as ref:
-        v_ref = trainer.velocity(ref, x, s, e, p)
-        v_base = trainer.velocity(pipe.transformer, x, s, e, p)
+    e, p = trainer.policy.encode(["a photo of a circle"] * 2)
+    with torch.no_grad(), trainer.policy.reference_model() as ref:
+        v_ref = trainer.policy.velocity(ref, x, s, e, p)
+        v_base = trainer.policy.velocity(pipe.transformer, x, s, e, p)
     torch.testing.assert_close(v_ref, v_base)
     with torch.no_grad():
-        assert not torch.allclose(trainer.velocity(trainer.unwrapped, x, s, e, p), v_base)
+        assert not torch.allclose(trainer.policy.velocity(trainer.unwrapped, x, s, e, p), v_base)
 
 
 def test_training_noise_levels_follow_the_sampler_shift(tmp_path, make_trainer):
@@ -370,11 +370,11 @@ def test_flow_matching_loss_fits_the_guided_velocity(tmp_path, monkeypatch, guid
     trainer.step()
     x_s, s = seen["xs"]
     n = x_s.shape[0]
-    e, p = trainer.encode(["a photo of a red circle"] * n)
-    ne, np_ = trainer.encode([""] * n)
-    with torch.no_grad(), trainer.reference_model() as ref:
-        v_c = trainer.velocity(ref, x_s, s, e, p)
-        v_g = trainer.cfg_velocity(ref, x_s, s, e, p, ne, np_)
+    e, p = trainer.policy.encode(["a photo of a red circle"] * n)
+    ne, np_ = trainer.policy.encode([""] * n)
+    with torch.no_grad(), trainer.policy.reference_model() as ref:
+        v_c = trainer.policy.velocity(ref, x_s, s, e, p)
+        v_g = trainer.policy.cfg_velocity(ref, x_s, s, e, p, ne, np_)
     torch.testing.assert_close(seen["v_ref"], v_g if guided else v_c, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(v_g, v_c, atol=1e-3)  # the two differ, so the test tells them apart
 
@@ -407,10 +407,10 @@ def test_checkpoint_is_a_diffusers_lora_file(tmp_path, make_trainer, tiny_pipeli
     pipe = tiny_pipeline(seed=0, num_layers=1)
     pipe.load_lora_weights(folder)  # stock diffusers reads it directly
     x, s = torch.randn(1, 3, 32, 32), torch.tensor([0.5])
-    e, p = trainer.encode(["a photo of a circle"])
+    e, p = trainer.policy.encode(["a photo of a circle"])
     with torch.no_grad():
-        torch.testing.assert_close(trainer.velocity(pipe.transformer, x, s, e, p),
-                                   trainer.velocity(trainer.unwrapped, x, s, e, p))
+        torch.testing.assert_close(trainer.policy.velocity(pipe.transformer, x, s, e, p),
+                                   trainer.policy.velocity(trainer.unwrapped, x, s, e, p))
 
 
 def test_resolve_checkpoint_accepts_the_run_the_pointer_or_the_folder(tmp_path, make_trainer, tiny_pipeline):
@@ -453,7 +453,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, algorithm, make_trainer, lor
         for k, v in critic_state(full).items():
             torch.testing.assert_close(v, critic_state(second)[k], rtol=1e-3, atol=1e-5)
     if algorithm == "nft":
-        for e, f in zip(full.ema, second.ema):
+        for e, f in zip(full.policy.ema.shadow_params, second.policy.ema.shadow_params):
             torch.testing.assert_close(e, f, rtol=1e-3, atol=1e-5)
     assert full.counters == second.counters
 
@@ -551,20 +551,20 @@ def test_detach_uncond_trains_only_the_conditional_branch(tmp_path, make_trainer
     model, g = trainer.unwrapped, trainer.guidance_scale
     x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(0))
     s = torch.tensor([0.8, 0.4])
-    e, p = trainer.encode(["a photo of a circle"] * 2)
-    ne, np_ = trainer.encode([""] * 2)
+    e, p = trainer.policy.encode(["a photo of a circle"] * 2)
+    ne, np_ = trainer.policy.encode([""] * 2)
     params = [q for q in model.parameters() if q.requires_grad]
 
     def grads(loss):
         return torch.autograd.grad(loss, params, allow_unused=True)
 
-    full = trainer.cfg_velocity(model, x, s, e, p, ne, np_)
-    detached = trainer.cfg_velocity(model, x, s, e, p, ne, np_, detach_uncond=True)
+    full = trainer.policy.cfg_velocity(model, x, s, e, p, ne, np_)
+    detached = trainer.policy.cfg_velocity(model, x, s, e, p, ne, np_, detach_uncond=True)
     torch.testing.assert_close(full, detached)
     w = torch.randn_like(full)
     # LoRA B starts at zero, so only B has a gradient; compare the conditional branch alone, scaled by g
     got = grads((detached * w).sum())
-    cond = grads((g * trainer.velocity(model, x, s, e, p) * w).sum())
+    cond = grads((g * trainer.policy.velocity(model, x, s, e, p) * w).sum())
     both = grads((full * w).sum())
     for a, b, c in zip(got, cond, both):
         if a is None:

@@ -11,7 +11,9 @@ awm         ``awm.py``: Advantage Weighted Matching, ratio-clipped           w2_
 ==========  ==============================================================  ==========================
 
 The four regression methods share ``flow_matching.py`` (states, minibatches, the actor step); a new method is
-one file with a :class:`Method` subclass and one line in :data:`METHODS`.
+one file with a :class:`Method` subclass and one line in :data:`METHODS`. Its own knobs, if it has any, are a
+dataclass section in that file (``Method.settings``), listed once more among ``ACFlowConfig``'s bases
+(``flowalign/config.py``) so that YAML, the command line and ``--help`` see them.
 
 Example::
 

@@ -18,14 +18,76 @@ iteration; the replay buffer only feeds the critic's regression.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from flowalign import objectives as O
 from flowalign.methods.base import Metrics, Rewards, Rollout, StateBatch
-from flowalign.methods.flow_matching import FlowMatchingMethod
+from flowalign.methods.flow_matching import FlowMatchingMethod, FlowMatchingSettings
+from flowalign.objectives import WEIGHTINGS
 from flowalign.seeding import generator
+
+@dataclass
+class ACFlowSettings:
+    """AC-Flow's knobs (``ACFlowConfig`` inherits them; the YAML keys are these names): reward shaping, the
+    critic, the per-step advantages and the actor's weighting."""
+
+    shaping: bool = field(default=True, metadata={"help": (
+        "z-score within each prompt's group (each (prompt, x_1) group with initial_noises); running statistics "
+        "over all images only when a group has one image"
+    )})
+    shaping_clip: float = field(default=3.0, metadata={"help": "k: shaped rewards are clipped to [-k, k]"})
+    critic_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the critic"})
+    critic_warmup_iterations: int = field(default=3, metadata={"help": (
+        "iterations before the critic's values enter the advantages"
+    )})
+    warmup_actor: str = field(default="shaped", metadata={"choices": ("shaped", "frozen"), "help": (
+        "during the critic warm-up the actor 'shaped': learns from the shaped rewards (advantage r~, i.e. V = 0),"
+        " or 'frozen': does not move (those rollouts only train the critic)"
+    )})
+    critic_channels: list[int] = field(default_factory=lambda: [32, 64, 128], metadata={"help": (
+        "critic='latent': CNN widths (stride 2 after the first)"
+    )})
+    critic_hidden_dim: int = field(default=256, metadata={"help": "width of the critic's MLP head"})
+    critic: str | None = field(default=None, metadata={"choices": (None, "zero", "latent", "lookahead"), "help": (
+        "acflow's value model V of a window state x_k: 'latent' = a CNN on the noisy latent x_k, one Adam step per "
+        "actor minibatch (the original design); 'lookahead' = flowalign.critic.LookaheadCritic on the policy's own"
+        " one-step prediction x0_k = x_k - s_k v_k: its reward (decoded and scored, one extra decode + reward per "
+        "window step and image), sigma and prompt, fitted critic_steps times per iteration on a replay buffer; "
+        "'zero' = V = 0 (the shaped reward is every state's advantage); None = 'latent' on trajectory states, "
+        "'zero' on noised states (where a critic's input would be a noised copy of the scored sample itself). "
+        "docs/algorithms.md, 'The critic'"
+    )})
+    advantage_estimator: str = field(default="mc", metadata={"choices": ("mc", "td", "gae"), "help": (
+        "per-step advantage of the SDE transition x_k -> x_{k+1} (V(x_K) = r~ at the window's end, the path after"
+        " it being deterministic): 'mc' = r~ - V(x_k); 'td' = V(x_{k+1}) - V(x_k); 'gae' = sum_j lambda^j "
+        "delta_{k+j} with delta_k = V(x_{k+1}) - V(x_k) (gae_lambda 1 = mc, 0 = td)"
+    )})
+    critic_lookahead_channels: list[int] = field(default_factory=list, metadata={"help": (
+        "critic='lookahead': CNN widths of an optional image branch on the predicted latent x0_k ([] = none: V from"
+        " the look-ahead reward, sigma and the prompt)"
+    )})
+    critic_lookahead_steps: int = field(default=1, metadata={"minimum": 1, "help": (
+        "critic='lookahead': Euler steps of the policy's guided field from x_k to its predicted image (1 = the "
+        "one-step prediction x_k - s_k v_k, free; each more step costs one guided forward per window state and "
+        "predicts the final image better: held-out EV at the last window step of the tiny JPEG task .23 / .39 / "
+        ".44 with 1 / 2 / 4 steps, docs/algorithms.md)"
+    )})
+    gae_lambda: float = field(default=0.9, metadata={"help": "lambda of advantage_estimator='gae', in [0, 1]"})
+    critic_steps: int = field(default=32, metadata={"minimum": 1, "help": (
+        "critic='lookahead': Adam steps per iteration on minibatches of the replay buffer"
+    )})
+    critic_batch_size: int = field(default=128, metadata={"minimum": 1, "help": "critic='lookahead': states per critic step"})
+    critic_buffer_iterations: int = field(default=4, metadata={"minimum": 1, "help": (
+        "critic='lookahead': the replay buffer keeps the window states of this many most recent iterations (the "
+        "critic fits them; the actor's advantages always come from the current rollout)"
+    )})
+    weighting: str = field(default="exp", metadata={"choices": tuple(WEIGHTINGS), "help": (
+        "see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)"
+    )})
+
 
 LAMBDA = {"mc": 1.0, "td": 0.0}
 
@@ -37,7 +99,7 @@ def lookahead_predictions(trainer: Any, roll: Rollout) -> torch.Tensor:
     ``v_k``, the velocity that drew step k; each further step costs one guided forward per state."""
     cfg, K = trainer.config, trainer.sde_steps
     m, B = cfg.critic_lookahead_steps, roll.latents.shape[0]
-    neg = trainer.encode([""] * B) if m > 1 else None
+    neg = trainer.policy.encode([""] * B) if m > 1 else None
     out = []
     for k in range(K):
         x, v = roll.trajectory[:, k], roll.velocities[:, k]
@@ -46,7 +108,7 @@ def lookahead_predictions(trainer: Any, roll: Rollout) -> torch.Tensor:
             if j:  # v(x, s_j) of the current (sampling) policy, in rollout micro-batches
                 s = torch.full((B,), float(grid[j]), device=x.device)
                 with torch.no_grad(), trainer.accelerator.autocast():
-                    v = torch.cat([trainer.cfg_velocity(trainer.unwrapped, x[i], s[i], roll.embeds[i], roll.pooled[i],
+                    v = torch.cat([trainer.policy.cfg_velocity(trainer.unwrapped, x[i], s[i], roll.embeds[i], roll.pooled[i],
                                                         neg[0][i], neg[1][i]).float()
                                    for i in torch.arange(B).split(cfg.rollout_batch_size)])
             x = x + (grid[j + 1] - grid[j]) * v  # Euler: x <- x + (s_{j+1} - s_j) v
@@ -58,12 +120,25 @@ def lookahead_rewards(trainer: Any, roll: Rollout, x0: torch.Tensor) -> torch.Te
     """``[B, K]`` the training reward of the predictions ``x0`` [B, K, ...] (:func:`lookahead_predictions`),
     decoded: one decode and one reward call per window step."""
     prompts = list(roll.prompts)
-    return torch.stack([trainer.score(trainer.decode(x0[:, k]), prompts) for k in range(x0.shape[1])], dim=1)
+    return torch.stack([trainer.score(trainer.policy.decode(x0[:, k]), prompts) for k in range(x0.shape[1])], dim=1)
 
 
 class ACFlow(FlowMatchingMethod):
     name = "acflow"
+    settings = (FlowMatchingSettings, ACFlowSettings)
     uses_critic = True
+
+    def validate(self, cfg: Any) -> None:
+        super().validate(cfg)
+        if cfg.critic != "zero" and cfg.fm_states == "noised":
+            raise ValueError(f"ACFlowConfig.critic={cfg.critic!r} with fm_states='noised': V would be evaluated at a "
+                             "noised copy of the scored sample itself, so the baseline depends on the outcome and "
+                             "biases the gradient; set critic='zero' (V = 0) or fm_states='trajectory'.")
+        if (cfg.critic == "lookahead" or cfg.advantage_estimator != "mc") and cfg.fm_states != "trajectory":
+            raise ValueError(f"ACFlowConfig.critic={cfg.critic!r}, advantage_estimator={cfg.advantage_estimator!r} "
+                             "need fm_states='trajectory' (the rollout's SDE window states and velocities).")
+        if not 0.0 <= cfg.gae_lambda <= 1.0:
+            raise ValueError(f"ACFlowConfig.gae_lambda={cfg.gae_lambda} must be in [0, 1] (1 = mc, 0 = td).")
 
     def targets(self, trainer: Any, rewards: Rewards) -> torch.Tensor:
         cfg = trainer.config

@@ -8,18 +8,29 @@ clipped group advantage, with a ratio clip against the sampling policy (docs/alg
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from flowalign import objectives as O
 from flowalign.methods.base import Rewards, StateBatch
-from flowalign.methods.flow_matching import Field, FlowMatchingMethod, w2_term
+from flowalign.methods.flow_matching import Field, FlowMatchingMethod, FlowMatchingSettings, w2_term
 from flowalign.methods.nft import clipped_group_advantages, old_field
+
+
+@dataclass
+class AWMSettings:
+    """Advantage Weighted Matching's knobs (``ACFlowConfig`` inherits them)."""
+
+    awm_clip_range: float = field(default=0.01, metadata={"help": (
+        "AWM's ratio clip on exp(log p - log p_old), log p = -||v - u||^2 (per-dimension mean)"
+    )})
 
 
 class AWM(FlowMatchingMethod):
     name = "awm"
+    settings = (FlowMatchingSettings, AWMSettings)
     fm_states = "noised"
 
     def kl_knobs(self, cfg: Any, kl_coef: float) -> dict[str, float]:

@@ -88,14 +88,28 @@ class Metrics:
 class Method:
     """A fine-tuning method: its rollout needs, its ``kl_coef`` mapping and its update.
 
-    Class attributes: ``name`` (the config's ``algorithm``), ``sampler`` (the rollout sampler the method
-    requires, None = the config's), ``fm_states`` (the states it regresses on, None = the config's),
-    ``uses_critic`` (the trainer builds AC-Flow's critic)."""
+    Class attributes: ``name`` (the config's ``algorithm``), ``settings`` (its typed config sections, dataclasses
+    that ``ACFlowConfig`` inherits), ``sampler`` (the rollout sampler the method requires, None = the
+    config's), ``fm_states`` (the states it regresses on, None = the config's), ``uses_critic`` (the trainer builds
+    AC-Flow's critic)."""
 
     name: str = ""
+    settings: tuple[type, ...] = ()
     sampler: str | None = None
     fm_states: str | None = None
     uses_critic: bool = False
+
+    def resolve(self, cfg: Any) -> None:
+        """Fill in the settings the method decides (called once by ``ACFlowConfig.__post_init__``): its knobs for
+        ``kl_coef`` when set, and the states it regresses on."""
+        if cfg.kl_coef is not None:
+            for key, value in self.kl_knobs(cfg, cfg.kl_coef).items():
+                setattr(cfg, key, value)
+        cfg.fm_states = self.fm_states or cfg.fm_states  # forward-process methods: freshly noised states
+
+    def validate(self, cfg: Any) -> None:
+        """Refuse settings that contradict each other for this method (``ValueError`` naming the keys and the fix);
+        called after :meth:`resolve`. The single fields' own choices and ranges are checked by the config."""
 
     def kl_knobs(self, cfg: Any, kl_coef: float) -> dict[str, float]:
         """The method's knobs for ``kl_coef`` nats per image (docs/algorithms.md, "One regulariser axis"): by

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +37,50 @@ from flowalign.methods.base import Method, Metrics, Rewards, Rollout, StateBatch
 from flowalign.sampling import sde_step_velocity
 from flowalign.seeding import generator
 
+@dataclass
+class FlowMatchingSettings:
+    """The knobs of the weighted flow-matching update that acflow, orw, nft and awm share: the advantages' clip and
+    temperature, the W2 weight toward the reference, and where the states are drawn."""
+
+    advantage_clip: float = field(default=2.0, metadata={"help": "eps_A: advantages are clipped to [-eps_A, eps_A]"})
+    beta: float = field(default=1.0, metadata={"help": (
+        "temperature of the weighting exp(beta A) on normalised advantages (1 / beta: the per-iteration KL "
+        "coefficient to the rollout policy, a trust region)"
+    )})
+    w2_weight: float = field(default=0.03, metadata={"help": (
+        "alpha of the W2 regulariser ||v - stopgrad(v_ref)||^2; acts as the KL coefficient alpha / beta (set "
+        "kl_coef instead); on trajectory states in units of the step noise (W2 = 2 KL per step), on noised states"
+        " (orw) in velocity units"
+    )})
+    noise_draws: int = field(default=2, metadata={"minimum": 1, "help": (
+        "states per sample per pass: (s, eps) draws, or trajectory steps k"
+    )})
+    sigma_sampling: str = field(default="logit_normal", metadata={"choices": ("logit_normal", "uniform"), "help": (
+        "'logit_normal' | 'uniform' (fm_states='noised')"
+    )})
+    fm_states: str = field(default="trajectory", metadata={"choices": ("noised", "trajectory"), "help": (
+        "(acflow; orw always uses 'noised', as published) where the critic and the weighted loss are evaluated: "
+        "'noised' = fresh x_s = (1 - s) x0 + s eps with target eps - x0 (ORW-CFM-W2's regression); 'trajectory' ="
+        " the rollout's own SDE states x_k with target the velocity whose step lands on the realised x_{k+1} "
+        "(needs sampler: sde)"
+    )})
+    centered_weights: bool = field(default=True, metadata={"help": (
+        "fm_states='trajectory': weights w - 1 plus a proximal term to the rollout velocity (the pure-noise part "
+        "of the weighted regression removed; see objectives.acflow_actor_loss)"
+    )})
+    guided_loss: bool = field(default=True, metadata={"help": (
+        "fit the CFG-guided velocity v_u + g (v_c - v_u), the field that drew the rollouts and samples at test "
+        "time; False = the conditional velocity only (then guidance piles up on itself: the conditional branch "
+        "learns guided samples and is guided again when sampling)"
+    )})
+    sigma_shift: float | None = field(default=None, metadata={"help": (
+        "s = k u / (1 + (k-1) u) on the sampled u; None = the scheduler's shift (noised)"
+    )})
+    ot_pairing: bool = field(default=False, metadata={"help": (
+        "minibatch OT coupling of noise and samples (POT; fm_states='noised')"
+    )})
+
+
 Field = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -44,15 +89,15 @@ def fitted_field(trainer: Any, roll: Rollout) -> Field:
     drew the rollouts (``guided_loss``), or the conditional velocity."""
     cfg = trainer.config
     embeds, pooled = roll.embeds, roll.pooled
-    guided = cfg.guided_loss and trainer.guidance_scale != 1.0
+    guided = cfg.guided_loss and trainer.policy.guidance_scale != 1.0
     if guided:
-        neg_embeds, neg_pooled = trainer.encode([""] * roll.latents.shape[0])
+        neg_embeds, neg_pooled = trainer.policy.encode([""] * roll.latents.shape[0])
 
     def field(model, x_s, sigma, idx):
         if guided:
-            return trainer.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx],
+            return trainer.policy.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx],
                                         detach_uncond=cfg.detach_uncond and model is trainer.transformer)
-        return trainer.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
+        return trainer.policy.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
 
     return field
 
@@ -95,6 +140,18 @@ def draw_state_batches(trainer: Any, roll: Rollout) -> list[StateBatch]:
 class FlowMatchingMethod(Method):
     """A weighted flow-matching method: subclasses define ``targets`` and ``loss`` (and may define ``prepare``,
     ``advantages`` and ``critic_step``)."""
+
+    settings = (FlowMatchingSettings,)
+
+    def validate(self, cfg: Any) -> None:
+        if cfg.fm_states == "trajectory" and cfg.sampler != "sde":
+            raise ValueError(f"ACFlowConfig.sampler={cfg.sampler!r} with fm_states='trajectory': the actor learns "
+                             "from the exploration noise of SDE rollouts; set sampler='sde', or fm_states='noised' "
+                             "to regress on freshly noised samples (ORW-CFM-W2's form) with Euler rollouts.")
+        if cfg.fm_states == "trajectory" and not cfg.guided_loss:
+            raise ValueError("ACFlowConfig.guided_loss=False with fm_states='trajectory': the trajectory's step "
+                             "velocities are the CFG-guided field's, so the loss must fit that field; set "
+                             "guided_loss=True, or fm_states='noised'.")
 
     def targets(self, trainer: Any, rewards: Rewards) -> torch.Tensor:
         """The per-image normalised rewards of this rank's images."""
@@ -144,7 +201,7 @@ class FlowMatchingMethod(Method):
             v = field(trainer.transformer, b.x_s, b.sigma, b.idx)
             v_ref = None
             if cfg.w2_weight:
-                with torch.no_grad(), trainer.reference_model() as ref:
+                with torch.no_grad(), trainer.policy.reference_model() as ref:
                     v_ref = field(ref, b.x_s, b.sigma, b.idx)
             loss, m = self.loss(trainer, v, b, v_ref)
         # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.

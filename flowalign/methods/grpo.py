@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,8 +23,24 @@ from flowalign.sampling import sde_step
 from flowalign.seeding import generator
 
 
+@dataclass
+class GRPOSettings:
+    """Flow-GRPO's knobs (``ACFlowConfig`` inherits them)."""
+
+    grpo_clip_range: float = field(default=1e-4, metadata={"help": "on per-dimension-mean log-probs, as Flow-GRPO"})
+    grpo_kl_weight: float = field(default=0.04, metadata={"help": (
+        "coefficient of the per-step Gaussian KL (per-dimension mean, as the log-probs): nats per image, the "
+        "kl_coef unit; Flow-GRPO's beta b corresponds to kl_coef ~ b |dt| (docs/algorithms.md)"
+    )})
+    grpo_train_fraction: float = field(default=0.5, metadata={"help": (
+        "fraction of the sampling steps trained on ('denoising reduction')"
+    )})
+    grpo_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the actor (grpo)"})
+
+
 class GRPO(Method):
     name = "grpo"
+    settings = (GRPOSettings,)
     sampler = "sde"
 
     def learning_rate(self, cfg: Any) -> float:
@@ -33,7 +50,7 @@ class GRPO(Method):
         cfg = trainer.config
         adv = O.grpo_advantages(rewards.all, rewards.groups)[rewards.mine]
         n = roll.trajectory.shape[0]
-        neg = trainer.encode([""] * n)
+        neg = trainer.policy.encode([""] * n)
         gen = generator(cfg.seed, trainer.iteration, trainer.accelerator.process_index + 1, 3)
         k_train = max(1, round(cfg.grpo_train_fraction * trainer.sde_steps))  # among the noisy steps
         chosen = torch.randperm(trainer.sde_steps, generator=gen)[:k_train].sort().values.tolist()
@@ -58,11 +75,11 @@ class GRPO(Method):
         args = (roll.embeds[idx], roll.pooled[idx], neg[0][idx], neg[1][idx])
         sync = contextlib.nullcontext() if last else acc.no_sync(trainer.transformer)
         with sync, acc.autocast():
-            v = trainer.cfg_velocity(trainer.transformer, x, s, *args, detach_uncond=cfg.detach_uncond)
+            v = trainer.policy.cfg_velocity(trainer.transformer, x, s, *args, detach_uncond=cfg.detach_uncond)
             _, logp, mean, std = sde_step(x, v, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
                                           prev_sample=x_next, log_prob_reduction="mean")
-            with torch.no_grad(), trainer.reference_model() as ref:
-                v_ref = trainer.cfg_velocity(ref, x, s, *args)
+            with torch.no_grad(), trainer.policy.reference_model() as ref:
+                v_ref = trainer.policy.cfg_velocity(ref, x, s, *args)
                 _, _, ref_mean, _ = sde_step(x, v_ref, sigmas[k], sigmas[k + 1], noise_level=cfg.noise_level,
                                              prev_sample=x_next)
             policy, clip_frac, approx_kl = O.grpo_policy_loss(logp, roll.log_probs[idx, k], adv[idx],

@@ -10,13 +10,27 @@ freshly noised states (docs/algorithms.md)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from flowalign import objectives as O
 from flowalign.methods.base import Rewards, StateBatch
-from flowalign.methods.flow_matching import Field, FlowMatchingMethod, w2_term
+from flowalign.methods.flow_matching import Field, FlowMatchingMethod, FlowMatchingSettings, w2_term
+
+
+@dataclass
+class NFTSettings:
+    """DiffusionNFT's knobs (``ACFlowConfig`` inherits them; its clip c is ``advantage_clip``)."""
+
+    nft_beta: float = field(default=1.0, metadata={"help": (
+        "b of DiffusionNFT's implicit policies v+ = (1 - b) v_old + b v, v- = (1 + b) v_old - b v"
+    )})
+    nft_ema_decay: float = field(default=0.0, metadata={"help": (
+        "DiffusionNFT's sampling policy: an EMA of the trained parameters with this decay per iteration "
+        "(0 = the trained policy itself, on-policy)"
+    )})
 
 
 def clipped_group_advantages(trainer: Any, rewards: Rewards) -> torch.Tensor:
@@ -27,13 +41,14 @@ def clipped_group_advantages(trainer: Any, rewards: Rewards) -> torch.Tensor:
 
 def old_field(trainer: Any, batches: list[StateBatch], field: Field) -> None:
     """``v_old``: the sampling policy's field at every state, before any update of the iteration."""
-    with torch.no_grad(), trainer.accelerator.autocast(), trainer.sampling_policy():
+    with torch.no_grad(), trainer.accelerator.autocast(), trainer.policy.sampling_policy():
         for b in batches:
             b.v_old = field(trainer.unwrapped, b.x_s, b.sigma, b.idx).float()
 
 
 class NFT(FlowMatchingMethod):
     name = "nft"
+    settings = (FlowMatchingSettings, NFTSettings)
     fm_states = "noised"
 
     def kl_knobs(self, cfg: Any, kl_coef: float) -> dict[str, float]:
