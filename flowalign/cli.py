@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("flowalign.pretrain", "Pretrain the tiny SD3 base model on the shapes world."),
     "sample": ("flowalign.sample", "Sample images with RLG at several alignment scales."),
     "score": ("flowalign.score", "Score a folder of images with one or more reward models."),
-    "train": ("flowalign.train", "Fine-tune a flow model with AC-Flow (or ORW-CFM-W2 / Flow-GRPO)."),
+    "train": ("flowalign.train", "Fine-tune a flow model on a reward: AC-Flow, ORW-CFM-W2, Flow-GRPO, DiffusionNFT or AWM."),
     "bench": ("flowalign.bench", "Benchmarks (rlg, rewards, train); not tests."),
     "probe-reward": ("flowalign.probe", "Is a reward learnable at a batch size? The split-half policy-gradient cosine."),
     "plan": ("flowalign.plan", "Peak GPU memory of each training stage, traced on the meta device (no weights)."),
@@ -34,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flowalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module_name)
-        # Arguments are added lazily (see main) so --help of the top level imports nothing heavy.
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        # Only listed here: a subcommand's arguments are added by main, from its module, so the top level's
+        # --help imports nothing heavy.
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
@@ -50,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
         return int(module.run(args) or 0)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    parser.parse_args(argv)  # --help, --version, or an unknown command (an error naming the choices)
+    parser.print_help()  # no command given
     return 0
 
 

@@ -387,8 +387,7 @@ def acflow_actor_loss(
     regulariser would outweigh the reward term by ``1 / fm_scale^2`` (~1000 at the first steps of a shift-3
     grid, where the layout is decided) and pin the early steps to the reference.
 
-    Returns ``(loss, metrics)``; metrics are detached scalars: ``fm_loss`` (weighted), ``w2``, ``ess``,
-    ``weight_max``, ``weight_min``.
+    Returns ``(loss, metrics)``; metrics are detached scalars: ``fm_loss`` (weighted), ``w2``, ``ess``.
 
     Example: ``loss, m = acflow_actor_loss(v, eps - x0, adv, beta=1.0, v_ref=v_ref, w2_weight=1.0)``.
     """
@@ -411,8 +410,6 @@ def acflow_actor_loss(
         "fm_loss": fm.detach(),
         "w2": w2.detach(),
         "ess": effective_sample_size(weights).detach(),
-        "weight_max": weights.max().detach(),
-        "weight_min": weights.min().detach(),
     }
     return loss, metrics
 
