@@ -13,7 +13,7 @@ awm         ``awm.py``: Advantage Weighted Matching, ratio-clipped           w2_
 The four regression methods share ``flow_matching.py`` (states, minibatches, the actor step); a new method is
 one file with a :class:`Method` subclass and one line in :data:`METHODS`. Its own knobs, if it has any, are a
 dataclass section in that file (``Method.settings``), listed once more among ``ACFlowConfig``'s bases
-(``flowalign/config.py``) so that YAML, the command line and ``--help`` see them.
+(``flowalign/config.py``) so that YAML, the command line and ``--help`` see them (docs/extending.md).
 
 Example::
 
