@@ -39,8 +39,8 @@ class AWM(FlowMatchingMethod):
     def targets(self, trainer: Any, rewards: Rewards) -> torch.Tensor:
         return clipped_group_advantages(trainer, rewards)
 
-    def prepare(self, trainer: Any, batches: list[StateBatch], field: Field) -> None:
-        old_field(trainer, batches, field)
+    def prepare(self, trainer: Any, batches: list[StateBatch], fitted: Field) -> None:
+        old_field(trainer, batches, fitted)
         for b in batches:  # log p_old = -||v_old - u||^2
             b.old_log_prob = -O.per_sample_mse(b.v_old, b.target)
 

@@ -85,7 +85,7 @@ Field = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def fitted_field(trainer: Any, roll: Rollout) -> Field:
-    """``field(model, x_s, sigma, idx)``: the velocity the loss fits, the CFG-guided ``v_u + g (v_c - v_u)`` that
+    """``fitted(model, x_s, sigma, idx)``: the velocity the loss fits, the CFG-guided ``v_u + g (v_c - v_u)`` that
     drew the rollouts (``guided_loss``), or the conditional velocity."""
     cfg = trainer.config
     embeds, pooled = roll.embeds, roll.pooled
@@ -93,13 +93,15 @@ def fitted_field(trainer: Any, roll: Rollout) -> Field:
     if guided:
         neg_embeds, neg_pooled = trainer.policy.encode([""] * roll.latents.shape[0])
 
-    def field(model, x_s, sigma, idx):
-        if guided:
-            return trainer.policy.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx],
-                                        detach_uncond=cfg.detach_uncond and model is trainer.transformer)
-        return trainer.policy.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
+    policy = trainer.policy
 
-    return field
+    def fitted(model, x_s, sigma, idx):
+        if guided:
+            return policy.cfg_velocity(model, x_s, sigma, embeds[idx], pooled[idx], neg_embeds[idx], neg_pooled[idx],
+                                       detach_uncond=cfg.detach_uncond and model is trainer.transformer)
+        return policy.velocity(model, x_s, sigma, embeds[idx], pooled[idx])
+
+    return fitted
 
 
 def draw_states(trainer: Any, roll: Rollout, idx: torch.Tensor, gen: torch.Generator) -> StateBatch:
@@ -157,7 +159,7 @@ class FlowMatchingMethod(Method):
         """The per-image normalised rewards of this rank's images."""
         raise NotImplementedError
 
-    def prepare(self, trainer: Any, batches: list[StateBatch], field: Field) -> None:
+    def prepare(self, trainer: Any, batches: list[StateBatch], fitted: Field) -> None:
         """Precompute what the loss needs of the sampling policy at the states (before any update)."""
 
     def advantages(self, trainer: Any, batches: list[StateBatch], targets: torch.Tensor, metrics: Metrics,
@@ -175,11 +177,11 @@ class FlowMatchingMethod(Method):
         raise NotImplementedError
 
     def update(self, trainer: Any, roll: Rollout, rewards: Rewards) -> dict[str, float]:
-        field = fitted_field(trainer, roll)
+        fitted = fitted_field(trainer, roll)
         targets = self.targets(trainer, rewards)
         batches = draw_state_batches(trainer, roll)
         metrics, timing = Metrics(), {"time_critic": 0.0, "time_actor": 0.0}
-        self.prepare(trainer, batches, field)
+        self.prepare(trainer, batches, fitted)
         tc = time.perf_counter()
         self.advantages(trainer, batches, targets, metrics, roll, rewards)  # once, with the critic before this iteration
         timing["time_critic"] += time.perf_counter() - tc
@@ -190,19 +192,19 @@ class FlowMatchingMethod(Method):
             timing["time_critic"] += time.perf_counter() - tc
             if actor:
                 ta = time.perf_counter()
-                self.actor_step(trainer, b, field, metrics)
+                self.actor_step(trainer, b, fitted, metrics)
                 timing["time_actor"] += time.perf_counter() - ta
         return {**metrics.means(), **timing}
 
-    def actor_step(self, trainer: Any, b: StateBatch, field: Field, metrics: Metrics) -> None:
+    def actor_step(self, trainer: Any, b: StateBatch, fitted: Field, metrics: Metrics) -> None:
         """One optimizer step on ``loss(v_theta, b, v_ref)``; a non-finite loss on any rank skips it on all."""
         cfg, acc = trainer.config, trainer.accelerator
         with acc.autocast():
-            v = field(trainer.transformer, b.x_s, b.sigma, b.idx)
+            v = fitted(trainer.transformer, b.x_s, b.sigma, b.idx)
             v_ref = None
             if cfg.w2_weight:
                 with torch.no_grad(), trainer.policy.reference_model() as ref:
-                    v_ref = field(ref, b.x_s, b.sigma, b.idx)
+                    v_ref = fitted(ref, b.x_s, b.sigma, b.idx)
             loss, m = self.loss(trainer, v, b, v_ref)
         # All ranks agree on skipping, or DDP would wait forever for the rank that skipped.
         if acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() < 1:

@@ -39,11 +39,11 @@ def clipped_group_advantages(trainer: Any, rewards: Rewards) -> torch.Tensor:
     return O.grpo_advantages(rewards.all, rewards.groups)[rewards.mine].clamp(-clip, clip)
 
 
-def old_field(trainer: Any, batches: list[StateBatch], field: Field) -> None:
+def old_field(trainer: Any, batches: list[StateBatch], fitted: Field) -> None:
     """``v_old``: the sampling policy's field at every state, before any update of the iteration."""
     with torch.no_grad(), trainer.accelerator.autocast(), trainer.policy.sampling_policy():
         for b in batches:
-            b.v_old = field(trainer.unwrapped, b.x_s, b.sigma, b.idx).float()
+            b.v_old = fitted(trainer.unwrapped, b.x_s, b.sigma, b.idx).float()
 
 
 class NFT(FlowMatchingMethod):
@@ -60,8 +60,8 @@ class NFT(FlowMatchingMethod):
     def targets(self, trainer: Any, rewards: Rewards) -> torch.Tensor:
         return clipped_group_advantages(trainer, rewards)
 
-    def prepare(self, trainer: Any, batches: list[StateBatch], field: Field) -> None:
-        old_field(trainer, batches, field)
+    def prepare(self, trainer: Any, batches: list[StateBatch], fitted: Field) -> None:
+        old_field(trainer, batches, fitted)
 
     def loss(self, trainer: Any, v: torch.Tensor, b: StateBatch, v_ref: torch.Tensor | None):
         cfg = trainer.config
