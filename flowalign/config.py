@@ -192,7 +192,6 @@ class RunSettings:
     )})
 
 
-
 @dataclass
 class EvaluationSettings:
     """The held-out evaluation and the logs."""

@@ -44,9 +44,9 @@ from flowalign.checkpoints import latest_checkpoint
 from flowalign.config import ACFlowConfig
 from flowalign.eval import diversity, mean_se, paired_difference, sde_path_kl
 from flowalign.pipelines import RLGStableDiffusion3Pipeline
+from flowalign.policy import Policy
 from flowalign.sampling import flow_sigmas
 from flowalign.seeding import generator
-from flowalign.policy import Policy
 from flowalign.tiny import MAX_SEQUENCE_LENGTH, load_base_pipeline
 from flowalign.trainer import ACFlowTrainer
 
@@ -219,9 +219,10 @@ def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_sc
     # the RLG transformer as the policy: its guided field at scale w, the prompt encoding and CFG of the trainer
     tcfg = pipe.transformer.config
     shape = (tcfg.in_channels, tcfg.sample_size, tcfg.sample_size)
-    policy = Policy(pipe, pipe.rlg_transformer, cfg_scale, latent_shape=shape, prompt_cache_size=0)
-    window = cfg.sde_steps(cfg.sample_steps)
-    sigmas = flow_sigmas(pipe.scheduler, cfg.sample_steps)[: window + 1]
+    policy = Policy(pipe, pipe.rlg_transformer, cfg_scale, latent_shape=shape, prompt_cache_size=0,
+                    sample_steps=cfg.sample_steps, noise_level=cfg.noise_level,
+                    sde_steps_fraction=cfg.sde_steps_fraction)
+    sigmas = flow_sigmas(pipe.scheduler, policy.sample_steps)[: policy.sde_steps() + 1]
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -237,7 +238,7 @@ def rlg_kl_to_base(pipe, prompts: list[str], w: float, cfg: ACFlowConfig, cfg_sc
             return field
 
         try:
-            out += sde_path_kl(guided(w), guided(0.0), noise, sigmas, cfg.noise_level, generator=gen).tolist()
+            out += sde_path_kl(guided(w), guided(0.0), noise, sigmas, policy.noise_level, generator=gen).tolist()
         finally:
             policy.model.set_rlg_scale(1.0)
     return out

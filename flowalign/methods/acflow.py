@@ -26,8 +26,8 @@ import torch
 from flowalign import objectives as O
 from flowalign.methods.base import Metrics, Rewards, Rollout, StateBatch
 from flowalign.methods.flow_matching import FlowMatchingMethod, FlowMatchingSettings
-from flowalign.objectives import WEIGHTINGS
 from flowalign.seeding import generator
+
 
 @dataclass
 class ACFlowSettings:
@@ -84,7 +84,7 @@ class ACFlowSettings:
         "critic='lookahead': the replay buffer keeps the window states of this many most recent iterations (the "
         "critic fits them; the actor's advantages always come from the current rollout)"
     )})
-    weighting: str = field(default="exp", metadata={"choices": tuple(WEIGHTINGS), "help": (
+    weighting: str = field(default="exp", metadata={"choices": tuple(O.WEIGHTINGS), "help": (
         "see flowalign.objectives.WEIGHTINGS (orw: always exp, as published)"
     )})
 
@@ -108,8 +108,8 @@ def lookahead_predictions(trainer: Any, roll: Rollout) -> torch.Tensor:
             if j:  # v(x, s_j) of the current (sampling) policy, in rollout micro-batches
                 s = torch.full((B,), float(grid[j]), device=x.device)
                 with torch.no_grad(), trainer.accelerator.autocast():
-                    v = torch.cat([trainer.policy.cfg_velocity(trainer.unwrapped, x[i], s[i], roll.embeds[i], roll.pooled[i],
-                                                        neg[0][i], neg[1][i]).float()
+                    v = torch.cat([trainer.policy.cfg_velocity(trainer.unwrapped, x[i], s[i], roll.embeds[i],
+                                                               roll.pooled[i], neg[0][i], neg[1][i]).float()
                                    for i in torch.arange(B).split(cfg.rollout_batch_size)])
             x = x + (grid[j + 1] - grid[j]) * v  # Euler: x <- x + (s_{j+1} - s_j) v
         out.append(x)

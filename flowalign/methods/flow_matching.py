@@ -37,6 +37,7 @@ from flowalign.methods.base import Method, Metrics, Rewards, Rollout, StateBatch
 from flowalign.sampling import sde_step_velocity
 from flowalign.seeding import generator
 
+
 @dataclass
 class FlowMatchingSettings:
     """The knobs of the weighted flow-matching update that acflow, orw, nft and awm share: the advantages' clip and
@@ -87,13 +88,11 @@ Field = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def fitted_field(trainer: Any, roll: Rollout) -> Field:
     """``fitted(model, x_s, sigma, idx)``: the velocity the loss fits, the CFG-guided ``v_u + g (v_c - v_u)`` that
     drew the rollouts (``guided_loss``), or the conditional velocity."""
-    cfg = trainer.config
+    cfg, policy = trainer.config, trainer.policy
     embeds, pooled = roll.embeds, roll.pooled
-    guided = cfg.guided_loss and trainer.policy.guidance_scale != 1.0
+    guided = cfg.guided_loss and policy.guidance_scale != 1.0
     if guided:
-        neg_embeds, neg_pooled = trainer.policy.encode([""] * roll.latents.shape[0])
-
-    policy = trainer.policy
+        neg_embeds, neg_pooled = policy.encode([""] * roll.latents.shape[0])
 
     def fitted(model, x_s, sigma, idx):
         if guided:
